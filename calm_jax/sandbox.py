@@ -103,8 +103,9 @@ class ExecutionResult:
         * ``"timeout"``: it ran past the wall-clock ``timeout_s`` or the CPU
           limit ``cpu_s`` and was killed;
         * ``"error"``: it could not be started, the sandbox could not be set
-          up, or it was killed by a signal other than for time (a crash,
-          ``SIGXFSZ`` from the file-size limit, a seccomp kill, ...).
+          up, or it was killed by a signal other than for time (a crash, a
+          seccomp kill, ...). Writing past ``file_size_mb`` is a
+          ``"failed"``: Python ignores ``SIGXFSZ`` and raises ``OSError``.
       returncode: the child's exit status; negative for "killed by signal
         -returncode" (as in :mod:`subprocess`); ``None`` if it never started.
       stdout: the last characters (at most ``tail_chars``) of its stdout.
