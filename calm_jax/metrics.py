@@ -1,0 +1,85 @@
+"""Metric writers: clu's (TensorBoard events + logging) when TensorFlow is present, else a
+TF-free writer; both also append every record to `<model_dir>/metrics.jsonl`.
+
+clu's `metric_writers` package imports TensorFlow on import, and the GPU machine has none, so
+the import happens here, lazily, with a fallback: the logging writer plus TensorBoard events
+through `tensorboardX` when that is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+log = logging.getLogger("calm_jax")
+
+
+class _JsonlWriter:
+    def __init__(self, path: str):
+        self._file = open(path, "a")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in
+                                                           scalars.items()}}) + "\n")
+        self._file.flush()
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _FallbackWriter:
+    """Logging (+ tensorboardX events if available), for machines without TensorFlow."""
+
+    def __init__(self, model_dir: str):
+        self._tb = None
+        try:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(model_dir)
+        except ImportError:
+            log.info("no TensorFlow or tensorboardX: metrics go to the log and metrics.jsonl")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, float(v), step)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class MetricWriter:
+    """Writes scalars to every sink; only process 0 writes files (others log nothing)."""
+
+    def __init__(self, model_dir: str, *, is_chief: bool = True):
+        self._sinks: list[Any] = []
+        if not is_chief:
+            return
+        os.makedirs(model_dir, exist_ok=True)
+        try:
+            from clu import metric_writers
+            self._sinks.append(metric_writers.create_default_writer(model_dir))
+        except ImportError:
+            self._sinks.append(_FallbackWriter(model_dir))
+        self._sinks.append(_JsonlWriter(os.path.join(model_dir, "metrics.jsonl")))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        for sink in self._sinks:
+            sink.write_scalars(step, scalars)
+
+    def flush(self) -> None:
+        for sink in self._sinks:
+            sink.flush()
+
+    def close(self) -> None:
+        for sink in self._sinks:
+            sink.close()

@@ -1,0 +1,471 @@
+"""The training loop, t5x-style: one `train(...)` for four modes.
+
+Modes:
+  pretrain  - a single LM from scratch (the small anchor / augmenting models of reproductions);
+  compose   - CALM: anchor and augmenting models frozen, only the composition trained;
+  finetune  - full fine-tune of the anchor (the paper's mB+NTL baseline);
+  lora      - LoRA on the frozen anchor, rank matched to the CALM configuration's parameter count
+              unless given (the paper's LoRA baseline).
+
+The state holds only what is trained: `{'step', 'params', 'opt_state'}`; frozen trees are jit
+arguments (never closed-over constants), placed once, in the compute dtype, and never written
+back. The loss is differentiated with respect to `state['params']` only, so XLA builds no weight
+gradients for frozen parameters and the optimizer keeps no state for them.
+
+Restore order (t5x's): the latest checkpoint in `<model_dir>/checkpoints`, else
+`checkpoint.restore_from`, else scratch. A compose/lora checkpoint records the fingerprints of the
+frozen model exports it was trained against and refuses to resume against different ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+import flax.linen as nn
+
+from calm_jax import checkpoints as ckpt
+from calm_jax import data as data_lib
+from calm_jax import lora as lora_lib
+from calm_jax import metrics as metrics_lib
+from calm_jax import partitioning as part
+from calm_jax.composition import ComposedLM, CompositionConfig
+from calm_jax.losses import cross_entropy
+from calm_jax.models import Decoder, TransformerConfig
+from calm_jax.optim import OptimizerConfig, make_optimizer, schedule
+
+log = logging.getLogger("calm_jax")
+
+MODES = ("pretrain", "compose", "finetune", "lora")
+# Fields that may differ between a stored model and the config a run asks for.
+RUNTIME_FIELDS = ("dtype", "attention_impl", "remat_policy", "scan_unroll")
+PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12,
+              "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model of the run: a config, a model export directory (`calm_jax.checkpoints`), or both.
+
+    With only a checkpoint, the stored config is used. With both, the architectures must agree;
+    the given config's runtime fields (compute dtype, attention implementation, remat policy)
+    win. Without a checkpoint the model is randomly initialised: for a frozen augmenting model
+    that is the paper's "CALM with random mA" ablation.
+    """
+
+    config: TransformerConfig | None = None
+    checkpoint: str | None = None
+
+    def resolve(self, field: str) -> TransformerConfig:
+        if self.checkpoint is None:
+            if self.config is None:
+                raise ValueError(f"{field}: expected a config or a checkpoint, got neither")
+            return self.config
+        stored = ckpt.load_model_config(self.checkpoint)
+        if self.config is None:
+            return stored
+        diff = [f.name for f in dataclasses.fields(TransformerConfig)
+                if f.name not in RUNTIME_FIELDS + ("param_dtype",)
+                and getattr(stored, f.name) != getattr(self.config, f.name)]
+        if diff:
+            name = diff[0]
+            raise ValueError(f"{field}.config.{name}: expected the checkpoint's value "
+                             f"{getattr(stored, name)!r} ({self.checkpoint}), "
+                             f"got {getattr(self.config, name)!r}")
+        return stored.replace(**{k: getattr(self.config, k) for k in RUNTIME_FIELDS})
+
+
+@dataclasses.dataclass
+class _Setup:
+    """What a mode contributes to the generic loop."""
+
+    forward: Callable[[Any, Any, Mapping[str, jax.Array]], jax.Array]
+    abstract_params: Any          # boxed ShapeDtypeStructs of the trained tree
+    init_params: Callable[[jax.Array], Any]  # rng -> unboxed trained tree (not yet placed)
+    frozen: Any                   # placed frozen trees
+    fingerprints: dict[str, str]  # frozen export -> fingerprint
+    flops_per_token: float        # model FLOPs of one training token (matmuls only)
+    export_config: TransformerConfig | None  # pretrain/finetune export the trained model
+
+
+def _abstract_decoder(cfg: TransformerConfig) -> Any:
+    tokens = jnp.zeros((1, min(8, cfg.max_len)), jnp.int32)
+    return jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens))["params"]
+
+
+def _place_frozen(spec: ModelSpec, cfg: TransformerConfig, mesh, rules, rng, field: str,
+                  fingerprints: dict[str, str]) -> Any:
+    """Loads (or randomly initialises) a model, sharded and cast to its compute dtype."""
+    boxed = _abstract_decoder(cfg)
+    shardings = part.shardings_for(boxed, mesh, rules)
+    part.check_divisible(nn.unbox(boxed), shardings, f"{field} ")
+    cast = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(cfg.compute_dtype), t),
+                   out_shardings=shardings)
+    if spec.checkpoint is None:
+        init = jax.jit(lambda k: nn.unbox(Decoder(cfg).init(
+            k, jnp.zeros((1, min(8, cfg.max_len)), jnp.int32))["params"]),
+            out_shardings=shardings)
+        return cast(init(rng))
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), shardings)
+    _, params = ckpt.load_model(spec.checkpoint, target=target)
+    fingerprints[field] = ckpt.fingerprint(spec.checkpoint)
+    return cast(params)
+
+
+def _batch_kwargs(batch: Mapping[str, jax.Array]) -> dict[str, Any]:
+    return {"segment_ids": batch.get("decoder_segment_ids"),
+            "positions": batch.get("decoder_positions")}
+
+
+def _setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
+           composition: CompositionConfig, lora: lora_lib.LoraConfig, mesh, rules,
+           rng: jax.Array) -> _Setup:
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    anchor_cfg = anchor.resolve("anchor")
+    fingerprints: dict[str, str] = {}
+    n_anchor = anchor_cfg.num_params(include_embedding=False)
+
+    if mode in ("pretrain", "finetune"):
+        model = Decoder(anchor_cfg)
+        boxed = _abstract_decoder(anchor_cfg)
+
+        def forward(params, frozen, batch):
+            return model.apply({"params": params}, batch["decoder_input_tokens"],
+                               **_batch_kwargs(batch))[0]
+
+        if mode == "pretrain":
+            if anchor.checkpoint is not None:
+                raise ValueError("anchor.checkpoint: expected None in mode='pretrain' (it starts "
+                                 f"from scratch; use mode='finetune'), got {anchor.checkpoint!r}")
+            tokens = jnp.zeros((1, min(8, anchor_cfg.max_len)), jnp.int32)
+            init = lambda k: nn.unbox(model.init(k, tokens)["params"])  # noqa: E731
+        else:
+            if anchor.checkpoint is None:
+                raise ValueError("anchor.checkpoint: expected a model export to fine-tune in "
+                                 "mode='finetune', got None")
+            target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                  nn.unbox(boxed))
+            _, loaded = ckpt.load_model(anchor.checkpoint, target=target)
+            init = lambda k: loaded  # noqa: E731
+        return _Setup(forward, boxed, init, {}, fingerprints, 6.0 * n_anchor, anchor_cfg)
+
+    augment_cfgs = {name: spec.resolve(f"augments[{name!r}]") for name, spec in augments.items()}
+    keys = dict(zip(["anchor", *augment_cfgs], jax.random.split(rng, 1 + len(augment_cfgs))))
+    frozen = {"anchor": _place_frozen(anchor, anchor_cfg, mesh, rules, keys["anchor"],
+                                      "anchor", fingerprints)}
+
+    if mode == "lora":
+        if lora.rank is None:
+            if not augment_cfgs:
+                raise ValueError("lora.rank: expected a rank, or augments to match CALM's "
+                                 "parameter count, got neither")
+            budget = ComposedLM(anchor_cfg, augment_cfgs, composition).num_composition_params()
+            rank = lora_lib.rank_for_budget(frozen["anchor"], lora, budget)
+            log.info("LoRA rank %d matches the composition's %d parameters", rank, budget)
+        else:
+            rank = lora.rank
+        model = Decoder(anchor_cfg)
+        init = lambda k: lora_lib.init_lora(k, frozen["anchor"], lora, rank)  # noqa: E731
+        boxed = jax.eval_shape(init, jax.random.key(0))
+
+        def forward(params, frozen, batch):
+            merged = lora_lib.merge(frozen["anchor"], params, lora)
+            return model.apply({"params": merged}, batch["decoder_input_tokens"],
+                               **_batch_kwargs(batch))[0]
+
+        n_lora = rank * lora_lib.params_per_rank(frozen["anchor"], lora)
+        return _Setup(forward, boxed, init, frozen, fingerprints, 4.0 * n_anchor + 6.0 * n_lora,
+                      None)
+
+    if not augment_cfgs:
+        raise ValueError("augments: expected at least one augmenting model in mode='compose', "
+                         "got none")
+    composed = ComposedLM(anchor_cfg, augment_cfgs, composition)
+    frozen["augments"] = {name: _place_frozen(spec, augment_cfgs[name], mesh, rules, keys[name],
+                                              f"augments[{name!r}]", fingerprints)
+                          for name, spec in augments.items()}
+    boxed = jax.eval_shape(composed.init_composition, jax.random.key(0))
+
+    def forward(params, frozen, batch):
+        return composed.apply({**frozen, "composition": params}, batch["decoder_input_tokens"],
+                              prompt_mask=batch.get("prompt_mask"), **_batch_kwargs(batch))
+
+    init = lambda k: nn.unbox(composed.init_composition(k))  # noqa: E731
+    n_aug = sum(c.num_params(include_embedding=False) for c in augment_cfgs.values())
+    flops = 2.0 * n_aug + 4.0 * n_anchor + 6.0 * composed.num_composition_params()
+    return _Setup(forward, boxed, init, frozen, fingerprints, flops, None)
+
+
+def _loss_and_metrics(forward, params, frozen, batch):
+    logits = forward(params, frozen, batch)
+    m = cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
+    return m["loss_sum"], m
+
+
+def make_train_step(forward, optimizer: optax.GradientTransformation, lr_schedule,
+                    accum_steps: int) -> Callable:
+    """(state, frozen, batch) -> (state, metrics); gradients w.r.t. state['params'] only."""
+    grad_fn = jax.value_and_grad(lambda p, f, b: _loss_and_metrics(forward, p, f, b),
+                                 has_aux=True)
+
+    def step(state, frozen, batch):
+        params = state["params"]
+        if accum_steps == 1:
+            (_, sums), grads = grad_fn(params, frozen, batch)
+        else:
+            # Row j*accum + i goes to micro-batch i: each device keeps its own rows.
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps,
+                                                     *x.shape[1:]).swapaxes(0, 1), batch)
+
+            def body(carry, mb):
+                (_, m), g = grad_fn(params, frozen, mb)
+                return jax.tree.map(jnp.add, carry, (g, m)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            zero_m = {k: jnp.zeros((), jnp.float32)
+                      for k in ("loss", "loss_sum", "weight_sum", "correct_sum")}
+            (grads, sums), _ = jax.lax.scan(body, (zeros, zero_m), micro)
+        denom = jnp.maximum(sums["weight_sum"], 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        metrics = {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
+                   "grad_norm": optax.global_norm(grads),
+                   "learning_rate": lr_schedule(state["step"]), "tokens": sums["weight_sum"]}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(forward) -> Callable:
+    def step(params, frozen, batch):
+        return _loss_and_metrics(forward, params, frozen, batch)[1]
+    return step
+
+
+def _peak_flops(override: float | None) -> float | None:
+    if override:
+        return override
+    kind = jax.devices()[0].device_kind.lower()
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after every step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
+          dataset: data_lib.DatasetConfig,
+          augments: Mapping[str, ModelSpec] | None = None,
+          composition: CompositionConfig | None = None,
+          lora: lora_lib.LoraConfig | None = None,
+          optimizer: OptimizerConfig | None = None,
+          partitioning: part.PartitioningConfig | None = None,
+          checkpoint: ckpt.CheckpointConfig | None = None,
+          eval_dataset: data_lib.DatasetConfig | None = None,
+          eval_every: int = 0, eval_batches: int = 4, log_every: int = 10,
+          seed: int = 0, peak_flops: float | None = None) -> dict[str, Any]:
+    """Trains in `mode` for `num_steps` steps; returns {'state', 'history', 'stopped_early'}.
+
+    `history` is a list of (step, metrics) for logged steps and evaluations.
+    """
+    augments = dict(augments or {})
+    composition = composition or CompositionConfig()
+    lora = lora or lora_lib.LoraConfig()
+    optimizer = optimizer or OptimizerConfig()
+    partitioning = partitioning or part.PartitioningConfig()
+    checkpoint = checkpoint or ckpt.CheckpointConfig()
+    if not isinstance(num_steps, int) or num_steps <= 0:
+        raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
+    if mode in ("pretrain", "finetune") and augments:
+        raise ValueError(f"augments: expected none in mode={mode!r}, got {sorted(augments)}")
+
+    mesh = part.make_mesh(partitioning)
+    rules = partitioning.logical_axis_rules
+    dp = part.data_parallel_size(mesh)
+    for field, ds in (("dataset", dataset), ("eval_dataset", eval_dataset)):
+        if ds is not None and ds.batch_size % (dp * optimizer.grad_accum_steps):
+            raise ValueError(f"{field}.batch_size: expected a multiple of the data-parallel size "
+                             f"{dp} x grad_accum_steps {optimizer.grad_accum_steps}, "
+                             f"got {ds.batch_size}")
+    rng_setup, rng_init = jax.random.split(jax.random.key(seed))
+    source = data_lib.make_source(dataset)
+    eval_source = data_lib.make_source(eval_dataset) if eval_dataset is not None else None
+
+    with mesh, nn.logical_axis_rules(list(rules)):
+        s = _setup(mode, anchor=anchor, augments=augments, composition=composition, lora=lora,
+                   mesh=mesh, rules=rules, rng=rng_setup)
+        opt = make_optimizer(optimizer, num_steps)
+        lr_schedule = schedule(optimizer, num_steps)
+        param_shardings = part.shardings_for(s.abstract_params, mesh, rules)
+        abstract_params = nn.unbox(s.abstract_params)
+        part.check_divisible(abstract_params, param_shardings, "params")
+        abstract_opt = jax.eval_shape(opt.init, abstract_params)
+        repl = part.replicated(mesh)
+        opt_shardings = optax.tree_map_params(
+            opt, lambda leaf, p, sh: sh if leaf.shape == p.shape else repl, abstract_opt,
+            abstract_params, param_shardings, transform_non_params=lambda _: repl)
+        state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
+        frozen_shardings = jax.tree.map(lambda x: x.sharding, s.frozen)
+        batch_sharding = part.batch_sharding(mesh)
+
+        def new_state(params):
+            return {"step": jnp.zeros((), jnp.int32), "params": params,
+                    "opt_state": opt.init(params)}
+
+        abstract_state = jax.tree.map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+            jax.eval_shape(new_state, abstract_params), state_shardings)
+
+        # Restore: latest in model_dir, else restore_from, else scratch.
+        os.makedirs(model_dir, exist_ok=True)
+        checkpointer = ckpt.Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint)
+        state, start = None, 0
+        sources = [(checkpointer, checkpointer.latest_step())]
+        if sources[0][1] is None and checkpoint.restore_from:
+            other = ckpt.Checkpointer(checkpoint.restore_from, checkpoint)
+            sources.append((other, other.latest_step()))
+        for manager, step in sources:
+            if step is None:
+                continue
+            meta = manager.read_meta(step)
+            _check_frozen(meta.get("frozen", {}), s.fingerprints, manager.directory)
+            state, meta = manager.restore(step, abstract_state)
+            start = int(meta["data_position"])
+            log.info("restored step %d from %s", step, manager.directory)
+            break
+        if state is None:
+            params = jax.jit(s.init_params, out_shardings=param_shardings)(rng_init)
+            state = jax.jit(new_state, out_shardings=state_shardings)(params)
+
+        train_step = jax.jit(make_train_step(s.forward, opt, lr_schedule,
+                                             optimizer.grad_accum_steps),
+                             in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+                             out_shardings=(state_shardings, repl), donate_argnums=(0,))
+        eval_step = jax.jit(make_eval_step(s.forward),
+                            in_shardings=(param_shardings, frozen_shardings, batch_sharding),
+                            out_shardings=repl)
+        first = data_lib.to_global(source.batch(start), batch_sharding)
+        compiled = train_step.lower(state, s.frozen, first).compile()
+        _log_memory(compiled)
+
+        writer = metrics_lib.MetricWriter(model_dir, is_chief=jax.process_index() == 0)
+        history: list[tuple[int, dict[str, float]]] = []
+        meta = {"frozen": s.fingerprints, "mode": mode}
+        peak = _peak_flops(peak_flops)
+        tokens_per_step = dataset.batch_size * source.length
+        stopped_early = False
+        t_start = t_last = time.time()
+        last_step = start
+        with _Preemption() as preemption:
+            step = start
+            while step < num_steps:
+                batch = first if step == start else data_lib.to_global(source.batch(step),
+                                                                       batch_sharding)
+                state, metrics = compiled(state, s.frozen, batch)
+                step += 1
+                if step % log_every == 0 or step == num_steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.time()
+                    rate = (step - last_step) / max(now - t_last, 1e-9)
+                    metrics.update({"steps_per_sec": rate,
+                                    "tokens_per_sec": rate * tokens_per_step})
+                    if peak:
+                        metrics["mfu"] = (rate * tokens_per_step * s.flops_per_token
+                                          / (peak * jax.device_count()))
+                    t_last, last_step = now, step
+                    writer.write_scalars(step, metrics)
+                    history.append((step, metrics))
+                    eta = (num_steps - step) / max(rate, 1e-9)
+                    log.info("step %d/%d loss %.4f acc %.3f lr %.2e gnorm %.3f %.1f steps/s "
+                             "ETA %s", step, num_steps, metrics["loss"], metrics["accuracy"],
+                             metrics["learning_rate"], metrics["grad_norm"], rate,
+                             _hms(eta))
+                if eval_source is not None and eval_every and (
+                        step % eval_every == 0 or step == num_steps):
+                    ev = _evaluate(eval_step, state["params"], s.frozen, eval_source,
+                                   eval_batches, batch_sharding)
+                    writer.write_scalars(step, ev)
+                    history.append((step, ev))
+                    log.info("step %d eval loss %.4f acc %.3f", step, ev["eval/loss"],
+                             ev["eval/accuracy"])
+                checkpointer.save(step, state, {**meta, "data_position": step},
+                                  force=step == num_steps or preemption.requested)
+                if preemption.requested and step < num_steps:
+                    stopped_early = True
+                    break
+        checkpointer.close()
+        writer.close()
+        if s.export_config is not None and not stopped_early:
+            export = os.path.join(model_dir, "export")  # every process joins orbax's save
+            if not os.path.exists(os.path.join(export, ckpt.CONFIG_FILE)):
+                ckpt.save_model(export, s.export_config, state["params"])
+        log.info("done: %d steps in %s", step - start, _hms(time.time() - t_start))
+    return {"state": state, "history": history, "stopped_early": stopped_early}
+
+
+def _check_frozen(stored: Mapping[str, str], current: Mapping[str, str], where: str) -> None:
+    for name in sorted(set(stored) | set(current)):
+        if stored.get(name) != current.get(name):
+            raise ValueError(
+                f"{name}: the checkpoint in {where} was trained against frozen weights with "
+                f"fingerprint {stored.get(name)}, but this run loads {current.get(name)}; "
+                f"refusing to resume (use another model_dir)")
+
+
+def _evaluate(eval_step, params, frozen, source, num_batches, sharding) -> dict[str, float]:
+    sums = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
+    for batch in source.sequential(num_batches):
+        m = jax.device_get(eval_step(params, frozen, data_lib.to_global(batch, sharding)))
+        for k in sums:
+            sums[k] += float(m[k])
+    denom = max(sums["weight_sum"], 1.0)
+    return {"eval/loss": sums["loss_sum"] / denom, "eval/accuracy": sums["correct_sum"] / denom}
+
+
+def _log_memory(compiled) -> None:
+    try:
+        mem = compiled.memory_analysis()
+    except Exception:  # not every backend reports it
+        return
+    if mem is None:
+        return
+    gib = lambda n: n / 2**30  # noqa: E731
+    log.info("compiled step: arguments %.2f GiB, outputs %.2f GiB, temporaries %.2f GiB",
+             gib(mem.argument_size_in_bytes), gib(mem.output_size_in_bytes),
+             gib(mem.temp_size_in_bytes))
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
