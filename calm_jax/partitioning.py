@@ -42,10 +42,14 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class PartitioningConfig:
-    """Mesh shape over (data, fsdp, tensor); -1 takes the remaining devices (at most one -1)."""
+    """Mesh shape over (data, fsdp, tensor); -1 takes the remaining devices (at most one -1).
+
+    `num_devices` uses only the first N devices (None: all of them).
+    """
 
     mesh_shape: tuple[int, int, int] = (-1, 1, 1)
     logical_axis_rules: tuple[tuple[str, Any], ...] = DEFAULT_RULES
+    num_devices: int | None = None
 
     def __post_init__(self):
         shape = tuple(int(x) for x in self.mesh_shape)
@@ -70,8 +74,22 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 
 def make_mesh(config: PartitioningConfig, devices: Sequence[Any] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
+    if config.num_devices is not None:
+        if not 0 < config.num_devices <= len(devices):
+            raise ValueError(f"partitioning.num_devices: expected 1..{len(devices)}, "
+                             f"got {config.num_devices}")
+        devices = devices[:config.num_devices]
     shape = resolve_mesh_shape(config.mesh_shape, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def mesh_context(mesh: Mesh):
+    """The context that makes `mesh` current for sharding constraints.
+
+    `with mesh:` (deprecated in favour of `jax.set_mesh`, whose abstract mesh makes every jit
+    input need a NamedSharding; moving to it is left for later) still works on jax 0.10-0.11.
+    """
+    return mesh
 
 
 def shardings_for(boxed_tree: Any, mesh: Mesh, rules) -> Any:

@@ -240,7 +240,7 @@ def make_train_step(forward, optimizer: optax.GradientTransformation, lr_schedul
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state}
         metrics = {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
-                   "grad_norm": optax.global_norm(grads),
+                   "grad_norm": optax.tree.norm(grads),
                    "learning_rate": lr_schedule(state["step"]), "tokens": sums["weight_sum"]}
         return new_state, metrics
 
@@ -293,10 +293,13 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
           checkpoint: ckpt.CheckpointConfig | None = None,
           eval_dataset: data_lib.DatasetConfig | None = None,
           eval_every: int = 0, eval_batches: int = 4, log_every: int = 10,
-          seed: int = 0, peak_flops: float | None = None) -> dict[str, Any]:
+          seed: int = 0, peak_flops: float | None = None,
+          stop_after: int | None = None) -> dict[str, Any]:
     """Trains in `mode` for `num_steps` steps; returns {'state', 'history', 'stopped_early'}.
 
-    `history` is a list of (step, metrics) for logged steps and evaluations.
+    `history` is a list of (step, metrics) for logged steps and evaluations. `stop_after` ends
+    this invocation (with a checkpoint) after that many steps, as a preemption would; the
+    learning-rate schedule still spans `num_steps` and the next invocation resumes.
     """
     augments = dict(augments or {})
     composition = composition or CompositionConfig()
@@ -321,7 +324,7 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
     source = data_lib.make_source(dataset)
     eval_source = data_lib.make_source(eval_dataset) if eval_dataset is not None else None
 
-    with mesh, nn.logical_axis_rules(list(rules)):
+    with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
         s = _setup(mode, anchor=anchor, augments=augments, composition=composition, lora=lora,
                    mesh=mesh, rules=rules, rng=rng_setup)
         opt = make_optimizer(optimizer, num_steps)
@@ -418,9 +421,11 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
                     history.append((step, ev))
                     log.info("step %d eval loss %.4f acc %.3f", step, ev["eval/loss"],
                              ev["eval/accuracy"])
+                stop = preemption.requested or (stop_after is not None
+                                                and step - start >= stop_after)
                 checkpointer.save(step, state, {**meta, "data_position": step},
-                                  force=step == num_steps or preemption.requested)
-                if preemption.requested and step < num_steps:
+                                  force=step == num_steps or stop)
+                if stop and step < num_steps:
                     stopped_early = True
                     break
         checkpointer.close()
@@ -430,7 +435,8 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
             if not os.path.exists(os.path.join(export, ckpt.CONFIG_FILE)):
                 ckpt.save_model(export, s.export_config, state["params"])
         log.info("done: %d steps in %s", step - start, _hms(time.time() - t_start))
-    return {"state": state, "history": history, "stopped_early": stopped_early}
+    return {"state": state, "history": history, "stopped_early": stopped_early,
+            "model_dir": model_dir}
 
 
 def _check_frozen(stored: Mapping[str, str], current: Mapping[str, str], where: str) -> None:

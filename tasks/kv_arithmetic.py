@@ -742,3 +742,14 @@ def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> Dict[str,
     return {"accuracy": 0.0}
   hits = sum(t.strip() == p.strip() for t, p in zip(targets, predictions))
   return {"accuracy": 100.0 * hits / len(targets)}
+
+
+def numpy_features(dataset: str, split: str, length: int, config: str = "laptop",
+                   pack: bool = False) -> Dict[str, np.ndarray]:
+  """Feature arrays of one dataset split, for the trainer's numpy source (`arrays_fn`).
+
+  `config` names an entry of CONFIGS. Rows are in generation order; the trainer shuffles.
+  """
+  if config not in CONFIGS:
+    raise ValueError(f"config: expected one of {sorted(CONFIGS)}, got {config!r}")
+  return to_numpy_arrays(get_examples(dataset, split, CONFIGS[config]), length, pack=pack)

@@ -1,0 +1,91 @@
+r"""Command line: `python -m calm_jax.train --gin_file=FILE [--gin_file=...] [--gin.KEY=VALUE ...]`.
+
+As in t5x: gin files configure the keyword-only `calm_jax.trainer.train` (through
+`from __gin__ import dynamic_registration`, so the library carries no gin decorators);
+`--gin.KEY=VALUE` adds bindings after the files (string values need quotes:
+`--gin.MODEL_DIR=\"'/tmp/run'\"`). Gin files are looked up as given, then relative to the
+repository's `gin/` folder. An unknown binding or a missing `%gin.REQUIRED` value fails before
+anything is compiled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Sequence
+
+GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+
+def split_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
+    """argv -> (gin files, gin bindings, other arguments)."""
+    files, bindings, rest = [], [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        for prefix, out in (("--gin_file", files), ("--gin.", bindings)):
+            if arg.startswith(prefix):
+                if prefix == "--gin_file":
+                    value = arg.split("=", 1)[1] if "=" in arg else args[i + 1]
+                    i += 0 if "=" in arg else 1
+                    out.append(value)
+                else:
+                    key_value = arg[len(prefix):]
+                    if "=" not in key_value:
+                        raise ValueError(f"--gin.{key_value}: expected --gin.KEY=VALUE")
+                    out.append(key_value.replace("=", " = ", 1))
+                break
+        else:
+            rest.append(arg)
+        i += 1
+    return files, bindings, rest
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
+    import gin
+
+    gin.clear_config()
+    gin.add_config_file_search_path(os.getcwd())
+    gin.add_config_file_search_path(GIN_DIR)
+    for path in files:
+        if not (os.path.exists(path) or os.path.exists(os.path.join(GIN_DIR, path))):
+            raise ValueError(f"--gin_file: expected an existing file (or one under {GIN_DIR}), "
+                             f"got {path!r}")
+    gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=True)
+
+
+def run(argv: Sequence[str]) -> dict:
+    """Parses gin files/bindings from argv and runs the configured `train()`."""
+    import gin
+    from calm_jax import trainer
+
+    files, bindings, rest = split_args(argv)
+    if rest:
+        raise ValueError(f"arguments: expected only --gin_file and --gin.KEY=VALUE, got {rest}")
+    if not files:
+        raise ValueError("--gin_file: expected at least one gin file, got none")
+    parse_gin(files, bindings)
+    configured = gin.get_configurable(trainer.train)
+    result = configured()
+    model_dir = result.get("model_dir")
+    if model_dir:
+        with open(os.path.join(model_dir, "config.gin"), "w") as f:
+            f.write(gin.config_str())
+    return result
+
+
+def console_main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("calm_jax").setLevel(logging.INFO)
+    try:
+        run(sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,203 @@
+"""Trainer: the four modes, resume, frozen checkpoints, sharding, accumulation, bad input."""
+
+import functools
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from calm_jax import checkpoints as ckpt
+from calm_jax import trainer
+from calm_jax.composition import ComposedLM
+from calm_jax.data import DatasetConfig
+from calm_jax.models import TransformerConfig
+from calm_jax.optim import OptimizerConfig
+from calm_jax.partitioning import PartitioningConfig
+
+LENGTH = 24
+
+
+def _arrays(seed=0, rows=64):
+    """Prompt 'a b c =' -> target 'c b a' style sequences: learnable, loss on targets only."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(10, 60, (rows, 4))
+    seq = np.concatenate([x, np.full((rows, 1), 5), x[:, ::-1], np.full((rows, 1), 1)], axis=1)
+    n = seq.shape[1]
+    tokens = np.zeros((rows, LENGTH), np.int32)
+    tokens[:, :n] = seq
+    inputs = np.zeros_like(tokens)
+    inputs[:, 1:] = tokens[:, :-1]
+    weights = np.zeros((rows, LENGTH), np.float32)
+    weights[:, 5:n] = 1.0
+    seg = np.zeros_like(tokens)
+    seg[:, :n] = 1
+    return {"decoder_input_tokens": inputs, "decoder_target_tokens": tokens,
+            "decoder_loss_weights": weights, "decoder_segment_ids": seg,
+            "prompt_mask": np.arange(LENGTH)[None, :].repeat(rows, 0) < 6}
+
+
+DATA = DatasetConfig(arrays_fn=_arrays, batch_size=8, length=LENGTH)
+CFG = TransformerConfig.tiny(vocab_size=128, embed_dim=32, num_layers=4, num_heads=4,
+                             num_kv_heads=2, mlp_dim=64, max_len=32)
+AUG_CFG = CFG.replace(embed_dim=16, num_heads=2, num_kv_heads=2)
+FAST = dict(log_every=1, checkpoint=ckpt.CheckpointConfig(save_every=0, use_async=False),
+            optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=0))
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Pretrains a tiny anchor and augmenting model once (exports under <dir>/export)."""
+    root = tmp_path_factory.mktemp("pretrain")
+    out = {}
+    for name, cfg, seed in (("anchor", CFG, 0), ("augment", AUG_CFG, 0),
+                            ("other_augment", AUG_CFG, 1)):
+        result = trainer.train(mode="pretrain", model_dir=str(root / name), num_steps=4,
+                               anchor=trainer.ModelSpec(config=cfg), dataset=DATA, seed=seed,
+                               **FAST)
+        assert result["history"][-1][1]["loss"] < result["history"][0][1]["loss"]
+        out[name] = str(root / name / "export")
+    return out
+
+
+def _compose(model_dir, exports, **kw):
+    args = dict(mode="compose", model_dir=str(model_dir), num_steps=4,
+                anchor=trainer.ModelSpec(checkpoint=exports["anchor"]),
+                augments={"kv": trainer.ModelSpec(checkpoint=exports["augment"])},
+                dataset=DATA, **FAST)
+    args.update(kw)
+    return trainer.train(**args)
+
+
+def test_pretrain_exports_a_loadable_model(exports):
+    cfg, params = ckpt.load_model(exports["anchor"])
+    assert cfg == CFG and params["layers"]["attn"]["query"]["kernel"].shape[0] == 4
+
+
+def test_compose_trains_only_the_composition_and_leaves_frozen_exports_unchanged(tmp_path,
+                                                                                  exports):
+    before = {k: ckpt.fingerprint(v) for k, v in exports.items()}
+    result = _compose(tmp_path / "calm", exports)
+    state = result["state"]
+    assert set(state["params"]) == {"kv"}  # the trained tree is the composition alone
+    assert all(np.isfinite(m["loss"]) for _, m in result["history"])
+    assert np.any(np.asarray(state["params"]["kv"]["out"]))  # W_o left zero: it trained
+    assert {k: ckpt.fingerprint(v) for k, v in exports.items()} == before
+    # Optimizer state exists only for trained parameters.
+    n_trained = sum(x.size for x in jax.tree.leaves(state["params"]))
+    n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
+    assert n_opt <= 2 * n_trained + 8
+
+
+def test_finetune_and_lora_modes(tmp_path, exports):
+    ft = trainer.train(mode="finetune", model_dir=str(tmp_path / "ft"), num_steps=3,
+                       anchor=trainer.ModelSpec(checkpoint=exports["anchor"]), dataset=DATA,
+                       **FAST)
+    cfg, anchor = ckpt.load_model(exports["anchor"])
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), anchor, ft["state"]["params"])
+    assert all(jax.tree.leaves(moved))
+
+    lora = trainer.train(mode="lora", model_dir=str(tmp_path / "lora"), num_steps=3,
+                         anchor=trainer.ModelSpec(checkpoint=exports["anchor"]),
+                         augments={"kv": trainer.ModelSpec(checkpoint=exports["augment"])},
+                         dataset=DATA, **FAST)
+    n_lora = sum(x.size for x in jax.tree.leaves(lora["state"]["params"]))
+    budget = ComposedLM(CFG, {"kv": AUG_CFG}).num_composition_params()
+    per_rank = 4 * 2 * (32 + 32)  # query and value: layers x (in + out) per unit of rank
+    assert abs(n_lora - budget) <= per_rank / 2
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, exports):
+    full = _compose(tmp_path / "full", exports, num_steps=6)
+    first = _compose(tmp_path / "split", exports, num_steps=6, stop_after=3)
+    assert first["stopped_early"] and int(first["state"]["step"]) == 3
+    resumed = _compose(tmp_path / "split", exports, num_steps=6)
+    assert int(resumed["state"]["step"]) == 6
+    for a, b in zip(jax.tree.leaves(full["state"]["params"]),
+                    jax.tree.leaves(resumed["state"]["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_refuses_to_resume_against_other_frozen_weights(tmp_path, exports):
+    _compose(tmp_path / "calm", exports, num_steps=2)
+    other = {**exports, "augment": exports["other_augment"]}  # same shapes, other weights
+    with pytest.raises(ValueError, match=r"augments\['kv'\]: the checkpoint in .* was trained "
+                                         r"against frozen weights .* refusing to resume"):
+        _compose(tmp_path / "calm", other, num_steps=4)
+
+
+def test_sharded_2x2x2_equals_one_device(tmp_path, exports):
+    assert jax.device_count() == 8
+    one = _compose(tmp_path / "one", exports,
+                   partitioning=PartitioningConfig(mesh_shape=(1, 1, 1), num_devices=1))
+    many = _compose(tmp_path / "many", exports,
+                    partitioning=PartitioningConfig(mesh_shape=(2, 2, 2)))
+    np.testing.assert_allclose([m["loss"] for _, m in one["history"]],
+                               [m["loss"] for _, m in many["history"]], rtol=1e-4)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, exports):
+    two = PartitioningConfig(mesh_shape=(2, 1, 1), num_devices=2)
+    big = _compose(tmp_path / "big", exports, num_steps=2, partitioning=two)
+    acc = _compose(tmp_path / "acc", exports, num_steps=2, partitioning=two,
+                   optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=0,
+                                             grad_accum_steps=2))
+    for a, b in zip(jax.tree.leaves(big["state"]["params"]),
+                    jax.tree.leaves(acc["state"]["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_sigterm_sets_the_preemption_flag():
+    with trainer._Preemption() as preemption:
+        assert not preemption.requested
+        signal.raise_signal(signal.SIGTERM)
+        assert preemption.requested
+
+
+# Bad input: clear errors before anything is compiled ----------------------------------------
+
+
+def test_batch_not_divisible_by_data_parallel_size(tmp_path, exports):
+    data = DatasetConfig(arrays_fn=_arrays, batch_size=12, length=LENGTH)
+    with pytest.raises(ValueError, match="dataset.batch_size: expected a multiple of the "
+                                         "data-parallel size 8 x grad_accum_steps 1, got 12"):
+        _compose(tmp_path / "x", exports, dataset=data)
+
+
+def test_checkpoint_that_does_not_fit_the_config(tmp_path, exports):
+    with pytest.raises(ValueError, match="anchor.config.embed_dim: expected the checkpoint's "
+                                         "value 32"):
+        _compose(tmp_path / "x", exports,
+                 anchor=trainer.ModelSpec(config=CFG.replace(embed_dim=64),
+                                          checkpoint=exports["anchor"]))
+    target = jax.eval_shape(lambda: trainer._abstract_decoder(CFG.replace(mlp_dim=96)))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          trainer.nn.unbox(target))
+    with pytest.raises(ValueError, match=r"parameter \['layers'\]\['mlp'\]\['down'\]\['kernel'\] "
+                                         r"has shape \(4, 64, 32\), the config expects "
+                                         r"\(4, 96, 32\)"):
+        ckpt.load_model(exports["anchor"], target=target)
+
+
+def test_gin_unknown_binding_and_missing_required(tmp_path):
+    from calm_jax import train as train_cli
+
+    base = ["--gin_file=experiments/compose_kv.gin"]
+    with pytest.raises(ValueError, match="set to `%gin.REQUIRED` but not subsequently"):
+        train_cli.run(base + [f"--gin.MODEL_DIR='{tmp_path}'"])
+    with pytest.raises(ValueError, match="doesn't have a parameter named 'bogus'"):
+        train_cli.run(base + [f"--gin.MODEL_DIR='{tmp_path}'", "--gin.ANCHOR_CHECKPOINT='a'",
+                              "--gin.AUGMENT_CHECKPOINT='b'", "--gin.trainer.train.bogus=1"])
+    assert not os.listdir(tmp_path)  # nothing was started
+
+
+def test_gin_pretrain_runs_from_the_command_line(tmp_path):
+    from calm_jax import train as train_cli
+
+    result = train_cli.run(["--gin_file=experiments/pretrain_numeric.gin",
+                            f"--gin.MODEL_DIR='{tmp_path}'", "--gin.NUM_STEPS=2",
+                            "--gin.trainer.train.log_every=1", "--gin.BATCH_SIZE=8"])
+    assert int(result["state"]["step"]) == 2
+    assert os.path.exists(tmp_path / "export" / "config.json")
+    assert os.path.exists(tmp_path / "config.gin")
