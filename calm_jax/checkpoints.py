@@ -59,8 +59,8 @@ def save_model(directory: str, cfg: TransformerConfig, params: Any) -> None:
 def load_model_config(directory: str) -> TransformerConfig:
     path = os.path.join(directory, CONFIG_FILE)
     if not os.path.exists(path):
-        raise ValueError(f"checkpoint: expected a model export with {CONFIG_FILE} in "
-                         f"{directory!r}, found none")
+        raise ValueError(f"checkpoint {directory!r}: no {CONFIG_FILE} (expected a model export "
+                         f"written by a pretraining run or `python -m calm_jax.convert`)")
     with open(path) as f:
         return config_from_dict(json.load(f))
 

@@ -1,0 +1,103 @@
+"""Converted models on disk: orbax params + our config + the model's tokenizer.
+
+Layout of an output directory:
+
+    DIR/config.json          dataclasses.asdict(TransformerConfig)
+    DIR/params/              orbax StandardCheckpointer checkpoint of the float32 param tree
+    DIR/tokenizer/           calm_jax.tokenizers.Tokenizer.save() (when the source has one)
+    DIR/conversion.json      source path and format, parameter count, fingerprint
+
+`load_converted(DIR)` is what the trainer uses for frozen anchor / augmenting models. The
+fingerprint (sha256 over the config and every parameter's bytes) lets a composition checkpoint
+record exactly which frozen weights it was trained against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from calm_jax import checkpoints as ckpt
+from calm_jax.checkpoints import CONFIG_FILE, PARAMS_DIR, config_from_dict, config_to_dict
+from calm_jax.models.config import TransformerConfig
+from calm_jax.convert import common
+
+__all__ = ["CONFIG_FILE", "PARAMS_DIR", "config_from_dict", "config_to_dict", "load_config",
+           "load_converted", "load_tokenizer", "params_fingerprint", "save_converted"]
+
+TOKENIZER_DIR = "tokenizer"
+INFO_FILE = "conversion.json"
+
+
+def params_fingerprint(cfg: TransformerConfig, params: Any) -> str:
+    h = hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode())
+    for path, leaf in sorted(common.flatten(params).items()):
+        h.update(path.encode())
+        h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+    return h.hexdigest()
+
+
+def save_converted(directory: str, cfg: TransformerConfig, params: Any, *,
+                   tokenizer: Any = None, info: dict[str, Any] | None = None,
+                   overwrite: bool = False) -> str:
+    """Writes a converted model (a `calm_jax.checkpoints` model export plus the tokenizer and
+    conversion.json); returns the absolute directory."""
+    directory = os.path.abspath(directory)
+    common.check_params(cfg, params, origin="save_converted")
+    params_dir = os.path.join(directory, PARAMS_DIR)
+    if os.path.exists(params_dir):
+        if not overwrite:
+            raise ValueError(f"--out: {directory} already holds a converted model "
+                             f"(pass overwrite=True / --overwrite to replace it)")
+        shutil.rmtree(params_dir)
+    ckpt.save_model(directory, cfg, params)
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(directory, TOKENIZER_DIR))
+    meta = dict(info or {})
+    meta.update(num_params=int(sum(np.size(x) for x in common.flatten(params).values())),
+                fingerprint=params_fingerprint(cfg, params))
+    with open(os.path.join(directory, INFO_FILE), "w") as fh:
+        json.dump(meta, fh, indent=2)
+    return directory
+
+
+def load_config(directory: str) -> TransformerConfig:
+    return ckpt.load_model_config(directory)
+
+
+def load_converted(directory: str, *, target: Any = None) -> tuple[TransformerConfig, Any]:
+    """(config, params) of a converted model.
+
+    Args:
+      directory: output directory of `python -m calm_jax.convert` / `save_converted`.
+      target: optional pytree of `jax.ShapeDtypeStruct` (with shardings) to restore into, e.g.
+        the frozen model's sharded abstract params; by default the Decoder's float32 tree on the
+        default device.
+    """
+    import jax
+
+    directory = os.path.abspath(directory)
+    cfg = load_config(directory)
+    if target is None:
+        target = common.expected_params(cfg)
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), target)
+    if not os.path.isdir(os.path.join(directory, PARAMS_DIR)):
+        raise ValueError(f"{directory}: no {PARAMS_DIR}/ checkpoint")
+    cfg, params = ckpt.load_model(directory, target=target)
+    common.check_params(cfg, params, origin=directory)
+    return cfg, params
+
+
+def load_tokenizer(directory: str):
+    """The tokenizer saved beside a converted model (ValueError if there is none)."""
+    from calm_jax.tokenizers import Tokenizer
+
+    path = os.path.join(directory, TOKENIZER_DIR)
+    if not os.path.isdir(path):
+        raise ValueError(f"{directory}: no {TOKENIZER_DIR}/ (the source had no tokenizer)")
+    return Tokenizer.load(path)

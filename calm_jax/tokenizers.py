@@ -1,0 +1,498 @@
+"""Tokenizers of real pretrained models, usable with and without seqio.
+
+`Tokenizer` is plain Python over one of two backends:
+
+* a Hugging Face `tokenizers.Tokenizer` (a model's `tokenizer.json`, or one built from a GGUF
+  file's embedded byte-level BPE vocabulary and merges: GPT-2, SmolLM2, Llama 3, Qwen2);
+* a `sentencepiece.SentencePieceProcessor` (a model's `tokenizer.model`, or a SentencePiece
+  model rebuilt from a GGUF file's `llama`-type vocabulary of pieces, scores and piece types:
+  Llama 1/2, Gemma).
+
+`encode` never adds EOS (seqio's convention: the feature converter appends it) and adds BOS
+only when asked or when the model's own tokenizer does so by default (`add_bos`, e.g. Gemma).
+`decode` drops special (control) tokens.
+
+`Tokenizer.save(dir)` writes the backend file (`tokenizer.json` or `tokenizer.model`) plus
+`calm_tokenizer.json` (special ids, `add_bos`); `Tokenizer.load(dir)` reads that back or
+reads a Hugging Face model directory.
+
+seqio and TensorFlow are optional: `seqio_vocabulary(tokenizer)` returns a `seqio.Vocabulary`
+subclass instance, and the class itself (`calm_jax.tokenizers.SeqioVocabulary`) is created on
+first access, so importing this module never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+from typing import Any, Iterable, Sequence
+
+META_FILE = "calm_tokenizer.json"
+
+# SentencePiece / GGUF piece types (the same numbering in both).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+# Pre-tokenizer split patterns of GGUF byte-level BPE vocabularies (`tokenizer.ggml.pre`).
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
+           r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+          r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# pre name -> (split digits one by one first, main pattern)
+_BPE_PRE = {
+    "default": (False, _GPT2), "gpt2": (False, _GPT2), "gpt-2": (False, _GPT2),
+    "smollm": (True, _GPT2), "starcoder": (True, _GPT2), "refact": (True, _GPT2),
+    "llama-bpe": (False, _LLAMA3), "llama3": (False, _LLAMA3), "qwen2": (False, _QWEN2),
+}
+
+
+class _HFBackend:
+    kind = "tokenizer.json"
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int], skip_special: bool) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def piece_to_id(self, piece: str) -> int | None:
+        return self.tok.token_to_id(piece)
+
+    def id_to_piece(self, i: int) -> str | None:
+        return self.tok.id_to_token(i)
+
+    def serialized(self) -> bytes:
+        return self.tok.to_str().encode("utf-8")
+
+    def save(self, directory: str) -> None:
+        self.tok.save(os.path.join(directory, "tokenizer.json"))
+
+
+def _trie_pattern(words: Iterable[str]) -> str:
+    """A regex matching the longest of `words` at a position (a trie, so scanning is fast)."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict) -> str:
+        branches = [re.escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if "" in node else body
+
+    return emit(trie)
+
+
+class _SPBackend:
+    """SentencePiece, with control and user-defined pieces matched in the raw text first.
+
+    This is what llama.cpp and Hugging Face do (SentencePiece itself would only match
+    user-defined pieces after escaping spaces, and never control pieces): "<start_of_turn>"
+    becomes one id, and a GGUF's user-defined whitespace runs ("  ") are found.
+    """
+
+    kind = "tokenizer.model"
+
+    def __init__(self, proto: bytes):
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        self.proto = proto
+        self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        model = pb.ModelProto.FromString(proto)
+        self.special = {p.piece: i for i, p in enumerate(model.pieces)
+                        if p.type in (_CONTROL, _USER_DEFINED) and p.piece}
+        self.splitter = re.compile(_trie_pattern(self.special)) if self.special else None
+
+    def encode(self, text: str) -> list[int]:
+        if self.splitter is None:
+            return list(self.sp.encode(text))
+        ids: list[int] = []
+        start = 0
+        for match in self.splitter.finditer(text):
+            if match.start() > start:
+                ids.extend(self.sp.encode(text[start:match.start()]))
+            ids.append(self.special[match.group()])
+            start = match.end()
+        if start < len(text):
+            ids.extend(self.sp.encode(text[start:]))
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special: bool) -> str:
+        del skip_special  # SentencePiece always drops control pieces when decoding
+        return self.sp.decode(list(ids))
+
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def piece_to_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return None if i == self.sp.unk_id() and piece != self.sp.id_to_piece(i) else i
+
+    def id_to_piece(self, i: int) -> str | None:
+        return self.sp.id_to_piece(i)
+
+    def serialized(self) -> bytes:
+        return self.proto
+
+    def save(self, directory: str) -> None:
+        with open(os.path.join(directory, "tokenizer.model"), "wb") as fh:
+            fh.write(self.proto)
+
+
+class Tokenizer:
+    """A model's tokenizer: `encode(text) -> ids`, `decode(ids) -> text`, special ids.
+
+    Attributes:
+      bos_id, eos_id, pad_id, unk_id: special token ids (None when the model has none).
+      add_bos: whether the model expects BOS at the start of a sequence (`encode`'s default).
+      vocab_size: number of token ids the tokenizer can produce (the model's embedding table
+        may be larger, e.g. padded).
+    """
+
+    def __init__(self, backend: Any, *, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None, unk_id: int | None = None, add_bos: bool = False):
+        self._backend = backend
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = bos_id, eos_id, pad_id, unk_id
+        self.add_bos = bool(add_bos)
+        if self.add_bos and bos_id is None:
+            raise ValueError("add_bos: expected False when the tokenizer has no BOS token")
+        n = self.vocab_size
+        for name in ("bos_id", "eos_id", "pad_id", "unk_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < n:
+                raise ValueError(f"{name}: expected an id in [0, {n}), got {value}")
+
+    # Core API ---------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._backend.vocab_size()
+
+    @property
+    def backend_kind(self) -> str:
+        """"tokenizer.json" (Hugging Face tokenizers) or "tokenizer.model" (SentencePiece)."""
+        return self._backend.kind
+
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
+        ids = self._backend.encode(text)
+        if self.add_bos if add_bos is None else add_bos:
+            if self.bos_id is None:
+                raise ValueError("add_bos: this tokenizer has no BOS token")
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
+        return self._backend.decode([int(i) for i in ids], skip_special)
+
+    def piece_to_id(self, piece: str) -> int | None:
+        return self._backend.piece_to_id(piece)
+
+    def id_to_piece(self, i: int) -> str | None:
+        return self._backend.id_to_piece(int(i))
+
+    def fingerprint(self) -> str:
+        """sha256 of the backend model and the special ids (equal tokenizers, equal prints)."""
+        h = hashlib.sha256(self._backend.serialized())
+        h.update(json.dumps(self._meta(), sort_keys=True).encode())
+        return h.hexdigest()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tokenizer) and self.fingerprint() == other.fingerprint()
+
+    def __hash__(self) -> int:
+        return hash(self.fingerprint())
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.backend_kind}, vocab_size={self.vocab_size}, "
+                f"bos_id={self.bos_id}, eos_id={self.eos_id}, pad_id={self.pad_id}, "
+                f"add_bos={self.add_bos})")
+
+    # Saving and loading -----------------------------------------------------------------------
+
+    def _meta(self) -> dict[str, Any]:
+        return {"backend": self.backend_kind, "bos_id": self.bos_id, "eos_id": self.eos_id,
+                "pad_id": self.pad_id, "unk_id": self.unk_id, "add_bos": self.add_bos}
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self._backend.save(directory)
+        with open(os.path.join(directory, META_FILE), "w") as fh:
+            json.dump(self._meta(), fh, indent=2)
+
+    @classmethod
+    def load(cls, directory: str) -> "Tokenizer":
+        """A directory written by `save`, or a Hugging Face model directory."""
+        meta_path = os.path.join(directory, META_FILE)
+        if os.path.exists(meta_path):
+            with open(meta_path) as fh:
+                meta = json.load(fh)
+            backend = _load_backend(directory, meta.get("backend"))
+            return cls(backend, **{k: meta.get(k) for k in
+                                   ("bos_id", "eos_id", "pad_id", "unk_id")},
+                       add_bos=bool(meta.get("add_bos", False)))
+        return cls.from_hf_dir(directory)
+
+    @classmethod
+    def from_hf_dir(cls, directory: str) -> "Tokenizer":
+        """tokenizer.json (preferred) or tokenizer.model, with ids from the config files."""
+        backend = _load_backend(directory, None)
+        configs = {}
+        for name in ("config.json", "generation_config.json", "tokenizer_config.json",
+                     "special_tokens_map.json"):
+            path = os.path.join(directory, name)
+            if os.path.exists(path):
+                with open(path) as fh:
+                    configs[name] = json.load(fh)
+
+        def token_id(kind: str) -> int | None:
+            for name in ("generation_config.json", "config.json"):
+                value = configs.get(name, {}).get(f"{kind}_token_id")
+                if isinstance(value, list):
+                    value = value[0] if value else None
+                if value is not None:
+                    return int(value)
+            for name in ("tokenizer_config.json", "special_tokens_map.json"):
+                value = configs.get(name, {}).get(f"{kind}_token")
+                if isinstance(value, dict):
+                    value = value.get("content")
+                if isinstance(value, str) and backend.piece_to_id(value) is not None:
+                    return backend.piece_to_id(value)
+            return None
+
+        ids = {f"{kind}_id": token_id(kind) for kind in ("bos", "eos", "pad", "unk")}
+        add_bos = configs.get("tokenizer_config.json", {}).get("add_bos_token")
+        if add_bos is None:
+            add_bos = _template_adds_bos(backend, ids["bos_id"])
+        return cls(backend, add_bos=bool(add_bos) and ids["bos_id"] is not None, **ids)
+
+    @classmethod
+    def from_gguf(cls, path_or_file: Any) -> "Tokenizer":
+        """The tokenizer embedded in a GGUF file (`tokenizer.ggml.*` metadata)."""
+        from calm_jax.convert.gguf_file import GGUFFile
+
+        f = path_or_file if isinstance(path_or_file, GGUFFile) else GGUFFile(path_or_file)
+        meta = f.metadata
+        model = meta.get("tokenizer.ggml.model")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ValueError(f"{f.path}: no embedded tokenizer (tokenizer.ggml.tokens missing)")
+        types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+        ids = {}
+        for kind, key in (("bos_id", "bos_token_id"), ("eos_id", "eos_token_id"),
+                          ("pad_id", "padding_token_id"), ("unk_id", "unknown_token_id")):
+            value = meta.get(f"tokenizer.ggml.{key}")
+            ids[kind] = None if value is None else int(value)
+        if model == "gpt2":
+            backend = _bpe_from_gguf(f, tokens, types)
+            add_bos = meta.get("tokenizer.ggml.add_bos_token", False)
+        elif model == "llama":
+            backend = _sentencepiece_from_gguf(f, tokens, types, ids)
+            add_bos = meta.get("tokenizer.ggml.add_bos_token", True)
+        else:
+            raise ValueError(f"{f.path}: tokenizer.ggml.model: expected 'gpt2' or 'llama', "
+                             f"got {model!r}")
+        return cls(backend, add_bos=bool(add_bos) and ids["bos_id"] is not None, **ids)
+
+
+def _load_backend(directory: str, kind: str | None):
+    json_path = os.path.join(directory, "tokenizer.json")
+    model_path = os.path.join(directory, "tokenizer.model")
+    if kind in (None, "tokenizer.json") and os.path.exists(json_path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return _HFBackend(HFTokenizer.from_file(json_path))
+    if kind in (None, "tokenizer.model") and os.path.exists(model_path):
+        with open(model_path, "rb") as fh:
+            return _SPBackend(fh.read())
+    raise ValueError(f"{directory}: no tokenizer.json or tokenizer.model found")
+
+
+def _template_adds_bos(backend: Any, bos_id: int | None) -> bool:
+    """Whether a tokenizer.json's post-processor puts BOS first (Llama 3 does)."""
+    if bos_id is None or not isinstance(backend, _HFBackend):
+        return False
+    ids = backend.tok.encode("a", add_special_tokens=True).ids
+    return bool(ids) and ids[0] == bos_id
+
+
+def _bpe_from_gguf(f: Any, tokens: list[str], types: list[int]) -> _HFBackend:
+    """Byte-level BPE (GPT-2 style) from GGUF tokens, merges and pre-tokenizer name."""
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    pre = f.metadata.get("tokenizer.ggml.pre", "default")
+    if pre not in _BPE_PRE:
+        raise ValueError(f"{f.path}: tokenizer.ggml.pre: expected one of {sorted(_BPE_PRE)}, "
+                         f"got {pre!r}")
+    merges = f.metadata.get("tokenizer.ggml.merges")
+    if merges is None:
+        raise ValueError(f"{f.path}: byte-level BPE tokenizer without tokenizer.ggml.merges")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    digits, pattern = _BPE_PRE[pre]
+    steps = []
+    if digits:
+        steps.append(pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"))
+    steps.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    special = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types) if ty == _CONTROL]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+    tok.add_special_tokens(special)
+    tok.add_tokens(user)
+    return _HFBackend(tok)
+
+
+def _sentencepiece_from_gguf(f: Any, tokens: list[str], types: list[int],
+                             ids: dict[str, int | None]) -> _SPBackend:
+    """A SentencePiece BPE model proto from GGUF pieces, scores and types."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    scores = f.metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    m = pb.ModelProto()
+    unk = ids.get("unk_id")
+    for i, (piece, score, kind) in enumerate(zip(tokens, scores, types)):
+        if not piece:
+            raise ValueError(f"{f.path}: tokenizer.ggml.tokens[{i}] is empty")
+        p = m.pieces.add()
+        p.piece, p.score = piece, float(score)
+        # SentencePiece needs exactly one UNKNOWN piece; GGUF files often mark it CONTROL.
+        if i == unk:
+            kind = _UNKNOWN
+        elif kind == _UNKNOWN:
+            kind = _CONTROL
+        p.type = kind
+    if unk is None:
+        raise ValueError(f"{f.path}: SentencePiece tokenizer without "
+                         f"tokenizer.ggml.unknown_token_id")
+    spec = m.trainer_spec
+    spec.model_type = pb.TrainerSpec.BPE
+    spec.vocab_size = len(tokens)
+    spec.byte_fallback = any(t == _BYTE for t in types)
+    for kind in ("unk", "bos", "eos", "pad"):
+        value = ids.get(f"{kind}_id")
+        setattr(spec, f"{kind}_id", -1 if value is None else value)
+        if value is not None:
+            setattr(spec, f"{kind}_piece", tokens[value])
+    norm = m.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = bool(f.metadata.get("tokenizer.ggml.add_space_prefix", True))
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    return _SPBackend(m.SerializeToString())
+
+
+# seqio ------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _seqio_vocabulary_class() -> type:
+    import numpy as np
+    import seqio
+    import tensorflow as tf
+
+    class SeqioVocabulary(seqio.Vocabulary):
+        """seqio vocabulary over a `calm_jax.tokenizers.Tokenizer`.
+
+        `encode`/`encode_tf` add neither BOS nor EOS (seqio appends EOS); the TF ops wrap the
+        Python tokenizer with `tf.numpy_function`, so they run on the host, one string each.
+        """
+
+        def __init__(self, tokenizer: Tokenizer, extra_ids: int = 0):
+            super().__init__(extra_ids=extra_ids)
+            self.tokenizer = tokenizer
+
+        @property
+        def bos_id(self) -> int | None:
+            return self.tokenizer.bos_id
+
+        @property
+        def eos_id(self) -> int | None:
+            return self.tokenizer.eos_id
+
+        @property
+        def pad_id(self) -> int:
+            return 0 if self.tokenizer.pad_id is None else self.tokenizer.pad_id
+
+        @property
+        def unk_id(self) -> int | None:
+            return self.tokenizer.unk_id
+
+        @property
+        def _base_vocab_size(self) -> int:
+            return self.tokenizer.vocab_size
+
+        def _encode(self, s: str) -> Sequence[int]:
+            return self.tokenizer.encode(s, add_bos=False)
+
+        def _decode(self, ids) -> str:
+            n = self._base_vocab_size
+            return self.tokenizer.decode(int(i) for i in ids if 0 <= int(i) < n)
+
+        def _encode_tf(self, s):
+            def encode_one(x) -> np.ndarray:
+                x = x.item() if isinstance(x, np.ndarray) else x
+                text = x.decode("utf-8") if isinstance(x, bytes) else str(x)
+                return np.asarray(self._encode(text), np.int32)
+
+            s = tf.convert_to_tensor(s, tf.string)
+            if s.shape.rank == 0:
+                out = tf.numpy_function(encode_one, [s], tf.int32, stateful=False)
+                out.set_shape([None])
+                return out
+            flat = tf.reshape(s, [-1])
+            ragged = tf.map_fn(
+                lambda x: tf.RaggedTensor.from_tensor(
+                    tf.numpy_function(encode_one, [x], tf.int32, stateful=False)[None]),
+                flat, fn_output_signature=tf.RaggedTensorSpec([1, None], tf.int32, 1))
+            return ragged.merge_dims(0, 1) if s.shape.rank == 1 else ragged
+
+        def _decode_tf(self, ids):
+            def decode_rows(x) -> np.ndarray:
+                rows = np.asarray(x).reshape(-1, np.asarray(x).shape[-1])
+                return np.asarray([self._decode(r).encode("utf-8") for r in rows], object)
+
+            ids = tf.convert_to_tensor(ids)
+            out = tf.numpy_function(decode_rows, [ids], tf.string, stateful=False)
+            return tf.reshape(out, tf.shape(ids)[:-1])
+
+        def __eq__(self, other) -> bool:
+            return (isinstance(other, SeqioVocabulary) and self.tokenizer == other.tokenizer
+                    and self.extra_ids == other.extra_ids)
+
+        def __hash__(self) -> int:
+            return hash((self.tokenizer.fingerprint(), self.extra_ids))
+
+        def __str__(self) -> str:
+            return f"SeqioVocabulary({self.tokenizer!r}, extra_ids={self.extra_ids})"
+
+    return SeqioVocabulary
+
+
+def seqio_vocabulary(tokenizer: Tokenizer, extra_ids: int = 0):
+    """A `seqio.Vocabulary` for `tokenizer` (imports seqio and TensorFlow)."""
+    return _seqio_vocabulary_class()(tokenizer, extra_ids=extra_ids)
+
+
+def __getattr__(name: str):
+    if name == "SeqioVocabulary":
+        return _seqio_vocabulary_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
