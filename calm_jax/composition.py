@@ -32,6 +32,12 @@ the anchor state with the projected augmenting state at t through a gated feed-f
 `delta = W_o(silu(W_g [q; p_t]) * (W_v p_t))`, with W_g: 2D x F, W_v: D x F, W_o: F x D (zero
 init), F = heads * head_dim — the 4 D F of the cross-attention's W_q, W_k, W_v, W_o.
 
+Cached decoding (`ComposedLM.init_cache`, `extend`, `end_prompt`; driven by
+`calm_jax.decoding`): every augmenting model consumes every new token through its own KV cache;
+the projected states of the new tokens (`Bridge.memory`) are appended to a per-connection
+cross-attention memory, so the anchor at slot t reads memory slots <= t exactly as in `apply`.
+With `augment_sees="prompt"` the memory covers the prompt only and is fixed after it.
+
 Parameters are `{'anchor': ..., 'augments': {name: ...}, 'composition': {name: ...}}`; each
 composition leaf has a leading `connections` axis. The augmenting forwards run under
 `stop_gradient`, and the training loss is differentiated with respect to `composition` only.
@@ -45,9 +51,11 @@ from typing import Any, Literal, Mapping
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from flax import struct
 
 from calm_jax.models.config import TransformerConfig
 from calm_jax.models.attention import attention_mask, attend
+from calm_jax.models.attention import KVCache, cache_mask, make_cache_context
 from calm_jax.models import layers as L
 from calm_jax.models.transformer import Decoder
 
@@ -225,6 +233,27 @@ class Bridge(nn.Module):
         return jnp.einsum("bthk,hkd->btd", out, self.w_o[i].astype(self.dtype))
 
 
+MEMORY_AXES = ("connections", "activation_batch", "activation_length", "heads", "head_dim")
+
+
+@struct.dataclass
+class ComposedCache:
+    """Decoding state of a `ComposedLM` (rows left-padded, as in `KVCache`).
+
+    Attributes:
+      anchor: the anchor's `KVCache` (all layers); its `start` / `index` are the rows' layout.
+      augments: {name: KVCache} over augmenting layers 1 .. deepest connected one; empty once
+        the memory is fixed (`augment_sees="prompt"` after `end_prompt`).
+      memory: {name: {'key', 'value'}} [n, batch, mem_len, heads, head_dim], connection i's
+        projected keys/values of every slot so far; empty for `kind="fusion"`, whose update
+        only reads the current token's projected state.
+    """
+
+    anchor: KVCache
+    augments: dict[str, KVCache]
+    memory: dict[str, dict[str, Array]]
+
+
 class ComposedLM:
     """An anchor LM composed with one or more named augmenting LMs (see the module docstring).
 
@@ -379,3 +408,111 @@ class ComposedLM:
     def anchor_logits(self, params: Mapping[str, Any], tokens: Array, **kw) -> Array:
         """The anchor alone on the same input (for comparisons)."""
         return self.anchor.apply({"params": nn.unbox(params)["anchor"]}, tokens, **kw)[0]
+
+    # Cached decoding ----------------------------------------------------------------------------
+
+    def init_cache(self, batch: int, cache_len: int, start: Array | None = None, *,
+                   prompt_len: int | None = None) -> ComposedCache:
+        """An empty `ComposedCache` of `cache_len` slots; `start` [batch] are the left pads.
+
+        With `augment_sees="prompt"`, `prompt_len` (the padded prompt width) is required: the
+        augmenting caches and the memory then hold `prompt_len` slots only.
+        """
+        if self.config.augment_sees == "prompt":
+            if prompt_len is None or not 0 < prompt_len <= cache_len:
+                raise ValueError(f"prompt_len: expected an integer in [1, cache_len={cache_len}] "
+                                 f"with composition.augment_sees='prompt', got {prompt_len!r}")
+            mem_len = prompt_len
+        else:
+            mem_len = cache_len
+        augments, memory = {}, {}
+        for name, cfg in self.augment_configs.items():
+            deepest = max(a for a, _ in self.connections[name])
+            augments[name] = KVCache.zeros(cfg, batch, mem_len, start, num_layers=deepest)
+            if self.config.kind == "cross_attention":
+                shape = (len(self.connections[name]), batch, mem_len, self.num_heads,
+                         self.head_dim)
+                zeros = jnp.zeros(shape, self.anchor_config.compute_dtype)
+                memory[name] = {"key": zeros, "value": zeros}
+        anchor = KVCache.zeros(self.anchor_config, batch, cache_len, start)
+        return ComposedCache(anchor=anchor, augments=augments, memory=memory)
+
+    def end_prompt(self, cache: ComposedCache) -> ComposedCache:
+        """Call after the whole prompt has been fed: with `augment_sees="prompt"` the memory is
+        now complete, so the augmenting caches are dropped and `extend` stops running them.
+        Otherwise the cache is returned unchanged."""
+        if self.config.augment_sees == "prompt":
+            return cache.replace(augments={})
+        return cache
+
+    def extend(self, params: Mapping[str, Any], tokens: Array, cache: ComposedCache, *,
+               logits: str = "last") -> tuple[Array, ComposedCache]:
+        """Appends tokens [batch, T] to both models; returns (logits, cache).
+
+        logits: [batch, vocab] for the last new token (`"last"`) or [batch, T, vocab] (`"all"`).
+        Each augmenting model in `cache.augments` runs on the new tokens (to its deepest
+        connected layer) and its projected states are written into the memory at slots
+        index .. index+T-1; the anchor then runs split at the connection layers as in `apply`,
+        its cross-attention at slot t reading memory slots start[b] .. t.
+        """
+        if logits not in ("last", "all"):
+            raise ValueError(f"logits: expected 'last' or 'all', got {logits!r}")
+        params = nn.unbox(params)
+        t = tokens.shape[1]
+        index, start = cache.anchor.index, cache.anchor.start
+        memories, augments = dict(cache.memory), {}
+        for name, model in self.augments.items():
+            if name not in cache.augments:
+                continue
+            layers = [a for a, _ in self.connections[name]]
+            _, states, augments[name] = model.apply(
+                {"params": params["augments"][name]}, tokens, cache.augments[name],
+                return_states=layers, logits=None, method=Decoder.extend)
+            new = self.bridges[name].apply({"params": params["composition"][name]},
+                                           jnp.stack([states[a] for a in layers]),
+                                           method=Bridge.memory)
+            if self.config.kind == "fusion":
+                memories[name] = new  # position-wise: only the new tokens are read
+            else:
+                zero = jnp.zeros((), jnp.int32)
+                memories[name] = {
+                    k: jax.lax.dynamic_update_slice(
+                        cache.memory[name][k], new[k].astype(cache.memory[name][k].dtype),
+                        (zero, zero, index, zero, zero))
+                    for k in ("key", "value")}
+        mask = None
+        if self.config.kind == "cross_attention":
+            mem_len = next(iter(memories.values()))["key"].shape[2]
+            mask = cache_mask(start, index, t, mem_len)
+
+        anchor_vars = {"params": params["anchor"]}
+        anchor_cache = cache.anchor
+        at_layer: dict[int, list[tuple[str, int]]] = {}
+        for name, pairs in self.connections.items():
+            for i, (_, anchor_layer) in enumerate(pairs):
+                at_layer.setdefault(anchor_layer, []).append((name, i))
+        ctx = make_cache_context(self.anchor_config, anchor_cache, t)
+        h = self.anchor.apply(anchor_vars, tokens, ctx.positions, method=Decoder.embed)
+        done = 0
+        for layer in sorted(at_layer):
+            h, anchor_cache = self.anchor.apply(anchor_vars, h, ctx, anchor_cache, done, layer,
+                                                method=Decoder.run_layers_cached)
+            delta = sum(self.bridges[name].apply({"params": params["composition"][name]},
+                                                 i, h, memories[name], mask)
+                        for name, i in at_layer[layer])
+            h, done = h + delta.astype(h.dtype), layer
+        h, anchor_cache = self.anchor.apply(anchor_vars, h, ctx, anchor_cache, done,
+                                            self.anchor_config.num_layers,
+                                            method=Decoder.run_layers_cached)
+        if logits == "last":
+            h = h[:, -1:]
+        out = self.anchor.apply(anchor_vars, h, method=Decoder.head)
+        if logits == "last":
+            out = out[:, 0]
+        if self.config.kind == "fusion":
+            memories = {}
+        else:
+            memories = {name: {k: nn.with_logical_constraint(v, MEMORY_AXES)
+                               for k, v in mem.items()} for name, mem in memories.items()}
+        anchor_cache = anchor_cache.replace(index=index + t).constrain()
+        return out, ComposedCache(anchor=anchor_cache, augments=augments, memory=memories)

@@ -5,6 +5,10 @@ streams are described by `segment_ids` ([batch, length] int; 0 marks padding, eq
 mark one packed example) and by each token's index in the stream. With no segment ids and no
 sliding window the mask is plain causal and is not materialised (`is_causal=True`), which lets
 cuDNN use its fused causal kernel.
+
+For decoding, `KVCache` holds every layer's keys and values (stacked like the parameters) and
+`CachedSelfAttention` (same parameters as `SelfAttention`) appends to it; see the section at the
+end of this module.
 """
 
 from __future__ import annotations
@@ -138,3 +142,168 @@ class SelfAttention(nn.Module):
         return L.Dense((n, h), (d,), ("heads", "head_dim"), ("embed",), name="out",
                        dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                        use_bias=cfg.use_bias)(out)
+
+
+# Cached decoding ------------------------------------------------------------------------------
+#
+# A KV cache holds the post-RoPE keys and values of every layer, stacked like the parameters:
+# [layers, batch, cache_len, kv_heads, head_dim]. Rows are LEFT-padded: row b's real tokens fill
+# slots start[b] .. index-1, so the next token of every row is written at the same slot `index`
+# and its position in its own sequence is `index - start[b]`. The stack is carried through the
+# scan over layers and each layer writes its slice in place (`lax.dynamic_update_slice`), so a
+# decode step writes O(new tokens) and never copies the cache.
+
+KV_CACHE_AXES = ("layers", "activation_batch", "activation_length", "kv_heads", "head_dim")
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of one decoder, and where its rows stand.
+
+    Attributes:
+      k, v: [layers, batch, cache_len, kv_heads, head_dim], in the compute dtype.
+      start: [batch] int32, first real slot of each row (the number of left pads).
+      index: [] int32, the slot the next token is written to (slots < index are filled).
+    """
+
+    k: Array
+    v: Array
+    start: Array
+    index: Array
+
+    @classmethod
+    def zeros(cls, cfg: TransformerConfig, batch: int, cache_len: int, start: Array | None = None,
+              *, num_layers: int | None = None) -> "KVCache":
+        """An empty cache of `cache_len` slots for `num_layers` (default: all) layers."""
+        num_layers = cfg.num_layers if num_layers is None else num_layers
+        if not 0 < num_layers <= cfg.num_layers:
+            raise ValueError(f"num_layers: expected a value in [1, {cfg.num_layers}], "
+                             f"got {num_layers}")
+        if cache_len <= 0:
+            raise ValueError(f"cache_len: expected a positive integer, got {cache_len}")
+        shape = (num_layers, batch, cache_len, cfg.kv_heads, cfg.dims_per_head)
+        start = jnp.zeros((batch,), jnp.int32) if start is None else start
+        start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (batch,))
+        return cls(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype),
+                   start=start, index=jnp.zeros((), jnp.int32))
+
+    @property
+    def num_layers(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def length(self) -> int:
+        """Number of slots (`cache_len`)."""
+        return self.k.shape[2]
+
+    def constrain(self) -> "KVCache":
+        """Applies the logical sharding `KV_CACHE_AXES` to k and v (a no-op without rules)."""
+        return self.replace(k=nn.with_logical_constraint(self.k, KV_CACHE_AXES),
+                            v=nn.with_logical_constraint(self.v, KV_CACHE_AXES))
+
+
+@struct.dataclass
+class CacheContext:
+    """Inputs shared by every layer when T new tokens are appended to a cache.
+
+    Attributes:
+      index: [] int32, slot of the first new token.
+      positions: [batch, T] int32, each new token's position in its own sequence.
+      mask, local_mask: [batch, 1, T, cache_len] bool (local_mask None without sliding window).
+      rope, rope_local: (sin, cos) [batch, T, head_dim // 2] or None, as in `AttentionContext`.
+    """
+
+    index: Array
+    positions: Array
+    mask: Array
+    local_mask: Array | None
+    rope: tuple[Array, Array] | None
+    rope_local: tuple[Array, Array] | None
+
+
+def cache_mask(start: Array, index: Array, length: int, cache_len: int, *,
+               window: int | None = None) -> Array:
+    """[batch, 1, length, cache_len] mask: query slot index+t reads real slots <= itself.
+
+    `start` [batch] is each row's first real slot; a `window` keeps keys less than `window`
+    slots (= positions) before the query.
+    """
+    b = start.shape[0]
+    q_slots = jnp.broadcast_to(index + jnp.arange(length, dtype=jnp.int32), (b, length))
+    kv_slots = jnp.broadcast_to(jnp.arange(cache_len, dtype=jnp.int32), (b, cache_len))
+    ones_q, ones_kv = jnp.ones((b, length), jnp.int32), jnp.ones((b, cache_len), jnp.int32)
+    return attention_mask(ones_q, ones_kv, q_slots, kv_slots, window=window,
+                          kv_valid=kv_slots >= start[:, None])
+
+
+def make_cache_context(cfg: TransformerConfig, cache: KVCache, length: int) -> CacheContext:
+    """Masks, positions and rotary tables for `length` tokens appended to `cache`."""
+    b = cache.start.shape[0]
+    slots = cache.index + jnp.arange(length, dtype=jnp.int32)
+    # Pad slots (before `start`) get position 0; nothing reads them.
+    positions = jnp.maximum(slots[None, :] - cache.start[:, None], 0).astype(jnp.int32)
+    positions = jnp.broadcast_to(positions, (b, length))
+    mask = cache_mask(cache.start, cache.index, length, cache.length)
+    local_mask = None
+    if cfg.sliding_window is not None:
+        local_mask = cache_mask(cache.start, cache.index, length, cache.length,
+                                window=cfg.sliding_window)
+    rope = rope_local = None
+    if cfg.position == "rope":
+        rope = L.rope_tables(cfg, positions, cfg.rope_theta)
+        if cfg.sliding_window is not None and cfg.rope_local_theta is not None:
+            rope_local = L.rope_tables(cfg, positions, cfg.rope_local_theta)
+    return CacheContext(index=cache.index, positions=positions, mask=mask,
+                        local_mask=local_mask, rope=rope, rope_local=rope_local)
+
+
+class CachedSelfAttention(nn.Module):
+    """`SelfAttention` that appends its keys and values to a stacked KV cache.
+
+    Same parameters (names, shapes, logical axes) as `SelfAttention`, so one parameter tree
+    serves both. Attention always uses the XLA implementation with an explicit mask.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: Array, ctx: CacheContext, is_global: Array, cache: KVCache,
+                 layer: Array) -> tuple[Array, KVCache]:
+        """x [batch, T, embed] -> ([batch, T, embed], cache with layer `layer` updated).
+
+        Writes this layer's keys/values for the T new tokens at slots ctx.index .. +T-1 of
+        cache layer `layer` (a traced int), then attends over the whole layer slice.
+        """
+        cfg = self.config
+        d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dims_per_head
+        common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                      use_bias=cfg.use_bias or cfg.qkv_bias)
+        q = L.Dense((d,), (n, h), ("embed",), ("heads", "head_dim"), name="query", **common)(x)
+        key = L.Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), name="key", **common)(x)
+        val = L.Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), name="value",
+                      **common)(x)
+        if cfg.qk_norm:
+            q = L.make_norm(cfg, "query_norm", axis_name="head_dim")(q)
+            key = L.make_norm(cfg, "key_norm", axis_name="head_dim")(key)
+        if ctx.rope is not None:
+            sin, cos = ctx.rope
+            if ctx.rope_local is not None:
+                sin = jnp.where(is_global, sin, ctx.rope_local[0])
+                cos = jnp.where(is_global, cos, ctx.rope_local[1])
+            q, key = L.apply_rope(q, sin, cos), L.apply_rope(key, sin, cos)
+        zero = jnp.zeros((), jnp.int32)
+        where = (jnp.asarray(layer, jnp.int32), zero, ctx.index, zero, zero)
+        cache_k = jax.lax.dynamic_update_slice(cache.k, key[None].astype(cache.k.dtype), where)
+        cache_v = jax.lax.dynamic_update_slice(cache.v, val[None].astype(cache.v.dtype), where)
+        layer_k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
+        layer_v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
+        mask = ctx.mask
+        if ctx.local_mask is not None:
+            mask = jnp.where(is_global, ctx.mask, ctx.local_mask)
+        scale = cfg.query_scale if cfg.query_scale is not None else h ** -0.5
+        out = attend(q, layer_k.astype(q.dtype), layer_v.astype(q.dtype), mask=mask,
+                     is_causal=False, scale=scale, logit_softcap=cfg.attn_logit_softcap)
+        out = L.Dense((n, h), (d,), ("heads", "head_dim"), ("embed",), name="out",
+                      dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                      use_bias=cfg.use_bias)(out)
+        return out, cache.replace(k=cache_k, v=cache_v)

@@ -6,6 +6,9 @@ The forward is split into `embed` -> `run_layers(start, stop)` -> `head`, which 
 add its cross-attention between two layers of the anchor, and lets `hidden_states` stop after the
 last layer it needs.
 
+Cached decoding (`Decoder.extend`) appends tokens to a stacked `KVCache` with the same pieces:
+`embed` -> `run_layers_cached(start, stop)` -> `head`, scanning the cache alongside the layers.
+
 Layer numbering: 1-indexed, as in the paper. `states[k]` is the residual stream after block k
 (before the final norm); `states[0]` is the embedding output. See `calm_jax.models.config`.
 """
@@ -21,6 +24,8 @@ import flax.linen as nn
 from calm_jax.models.config import TransformerConfig
 from calm_jax.models import layers as L
 from calm_jax.models.attention import AttentionContext, SelfAttention, make_context
+from calm_jax.models.attention import (CacheContext, CachedSelfAttention, KVCache,
+                                       make_cache_context)
 
 Array = jax.Array
 
@@ -48,6 +53,28 @@ class Block(nn.Module):
             m = L.make_norm(cfg, "post_mlp_norm")(m)
         h = h + m.astype(h.dtype)
         return nn.with_logical_constraint(h, L.ACT_BLE), None
+
+
+class CachedBlock(nn.Module):
+    """`Block` over a KV cache: same parameters, attention through `CachedSelfAttention`."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, h: Array, ctx: CacheContext, is_global: Array, cache: KVCache,
+                 layer: Array) -> tuple[Array, KVCache]:
+        """h [batch, T, embed] -> (h, cache with layer `layer` holding the T new keys/values)."""
+        cfg = self.config
+        a, cache = CachedSelfAttention(cfg, name="attn")(
+            L.make_norm(cfg, "attn_norm")(h), ctx, is_global, cache, layer)
+        if cfg.post_norms:
+            a = L.make_norm(cfg, "post_attn_norm")(a)
+        h = h + a.astype(h.dtype)
+        m = L.MLP(cfg, name="mlp")(L.make_norm(cfg, "mlp_norm")(h))
+        if cfg.post_norms:
+            m = L.make_norm(cfg, "post_mlp_norm")(m)
+        h = h + m.astype(h.dtype)
+        return nn.with_logical_constraint(h, L.ACT_BLE), cache
 
 
 def _slice_layers(stacked, start: int, stop: int):
@@ -143,6 +170,66 @@ class Decoder(nn.Module):
         logits = nn.with_logical_constraint(
             logits, ("activation_batch", "activation_length", "activation_vocab"))
         return L.softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
+
+    # Cached decoding ----------------------------------------------------------------------------
+
+    def run_layers_cached(self, h: Array, ctx: CacheContext, cache: KVCache, start: int,
+                          stop: int) -> tuple[Array, KVCache]:
+        """Blocks start+1 .. stop on h [batch, T, embed], appending to `cache`.
+
+        One `lax.scan` over the layers; the stacked cache [layers, ...] is carried and layer l
+        writes its keys/values into cache layer l in place. `cache.index` is not advanced (the
+        caller, e.g. `extend`, does so once all layers have run).
+        """
+        cfg = self.config
+        if not 0 <= start <= stop <= cache.num_layers:
+            raise ValueError(f"layer range: expected 0 <= start <= stop <= {cache.num_layers} "
+                             f"(the cache's layers), got ({start}, {stop})")
+        if self.is_initializing():
+            raise ValueError("run_layers_cached: initialise the Decoder with its __call__")
+        if start == stop:
+            return h, cache
+        params = nn.unbox(self.layers.variables["params"])
+        is_global = jnp.asarray(cfg.layer_is_global())
+        block = CachedBlock(cfg, parent=None)  # unbound: applied to one layer's slice at a time
+
+        def body(carry, layer):
+            h, cache = carry
+            layer_params = jax.tree.map(
+                lambda p: jax.lax.dynamic_index_in_dim(p, layer, 0, keepdims=False), params)
+            h, cache = block.apply({"params": layer_params}, h, ctx, is_global[layer], cache,
+                                   layer)
+            return (h, cache), None
+
+        layers = jnp.arange(start, stop, dtype=jnp.int32)
+        (h, cache), _ = jax.lax.scan(body, (h, cache), layers, unroll=cfg.scan_unroll)
+        return h, cache
+
+    def extend(self, tokens: Array, cache: KVCache, *, return_states: Iterable[int] = (),
+               logits: str | None = "last") -> tuple[Array | None, dict[int, Array], KVCache]:
+        """Appends tokens [batch, T] (left-padded rows, see `KVCache`) to the cache.
+
+        Returns (logits, states, cache): logits [batch, vocab] for the last new token
+        (`logits="last"`), [batch, T, vocab] (`"all"`) or None (`None`: the blocks past the
+        deepest requested state are not run, so the cache may hold only that many layers);
+        states {layer: [batch, T, embed]}; the cache with `index` advanced by T.
+        """
+        cfg = self.config
+        if logits not in ("last", "all", None):
+            raise ValueError(f"logits: expected 'last', 'all' or None, got {logits!r}")
+        layers = validate_layers(cfg, return_states, "return_states")
+        t = tokens.shape[1]
+        ctx = make_cache_context(cfg, cache, t)
+        h = self.embed(tokens, ctx.positions)
+        states, done = {}, 0
+        for layer in layers:
+            h, cache = self.run_layers_cached(h, ctx, cache, done, layer)
+            states[layer], done = h, layer
+        out = None
+        if logits is not None:
+            h, cache = self.run_layers_cached(h, ctx, cache, done, cfg.num_layers)
+            out = self.head(h[:, -1:])[:, 0] if logits == "last" else self.head(h)
+        return out, states, cache.replace(index=cache.index + t).constrain()
 
     # Whole passes -------------------------------------------------------------------------------
 

@@ -1,0 +1,159 @@
+"""Cached decoding throughput: the anchor alone vs the composed model, printed as JSON.
+
+    python bench/decode.py                # the "small" shape (GPU): batch 1, 8, 64
+    python bench/decode.py --tiny         # seconds on CPU (batch 1, 8), to check the script
+
+For each model and batch size: random prompts of `--prompt_len` tokens, `--new_tokens` greedy
+tokens with no early stop (no EOS). `generate_s` is one whole `calm_jax.decoding.generate`
+call (prefill + decode loop, one jitted program), `prefill_s` one `prefill` call on the same
+prompts; the first call of each (compilation) is excluded and reported as `compile_s`, every
+timing is the median of `--repeats` calls ending in `block_until_ready`.
+
+  new_tokens_per_s     = batch * new_tokens / generate_s
+  decode_tokens_per_s  = batch * (new_tokens - 1) / (generate_s - prefill_s)   (decode loop only;
+                         null when timing noise makes the difference non-positive)
+
+Default shape (the issue's "small" setting): anchor d=1024, 12 layers, 16 heads; augmenting
+model d=512, 8 layers, 8 heads (default connections: its layers 4, 8 into anchor layers 6, 12);
+vocabulary 32000; RoPE, GLU (SwiGLU) MLP of 4 d, untied output layer; bfloat16 parameters and
+compute. Weights are random: throughput does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import flax.linen as nn  # noqa: E402
+
+from calm_jax import decoding  # noqa: E402
+from calm_jax.composition import ComposedLM  # noqa: E402
+from calm_jax.models import Decoder, TransformerConfig  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny models, short prompts, float32: runs in seconds on CPU")
+    p.add_argument("--batches", default=None,
+                   help="comma-separated batch sizes (default 1,8,64; 1,8 with --tiny)")
+    p.add_argument("--prompt_len", type=int, default=128)
+    p.add_argument("--new_tokens", type=int, default=128)
+    p.add_argument("--anchor_dim", type=int, default=1024)
+    p.add_argument("--anchor_layers", type=int, default=12)
+    p.add_argument("--anchor_heads", type=int, default=16)
+    p.add_argument("--augment_dim", type=int, default=512)
+    p.add_argument("--augment_layers", type=int, default=8)
+    p.add_argument("--augment_heads", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dtype", default="bfloat16", help="compute and parameter dtype")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.anchor_dim, args.anchor_layers, args.anchor_heads = 64, 2, 4
+        args.augment_dim, args.augment_layers, args.augment_heads = 32, 4, 2
+        args.vocab, args.prompt_len, args.new_tokens, args.dtype = 512, 16, 16, "float32"
+        args.repeats = max(args.repeats, 5)  # cheap; tiny timings are noisy
+        args.batches = args.batches or "1,8"
+    args.batches = args.batches or "1,8,64"
+    for name in ("prompt_len", "new_tokens", "repeats"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
+    try:
+        args.batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches: expected comma-separated integers, got {args.batches!r}")
+    if any(b <= 0 for b in args.batches):
+        p.error(f"--batches: expected positive sizes, got {args.batches}")
+    return args
+
+
+def model_config(d: int, layers: int, heads: int, args) -> TransformerConfig:
+    return TransformerConfig.llama_style(
+        vocab_size=args.vocab, embed_dim=d, num_layers=layers, num_heads=heads, mlp_dim=4 * d,
+        max_len=max(2048, args.prompt_len + args.new_tokens), dtype=args.dtype,
+        param_dtype=args.dtype)
+
+
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """(seconds of the first call, median seconds of `repeats` later calls)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def measure(name: str, model, params, batch: int, args) -> dict:
+    rng = np.random.default_rng(batch)
+    prompts = rng.integers(3, args.vocab, (batch, args.prompt_len), dtype=np.int32)
+    lengths = np.full((batch,), args.prompt_len, np.int32)
+    n = args.new_tokens
+
+    def run_generate():
+        return decoding.generate(model, params, prompts, lengths=lengths, max_new_tokens=n)
+
+    def run_prefill():
+        return decoding.prefill(model, params, prompts, lengths,
+                                cache_len=args.prompt_len + n)
+
+    compile_s, generate_s = timed(run_generate, args.repeats)
+    _, prefill_s = timed(run_prefill, args.repeats)
+    decode_s = generate_s - prefill_s  # not positive when timer noise exceeds the decode time
+    return {
+        "model": name, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": n,
+        "compile_s": round(compile_s, 3), "generate_s": round(generate_s, 5),
+        "prefill_s": round(prefill_s, 5),
+        "new_tokens_per_s": round(batch * n / generate_s, 1),
+        "decode_tokens_per_s": (round(batch * (n - 1) / decode_s, 1)
+                                if n > 1 and decode_s > 0 else None),
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    anchor_cfg = model_config(args.anchor_dim, args.anchor_layers, args.anchor_heads, args)
+    augment_cfg = model_config(args.augment_dim, args.augment_layers, args.augment_heads, args)
+    composed = ComposedLM(anchor_cfg, {"augment": augment_cfg})
+    params = jax.jit(lambda key: nn.unbox(composed.init(key)))(jax.random.key(0))
+    anchor = Decoder(anchor_cfg)
+    results = []
+    for batch in args.batches:
+        results.append(measure("anchor", anchor, params["anchor"], batch, args))
+        results.append(measure("composed", composed, params, batch, args))
+    report = {
+        "bench": "decode",
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "dtype": args.dtype,
+        "anchor": {"embed_dim": anchor_cfg.embed_dim, "num_layers": anchor_cfg.num_layers,
+                   "num_heads": anchor_cfg.num_heads, "mlp_dim": anchor_cfg.mlp_dim,
+                   "params": anchor_cfg.num_params()},
+        "augment": {"embed_dim": augment_cfg.embed_dim, "num_layers": augment_cfg.num_layers,
+                    "num_heads": augment_cfg.num_heads, "mlp_dim": augment_cfg.mlp_dim,
+                    "params": augment_cfg.num_params()},
+        "vocab_size": args.vocab,
+        "connections": {k: [f"augment {a} -> anchor {b}" for a, b in v]
+                        for k, v in composed.connections.items()},
+        "composition_params": composed.num_composition_params(),
+        "results": results,
+    }
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

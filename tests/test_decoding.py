@@ -1,0 +1,330 @@
+"""Cached decoding: at every step the cached logits equal the uncached forward of the same prefix
+(Llama-, GPT-2- and Gemma-style models; composed models in both `augment_sees` modes and the
+fusion kind; ragged batches), greedy equals an uncached loop, cache layout, EOS, sampling, a
+decode program that does not grow with depth, and errors.
+
+Parameters are drawn with numpy (`random_params`) rather than a jitted flax init: compiling the
+init programs would cost more CPU time than the tests themselves.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+import pytest
+
+from calm_jax import decoding
+from calm_jax.composition import ComposedLM, CompositionConfig
+from calm_jax.decoding import SamplingConfig, decode_step, generate, pad_prompts, prefill
+from calm_jax.models import Decoder, TransformerConfig, init_decoder
+
+VOCAB = 384
+FAMILIES = {
+    "gpt2": TransformerConfig.gpt2_style(vocab_size=VOCAB, embed_dim=32, num_layers=2,
+                                         num_heads=4, mlp_dim=64, max_len=64),
+    "llama": TransformerConfig.llama_style(vocab_size=VOCAB, embed_dim=32, num_layers=3,
+                                           num_heads=4, num_kv_heads=2, mlp_dim=64,
+                                           qkv_bias=True),
+    "gemma": TransformerConfig.gemma_style(
+        vocab_size=VOCAB, embed_dim=32, num_layers=4, num_heads=4, num_kv_heads=1, head_dim=16,
+        mlp_dim=64, qk_norm=True, post_norms=True, sliding_window=3, global_every=2,
+        rope_theta=1e6, rope_local_theta=1e4, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+        query_scale=0.25),
+}
+# A Gemma-style anchor (sliding window, soft-caps, QK-norm) reading a GPT-2-style augment
+# (learned positions; 8 layers: two connections) and a Llama-style one (GQA; one connection,
+# into the same anchor layer as the GPT-2 augment's second).
+ANCHOR = FAMILIES["gemma"].replace(embed_dim=64, num_heads=4, num_kv_heads=2, mlp_dim=128)
+AUGMENTS = {
+    "kv": TransformerConfig.gpt2_style(vocab_size=VOCAB, embed_dim=32, num_layers=8,
+                                       num_heads=2, mlp_dim=64, max_len=64),
+    "code": TransformerConfig.tiny(vocab_size=VOCAB, embed_dim=48, num_layers=4, num_heads=3,
+                                   num_kv_heads=1),
+}
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15, 16, 17, 18]]  # ragged: lengths 5, 2, 7
+STEPS = 6
+
+
+def random_params(init, seed=0):
+    """Parameters shaped like `init()`'s, drawn with numpy: N(0, 1/fan_in) weights (fan_in: the
+    axes between a stacked `layers`/`connections` axis and the last one), norm scales near 1,
+    small biases. Unlike a jitted flax init, there is no init program to compile."""
+    abstract = jax.eval_shape(init)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        names = [str(getattr(k, "key", "")) for k in path]
+        noise = rng.standard_normal(leaf.shape)
+        if names[-1] == "scale" or names[-1].endswith("_norm"):
+            value = 1.0 + 0.1 * noise
+        elif names[-1].endswith("bias"):
+            value = 0.02 * noise
+        elif names[-1] == "embedding":
+            value = 0.1 * noise
+        else:
+            lead = 1 if "layers" in names or names[0] == "composition" else 0
+            value = noise / np.sqrt(max(np.prod(leaf.shape[lead:-1]), 1))
+        return jnp.asarray(value, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+@functools.lru_cache(maxsize=None)
+def plain(family):
+    cfg = FAMILIES[family]
+    return Decoder(cfg), random_params(
+        lambda: nn.unbox(init_decoder(cfg, jax.random.key(0)))["params"])
+
+
+@functools.lru_cache(maxsize=None)
+def composed(augment_sees="all", kind="cross_attention"):
+    """"all": the Gemma-style ANCHOR with both AUGMENTS; the other modes (cheaper to compile) a
+    Llama-style anchor with the Llama-style augment only. Every composition parameter is random,
+    the output projections included (they start at zero in `ComposedLM.init`), so the
+    cross-attention (or fusion) changes the logits."""
+    if (augment_sees, kind) == ("all", "cross_attention"):
+        anchor, augments = ANCHOR, AUGMENTS
+    else:
+        anchor, augments = TransformerConfig.tiny(vocab_size=VOCAB), {"code": AUGMENTS["code"]}
+    model = ComposedLM(anchor, augments, CompositionConfig(kind=kind, augment_sees=augment_sees))
+    return model, random_params(lambda: nn.unbox(model.init(jax.random.key(0))))
+
+
+def build(which):
+    return plain(which) if which in FAMILIES else composed(*which.split(":"))
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def full_logits(model, params, tokens, segment_ids, prompt_mask):
+    """The uncached forward of right-padded rows [batch, length] (segment 0 = padding)."""
+    if isinstance(model, ComposedLM):
+        return model.apply(params, tokens, segment_ids=segment_ids, prompt_mask=prompt_mask)
+    return model.apply({"params": params}, tokens, segment_ids=segment_ids)[0]
+
+
+def right_padded(prompts, continuations, width):
+    """Rows prompt + continuation, right-padded to width: tokens, segment ids, prompt mask."""
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for b, (p, c) in enumerate(zip(prompts, continuations)):
+        tokens[b, :len(p) + len(c)] = list(p) + list(c)
+    lengths = np.array([len(p) + len(c) for p, c in zip(prompts, continuations)])
+    prompt_lengths = np.array([len(p) for p in prompts])
+    cols = np.arange(width)[None, :]
+    return (tokens, (cols < lengths[:, None]).astype(np.int32),
+            cols < prompt_lengths[:, None])
+
+
+def reference_step_logits(model, params, prompts, fed):
+    """Full-forward logits after each prefix prompt + fed[:, :i], i = 0..steps-1 (causality
+    makes one forward of the longest sequence give them all): [steps, batch, vocab]."""
+    width = max(map(len, prompts)) + fed.shape[1]
+    tokens, seg, prompt_mask = right_padded(prompts, fed, width)
+    logits = np.asarray(full_logits(model, params, tokens, seg, prompt_mask))
+    return np.stack([np.stack([logits[b, len(p) - 1 + i] for b, p in enumerate(prompts)])
+                     for i in range(fed.shape[1] + 1)])
+
+
+def uncached_greedy(model, params, prompts, steps):
+    """Greedy decoding that re-runs the full forward every step (fixed shapes, one compile)."""
+    width = max(map(len, prompts)) + steps - 1  # the last token is never fed back
+    generated = [[] for _ in prompts]
+    for _ in range(steps):
+        tokens, seg, prompt_mask = right_padded(prompts, generated, width)
+        logits = np.asarray(full_logits(model, params, tokens, seg, prompt_mask))
+        for b, p in enumerate(prompts):
+            generated[b].append(int(np.argmax(logits[b, len(p) + len(generated[b]) - 1])))
+    return np.array(generated)
+
+
+def assert_logits_close(got, want):
+    scale = max(1.0, float(np.abs(want).max()))  # fp32 agreement relative to the logits' size
+    np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama", "gemma", "all", "prompt", "all:fusion"])
+def test_cached_logits_equal_full_forward_and_greedy_equals_uncached(which):
+    """Ragged greedy generation: the logits of every step equal the uncached forward of the
+    same prefix, and the tokens equal an uncached greedy loop's."""
+    model, params = build(which)
+    result = generate(model, params, PROMPTS, max_new_tokens=STEPS, return_logits=True)
+    tokens = np.asarray(result.tokens)
+    want = reference_step_logits(model, params, PROMPTS, tokens[:, :-1])
+    assert_logits_close(np.swapaxes(np.asarray(result.logits), 0, 1), want)
+    np.testing.assert_array_equal(tokens, uncached_greedy(model, params, PROMPTS, STEPS))
+    np.testing.assert_array_equal(result.lengths, [STEPS] * 3)
+    if which not in FAMILIES:  # guard: the composition does change the logits checked above
+        zero = jax.tree.map(lambda x: x, params)
+        for name in zero["composition"]:
+            zero["composition"][name]["out"] = jnp.zeros_like(zero["composition"][name]["out"])
+        assert not np.allclose(reference_step_logits(model, zero, PROMPTS, tokens[:, :-1]),
+                               want, atol=1e-3)
+
+
+def test_prefill_and_decode_steps_equal_full_forward_on_given_tokens():
+    """The low-level API, teacher-forced with arbitrary tokens (not the model's own)."""
+    model, params = plain("gemma")
+    tokens, lengths = pad_prompts(PROMPTS)
+    fed = np.asarray(jax.random.randint(jax.random.key(3), (3, STEPS - 1), 3, VOCAB))
+    logits, cache = prefill(model, params, tokens, lengths, cache_len=7 + STEPS)
+    got = [logits]
+    for i in range(STEPS - 1):
+        logits, cache = decode_step(model, params, cache, jnp.asarray(fed[:, i]))
+        got.append(logits)
+    assert_logits_close(np.stack(got), reference_step_logits(model, params, PROMPTS, fed))
+    cfg = FAMILIES["gemma"]  # the cache is stacked like the layers
+    assert cache.k.shape == (cfg.num_layers, 3, 7 + STEPS, cfg.kv_heads, cfg.dims_per_head)
+    np.testing.assert_array_equal(cache.start, [2, 5, 0])
+    assert int(cache.index) == 7 + STEPS - 1
+
+
+@pytest.mark.parametrize("augment_sees", ["all", "prompt"])
+def test_composed_cache_layout(augment_sees):
+    model, params = composed(augment_sees)
+    tokens, lengths = pad_prompts(PROMPTS)
+    run = functools.partial(prefill, model, cache_len=12)
+    _, cache = jax.eval_shape(run, params, tokens, lengths)
+    cfg = model.anchor_config
+    assert cache.anchor.k.shape == (cfg.num_layers, 3, 12, cfg.kv_heads, cfg.dims_per_head)
+    if augment_sees == "all":  # augmenting caches stop at the deepest connected layer
+        assert {n: c.k.shape[0] for n, c in cache.augments.items()} == {"kv": 8, "code": 4}
+        assert cache.memory["kv"]["key"].shape == (2, 3, 12, 4, 16)  # [n, batch, slots, ...]
+        assert cache.memory["code"]["value"].shape == (1, 3, 12, 4, 16)
+    else:  # the memory covers the prompt and is fixed: no augmenting model runs any more
+        assert cache.augments == {}
+        assert cache.memory["code"]["key"].shape == (1, 3, 7, 4, 16)
+
+
+def test_right_padded_array_prompts_equal_token_lists():
+    model, params = plain("llama")
+    right = np.zeros((3, 7), np.int32)
+    for b, p in enumerate(PROMPTS):
+        right[b, :len(p)] = p
+    by_list = generate(model, params, PROMPTS, max_new_tokens=STEPS)
+    by_array = generate(model, {"params": params}, right, lengths=[5, 2, 7],
+                        max_new_tokens=STEPS)
+    np.testing.assert_array_equal(by_list.tokens, by_array.tokens)
+
+
+def test_eos_stops_each_row_and_pads_the_rest():
+    model, params = plain("llama")
+    free = np.asarray(generate(model, params, PROMPTS, max_new_tokens=STEPS).tokens)
+    eos, pad = int(free[0, 2]), 1
+    result = generate(model, params, PROMPTS, max_new_tokens=STEPS, eos_id=eos, pad_id=pad)
+    tokens, lengths = np.asarray(result.tokens), np.asarray(result.lengths)
+    assert lengths[0] <= 3
+    for b in range(3):
+        hits = np.flatnonzero(free[b] == eos)
+        n = hits[0] + 1 if hits.size else STEPS
+        assert lengths[b] == n
+        np.testing.assert_array_equal(tokens[b, :n], free[b, :n])
+        assert np.all(tokens[b, n:] == pad)
+
+
+def test_sampling_is_seeded():
+    model, params = plain("llama")
+    hot = SamplingConfig(temperature=1.0)
+    run = functools.partial(generate, model, params, PROMPTS, max_new_tokens=STEPS, sampling=hot)
+    a, b = run(rng=jax.random.key(1)), run(rng=jax.random.key(1))
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, run(rng=jax.random.key(2)).tokens)
+
+
+sample_tokens = jax.jit(decoding.sample_tokens, static_argnames="sampling")
+
+
+def test_top_k_1_is_greedy():
+    logits = np.random.default_rng(0).standard_normal((64, VOCAB)).astype(np.float32)
+    top1 = sample_tokens(logits, jax.random.key(1), SamplingConfig(temperature=1.5, top_k=1))
+    np.testing.assert_array_equal(top1, np.argmax(logits, axis=-1))
+
+
+@pytest.mark.parametrize("sampling,allowed", [
+    (SamplingConfig(temperature=1.0, top_k=3), {0, 1, 2}),
+    (SamplingConfig(temperature=1.0, top_p=0.7), {0, 1}),
+    (SamplingConfig(temperature=1.0, top_p=0.85), {0, 1, 2}),
+    (SamplingConfig(temperature=1.0, top_k=2, top_p=0.99), {0, 1}),
+    (SamplingConfig(temperature=1e-3), {0}),
+    (SamplingConfig(temperature=1.0), {0, 1, 2, 3, 4}),
+])
+def test_sampling_restricts_to_allowed_tokens(sampling, allowed):
+    probs = np.array([0.5, 0.3, 0.15, 0.04, 0.01])
+    logits = np.log(np.tile(probs[[2, 0, 4, 1, 3]], (2000, 1))).astype(np.float32)
+    order = np.array([2, 0, 4, 1, 3])  # token id of the i-th most likely entry
+    drawn = set(np.asarray(sample_tokens(logits, jax.random.key(0), sampling)).tolist())
+    assert drawn == {int(np.flatnonzero(order == r)[0]) for r in allowed}
+
+
+def test_decode_step_compiles_to_the_same_program_at_any_depth():
+    def program(num_layers):
+        cfg = FAMILIES["gemma"].replace(num_layers=num_layers)
+        model = Decoder(cfg)
+        params = jax.eval_shape(lambda: nn.unbox(init_decoder(cfg, jax.random.key(0))))
+        cache = jax.eval_shape(lambda: decoding.KVCache.zeros(cfg, 2, 16))
+        step = lambda p, c, t: decoding._extend(model, p["params"], t, c)  # noqa: E731
+        return str(jax.make_jaxpr(step)(params, cache, jax.ShapeDtypeStruct((2, 1), jnp.int32)))
+
+    shallow, deep = program(2), program(12)
+    assert "length=12" in deep and shallow.count("\n") == deep.count("\n")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_new_tokens=0), r"max_new_tokens: expected a positive integer, got 0"),
+    (dict(max_new_tokens=2.5), r"max_new_tokens: expected a positive integer, got 2.5"),
+    (dict(max_new_tokens=60),
+     r"max_new_tokens: expected at most model.max_len - prompt_len = 64 - 7 = 57 .*got 60"),
+    (dict(prompts=[list(range(3, 70))]), r"prompts: expected prompt_len <= model.max_len=64, "
+                                         r"got prompt_len=67"),
+    (dict(prompts=[]), r"prompts: expected at least one prompt, got an empty list"),
+    (dict(prompts=[[5, 6], []]), r"lengths: expected every prompt length in \[1, "
+                                 r"prompt_len=2\], got \[0\] for rows \[1\]"),
+    (dict(prompts=np.ones((2, 4), np.int32), lengths=[4, 5]),
+     r"lengths: expected every prompt length in \[1, prompt_len=4\], got \[5\]"),
+    (dict(prompts=np.ones((2, 4), np.int32), lengths=[4]),
+     r"lengths: expected an integer array of shape \(2,\)"),
+    (dict(prompts=[[5, VOCAB]]), rf"prompts: expected token ids in \[0, {VOCAB}\), "
+                                 rf"got ids in \[5, {VOCAB}\]"),
+    (dict(eos_id=VOCAB), rf"eos_id: expected None or an integer in \[0, {VOCAB}\), "
+                         rf"got {VOCAB}"),
+    (dict(pad_id=-1), rf"pad_id: expected an integer in \[0, {VOCAB}\), got -1"),
+    (dict(sampling=SamplingConfig(temperature=1.0)),
+     r"rng: expected a jax.random.key when sampling.temperature > 0, got None"),
+    (dict(sampling=SamplingConfig(top_k=VOCAB + 1)),
+     rf"sampling.top_k: expected at most vocab_size={VOCAB}, got {VOCAB + 1}"),
+])
+def test_bad_generate_arguments_raise_naming_them(kwargs, message):
+    model, params = plain("gpt2")
+    kwargs = {"prompts": PROMPTS, "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate(model, params, kwargs.pop("prompts"), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=-1.0), r"sampling.temperature: expected a float >= 0 .*got -1.0"),
+    (dict(top_k=-2), r"sampling.top_k: expected an integer >= 0 .*got -2"),
+    (dict(top_p=0.0), r"sampling.top_p: expected a float in \(0, 1\] .*got 0.0"),
+    (dict(top_p=1.5), r"sampling.top_p: expected a float in \(0, 1\] .*got 1.5"),
+])
+def test_bad_sampling_config_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**kwargs)
+
+
+def test_bad_prefill_and_cache_arguments_raise():
+    model, params = plain("gpt2")
+    tokens, lengths = pad_prompts(PROMPTS)
+    with pytest.raises(ValueError, match=r"cache_len: expected prompt_len=7 <= cache_len <= "
+                                         r"model.max_len=64, got 65"):
+        prefill(model, params, tokens, lengths, cache_len=65)
+    with pytest.raises(ValueError, match=r"cache_len: expected prompt_len=7 <= cache_len"
+                                         r".*got 5"):
+        prefill(model, params, tokens, lengths, cache_len=5)
+    with pytest.raises(ValueError, match=r"model: expected a calm_jax Decoder or ComposedLM, "
+                                         r"got str"):
+        generate("gpt2", params, PROMPTS, max_new_tokens=2)
+    prompt_model, _ = composed("prompt")
+    with pytest.raises(ValueError, match=r"prompt_len: expected an integer in \[1, "
+                                         r"cache_len=8\] with composition.augment_sees="
+                                         r"'prompt', got None"):
+        prompt_model.init_cache(2, 8)
