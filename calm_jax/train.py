@@ -1,5 +1,8 @@
 r"""Command line: `python -m calm_jax.train --gin_file=FILE [--gin_file=...] [--gin.KEY=VALUE ...]`.
 
+Multi-process runs add `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or
+take them from the environment, SLURM or the TPU runtime; see `calm_jax.distributed`).
+
 As in t5x: gin files configure the keyword-only `calm_jax.trainer.train` (through
 `from __gin__ import dynamic_registration`, so the library carries no gin decorators);
 `--gin.KEY=VALUE` adds bindings after the files (string values need quotes:
@@ -59,18 +62,23 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
 def run(argv: Sequence[str]) -> dict:
     """Parses gin files/bindings from argv and runs the configured `train()`."""
     import gin
+    import jax
+    from calm_jax import distributed
     from calm_jax import trainer
 
     files, bindings, rest = split_args(argv)
+    dist_flags, rest = distributed.split_flags(rest)
     if rest:
-        raise ValueError(f"arguments: expected only --gin_file and --gin.KEY=VALUE, got {rest}")
+        raise ValueError(f"arguments: expected only --gin_file, --gin.KEY=VALUE and the "
+                         f"multi-process flags {sorted(distributed.FLAGS)}, got {rest}")
+    distributed.initialize(**dist_flags)  # before anything touches a device
     if not files:
         raise ValueError("--gin_file: expected at least one gin file, got none")
     parse_gin(files, bindings)
     configured = gin.get_configurable(trainer.train)
     result = configured()
     model_dir = result.get("model_dir")
-    if model_dir:
+    if model_dir and jax.process_index() == 0:  # one writer per job
         with open(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin.config_str())
     return result
@@ -78,7 +86,7 @@ def run(argv: Sequence[str]) -> dict:
 
 def console_main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S")
+                        datefmt="%H:%M:%S", force=True)
     logging.getLogger("calm_jax").setLevel(logging.INFO)
     try:
         run(sys.argv[1:])

@@ -33,6 +33,7 @@ import flax.linen as nn
 
 from calm_jax import checkpoints as ckpt
 from calm_jax import data as data_lib
+from calm_jax import distributed
 from calm_jax import lora as lora_lib
 from calm_jax import metrics as metrics_lib
 from calm_jax import partitioning as part
@@ -261,18 +262,33 @@ def _peak_flops(override: float | None) -> float | None:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after every step."""
+    """Turns SIGTERM into a flag the loop checks after every step.
+
+    With several processes the stop must happen at the same step everywhere (the checkpoint
+    save is collective), so the handler is left to JAX's preemption service, which spreads a
+    SIGTERM seen by any process and agrees on a step (`should_stop`).
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._multi_process = jax.process_count() > 1
 
     def __enter__(self):
+        if self._multi_process:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no handler
             self._previous = None
         return self
+
+    def should_stop(self, step: int) -> bool:
+        if self._multi_process:
+            from jax.experimental import multihost_utils
+            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(
+                step)
+        return self.requested
 
     def _handle(self, signum, frame):
         log.warning("SIGTERM: saving a checkpoint and stopping")
@@ -295,7 +311,10 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
           eval_every: int = 0, eval_batches: int = 4, log_every: int = 10,
           seed: int = 0, peak_flops: float | None = None,
           stop_after: int | None = None) -> dict[str, Any]:
-    """Trains in `mode` for `num_steps` steps; returns {'state', 'history', 'stopped_early'}.
+    """Trains in `mode` for `num_steps` steps.
+
+    Returns {'state', 'frozen' (the frozen trees as used), 'history', 'stopped_early',
+    'model_dir'}.
 
     `history` is a list of (step, metrics) for logged steps and evaluations. `stop_after` ends
     this invocation (with a checkpoint) after that many steps, as a preemption would; the
@@ -320,6 +339,9 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
             raise ValueError(f"{field}.batch_size: expected a multiple of the data-parallel size "
                              f"{dp} x grad_accum_steps {optimizer.grad_accum_steps}, "
                              f"got {ds.batch_size}")
+        if ds is not None:  # each process feeds its own rows
+            distributed.check_process_batch_layout(part.batch_sharding(mesh), ds.batch_size,
+                                                   field)
     rng_setup, rng_init = jax.random.split(jax.random.key(seed))
     source = data_lib.make_source(dataset)
     eval_source = data_lib.make_source(eval_dataset) if eval_dataset is not None else None
@@ -421,8 +443,8 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
                     history.append((step, ev))
                     log.info("step %d eval loss %.4f acc %.3f", step, ev["eval/loss"],
                              ev["eval/accuracy"])
-                stop = preemption.requested or (stop_after is not None
-                                                and step - start >= stop_after)
+                stop = preemption.should_stop(step) or (
+                    stop_after is not None and step - start >= stop_after)
                 checkpointer.save(step, state, {**meta, "data_position": step},
                                   force=step == num_steps or stop)
                 if stop and step < num_steps:
@@ -432,11 +454,20 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
         writer.close()
         if s.export_config is not None and not stopped_early:
             export = os.path.join(model_dir, "export")  # every process joins orbax's save
-            if not os.path.exists(os.path.join(export, ckpt.CONFIG_FILE)):
+            if not _agreed(os.path.exists(os.path.join(export, ckpt.CONFIG_FILE))):
                 ckpt.save_model(export, s.export_config, state["params"])
         log.info("done: %d steps in %s", step - start, _hms(time.time() - t_start))
-    return {"state": state, "history": history, "stopped_early": stopped_early,
-            "model_dir": model_dir}
+    return {"state": state, "frozen": s.frozen, "history": history,
+            "stopped_early": stopped_early, "model_dir": model_dir}
+
+
+def _agreed(flag: bool) -> bool:
+    """Process 0's value of `flag` on every process (a lone process's own value)."""
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
 def _check_frozen(stored: Mapping[str, str], current: Mapping[str, str], where: str) -> None:

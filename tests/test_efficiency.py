@@ -1,0 +1,197 @@
+"""Efficiency of the composed training step, read from the compiled program (never timings).
+
+The tiny shape of `bench/train_step.py` (anchor 4 layers, augmenting model 8 layers, connections
+augment 4 -> anchor 2 and 8 -> 4) is compiled twice, as a CALM step and as a full fine-tune step
+of the anchor, with the layer scans unrolled so that XLA's cost analysis counts every layer.
+Also: `calm_jax.losses.chunked_cross_entropy` equals `cross_entropy`.
+"""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from calm_jax.composition import ComposedLM
+from calm_jax.losses import chunked_cross_entropy, cross_entropy
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                     "train_step.py")
+_spec = importlib.util.spec_from_file_location("bench_train_step", _PATH)
+ts = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ts)
+
+
+@pytest.fixture(scope="module")
+def evidence():
+    return ts.hlo_evidence("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    anchor, augment = ts.model_configs("tiny")
+    return anchor, augment, ComposedLM(anchor, {"augment": augment})
+
+
+def test_parameter_counts_follow_the_documented_convention():
+    assert ts.check_issue_params("small") == {"anchor": 234_120_192, "augment": 49_947_136}
+    assert ts.check_issue_params("large") == {"anchor": 1_474_922_496, "augment": 435_471_360}
+    # The issue's numbers exceed ours by exactly 9 d per layer (GLU biases 4d + 4d + d).
+    for shape, (issue_anchor, issue_augment) in ts.ISSUE_PARAMS.items():
+        anchor, augment = ts.model_configs(shape)
+        for cfg, issue in ((anchor, issue_anchor), (augment, issue_augment)):
+            surplus = issue - cfg.num_params(include_embedding=False)
+            assert surplus == 9 * cfg.embed_dim * cfg.num_layers
+
+
+def test_composed_step_computes_clearly_less_than_full_finetune(evidence):
+    assert evidence["compose_over_finetune_flops"] < 0.85
+
+
+def test_composed_flops_near_the_estimates(evidence):
+    compose, finetune = evidence["compose"], evidence["finetune"]
+    # The trainer's (2 N_aug + 4 N_anchor + 6 N_comp) x tokens, generously (attention, loss,
+    # optimizer and elementwise work are not in it; the augmenting output layer is).
+    assert 0.75 < compose["hlo_over_trainer"] < 1.35
+    # The tighter count (backward only above the first connection) leaves room for attention
+    # and elementwise work, but not for frozen weight gradients (+~25% here) nor a backward
+    # through the augmenting model or the lower anchor layers.
+    assert 1.0 <= compose["hlo_over_expected"] < 1.3
+    assert 1.0 <= finetune["hlo_over_expected"] < 1.3
+
+
+def test_no_frozen_kernel_shaped_weight_gradient_in_the_compiled_step(evidence, tiny):
+    compose = evidence["compose"]["frozen_kernel_grad_dots"]
+    finetune = evidence["finetune"]["frozen_kernel_grad_dots"]
+    assert compose["uncheckable"] == [] and compose["checked_forms"] > 0
+    assert compose["count"] == 0, compose["examples"]
+    # Positive control: trained, the anchor's kernels do get weight-gradient products
+    # (q, k, v, out, gate, up, down per layer, and the output layer).
+    anchor = tiny[0]
+    assert finetune["count"] >= 7 * anchor.num_layers + 1
+
+
+def test_optimizer_state_holds_only_composition_leaves(evidence, tiny):
+    compose = evidence["compose"]
+    n_comp = tiny[2].num_composition_params()
+    assert compose["trained_params"] == n_comp
+    assert compose["opt_state_shapes"] == compose["trained_shapes"]
+    assert compose["opt_state_elements"] == 2 * n_comp  # adam's two moments, nothing frozen
+    assert all(shape[0] == len(tiny[2].connections["augment"])
+               for shape in compose["trained_shapes"])
+
+
+def test_augmenting_forward_and_lower_anchor_layers_keep_no_activations(evidence, tiny):
+    anchor, augment, composed = tiny
+    n = len(composed.connections["augment"])
+    first = min(b for _, b in composed.connections["augment"])
+    residuals = evidence["compose"]["residuals"]
+    assert residuals
+    # Nothing with the augmenting model's inner widths; its width only in the connections'
+    # inputs: the stacked states [n, batch, length, d_aug] and the projection [n, d_aug, D].
+    _, _, _, batch, length = ts.SHAPES["tiny"]
+    for shape, _, _, where in residuals:
+        assert augment.mlp_dim not in shape, where
+        if augment.embed_dim in shape:
+            assert shape in {(n, batch, length, augment.embed_dim),
+                             (n, augment.embed_dim, anchor.embed_dim)}, (shape, where)
+    # The anchor's stacked per-layer residuals cover only the layers above the first
+    # connection; fine-tuning keeps them for every layer.
+    def scan_layers(mode):
+        return {shape[0] for shape, _, _, where in evidence[mode]["residuals"]
+                if "run_layers" in where and len(shape) >= 3}
+
+    assert scan_layers("compose") == {anchor.num_layers - first}
+    assert scan_layers("finetune") == {anchor.num_layers}
+    assert evidence["compose"]["residual_bytes"] < evidence["finetune"]["residual_bytes"]
+
+
+@pytest.mark.parametrize("mode", ["compose", "finetune"])
+def test_state_is_donated_and_steps_compile_once(evidence, mode):
+    rec = evidence[mode]
+    assert rec["state_donated"]
+    assert rec["compilations"] == 1
+    assert np.isfinite(rec["loss"])
+
+
+def test_dot_parser_reads_cpu_and_gpu_hlo():
+    text = "\n".join([
+        "  %dot.4 = f32[64,512]{1,0} dot(%a, %b), lhs_contracting_dims={0}",
+        "  ROOT %dot_general.1 = bf16[2,40,64]{2,1,0} dot(%c, %d), lhs_contracting_dims={2}",
+        '  %cublas-gemm.1 = (bf16[512,64]{1,0}, s8[4194304]{0}) custom-call(%x, %y), '
+        'custom_call_target="__cublas$gemm", backend_config={}',
+        '  %cc = f32[8]{0} custom-call(%z), custom_call_target="Sharding"',
+        "  %fusion.3 = f32[64,512]{1,0} fusion(%p), kind=kLoop, calls=%fused_dot",
+    ])
+    assert ts.dot_output_shapes(text) == [(64, 512), (2, 40, 64), (512, 64)]
+    found = ts.frozen_kernel_grad_dots(text, {(64, 512)}, set(), (40, 80))
+    assert found["count"] == 2  # [64, 512] and its transpose; the activation is skipped
+
+
+# chunked_cross_entropy -----------------------------------------------------------------------
+
+
+def _head_problem(length=11, vocab=37, embed=8, batch=3):
+    keys = jax.random.split(jax.random.key(0), 4)
+    h = jax.random.normal(keys[0], (batch, length, embed))
+    w = jax.random.normal(keys[1], (embed, vocab)) / np.sqrt(embed)
+    targets = jax.random.randint(keys[2], (batch, length), 0, vocab)
+    weights = (jax.random.uniform(keys[3], (batch, length)) > 0.3).astype(jnp.float32)
+    return h, w, targets, weights
+
+
+@pytest.mark.parametrize("chunk", [4, 11, 64])  # padded (11 = 3 x 4 - 1), exact, longer
+def test_chunked_cross_entropy_equals_cross_entropy(chunk):
+    h, w, targets, weights = _head_problem()
+
+    def full(h, w):
+        return cross_entropy(jnp.tanh(h) @ w, targets, weights)
+
+    def chunked(h, w):
+        return chunked_cross_entropy(h, lambda x: jnp.tanh(x) @ w, targets, weights,
+                                     chunk=chunk)
+
+    @jax.jit
+    def values_and_grads(h, w):
+        grads = [jax.grad(lambda h, w: fn(h, w)["loss"], argnums=(0, 1))(h, w)
+                 for fn in (full, chunked)]
+        return full(h, w), chunked(h, w), grads
+
+    want, got, (grad_want, grad_got) = values_and_grads(h, w)
+    for key in ("loss", "loss_sum", "weight_sum", "correct_sum"):
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
+    for g, e in zip(grad_got, grad_want):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_cross_entropy_never_holds_all_logits():
+    h, w, targets, _ = _head_problem(length=64, vocab=97)
+
+    def loss(h, w):
+        return chunked_cross_entropy(h, lambda x: x @ w, targets, chunk=8)["loss"]
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(h, w)
+    shapes = set()
+
+    def walk(jpr):
+        jpr = getattr(jpr, "jaxpr", jpr)  # ClosedJaxpr -> Jaxpr
+        for eqn in jpr.eqns:
+            shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        walk(sub)
+
+    walk(jaxpr.jaxpr)
+    vocab_shapes = {s for s in shapes if 97 in s}
+    assert vocab_shapes and all(np.prod(s) <= 3 * 8 * 97 for s in vocab_shapes), vocab_shapes
+
+
+def test_chunked_cross_entropy_rejects_bad_input():
+    h, w, targets, _ = _head_problem()
+    with pytest.raises(ValueError, match="chunk: expected a positive integer"):
+        chunked_cross_entropy(h, lambda x: x @ w, targets, chunk=0)
+    with pytest.raises(ValueError, match="h: expected"):
+        chunked_cross_entropy(h[:, :5], lambda x: x @ w, targets, chunk=4)
