@@ -11,6 +11,7 @@ CORE = [
     "clu>=0.0.12",
     "absl-py>=2.0",
     "numpy>=1.26",
+    "matplotlib>=3.8",  # the experiments' result plots
 ]
 
 EXTRAS = {
@@ -26,8 +27,6 @@ EXTRAS = {
     "convert": ["gguf>=0.19", "tokenizers>=0.20", "sentencepiece>=0.2", "protobuf"],
     # Independent references for the importer tests: transformers (PyTorch, CPU).
     "verify": ["torch==2.13.0", "transformers>=5", "accelerate>=1.0", "safetensors>=0.5"],
-    # The kv experiment's plots.
-    "plot": ["matplotlib>=3.8"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 

@@ -238,8 +238,13 @@ PAPER = KVConfig(num_keys=25_000, value_min=1, value_max=25_000, operands_min=3,
                  operands_max=6, operator_weights=(1.0, 1.0, 1.0), max_multiplications=None,
                  num_train=200_000, num_eval=2_000)
 
+# A minute-scale version for CI: 48 keys, 2-3 operands, + and - only, short sequences.
+TINY = KVConfig(num_keys=48, value_min=1, value_max=60, operands_min=2, operands_max=3,
+                operators=("+", "-"), operator_weights=(0.5, 0.5), max_multiplications=None,
+                num_train=2000, num_eval=200)
+
 CONFIGS: Mapping[str, KVConfig] = {"laptop": LAPTOP, "laptop_addsub": LAPTOP_ADDSUB,
-                                   "paper": PAPER}
+                                   "paper": PAPER, "tiny": TINY}
 
 # Dataset names and their splits.
 DATASET_SPLITS: Mapping[str, Tuple[str, ...]] = {

@@ -1,0 +1,293 @@
+r"""The paper's key-value arithmetic experiment (Table 1 and the Table 5 ablations), end to end.
+
+    python -m calm_jax.experiments.kv_arithmetic --gin_file=experiments/kv_reproduction.gin \
+        --gin.RUN_DIR="'runs/kv'"
+
+Stages, each a `calm_jax.trainer.train` run in its own directory under `run_dir` (a finished
+stage is skipped when the pipeline is run again):
+
+  mA          pretrain on the key dictionary + KV-Substitution (it knows every key);
+  mB          pretrain on Numeric-Arithmetic (it never sees a key);
+  calm        compose mB (anchor) with mA (augment) on KV-Arithmetic over held-in keys only;
+  lora        LoRA on mB, rank matched to CALM's parameter count, same data;
+  finetune    full fine-tune of mB, same data;
+  random_mA   CALM with a randomly initialised mA;
+  fusion      the attention-free fusion variant of CALM.
+
+Evaluation is greedy decoding (`calm_jax.decoding.generate`) and exact match of the whole
+answer: mA, mB and CALM on KV-Substitution, Numeric-Arithmetic and KV-Arithmetic over held-out
+keys (the three evaluation sets share their expressions); the ablations on KV-Arithmetic.
+
+Outputs in `run_dir`: `results.json`, `results.md` (our numbers beside the paper's) and
+`results.png` (training curves and accuracy bars).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from calm_jax import checkpoints as ckpt
+from calm_jax import decoding
+from calm_jax import lora as lora_lib
+from calm_jax import trainer
+from calm_jax.composition import ComposedLM, CompositionConfig
+from calm_jax.data import DatasetConfig
+from calm_jax.models import Decoder, TransformerConfig
+from calm_jax.optim import OptimizerConfig
+from tasks import kv_arithmetic as kv
+
+log = logging.getLogger("calm_jax")
+
+# Table 1 of the paper (accuracy %): dataset -> (mA, mB, CALM).
+PAPER_TABLE1 = {
+    "kv_substitution": (98.1, 0.0, 92.9),
+    "numeric_arithmetic": (4.2, 73.7, 72.0),
+    "kv_arithmetic": (0.7, 0.0, 84.3),
+}
+EVAL_SETS = {  # our name -> (dataset, split) in tasks.kv_arithmetic
+    "kv_substitution": ("kv_substitution", "validation"),
+    "numeric_arithmetic": ("numeric_arithmetic", "validation"),
+    "kv_arithmetic": ("kv_arithmetic_heldout", "validation"),
+}
+ABLATIONS = ("lora", "finetune", "random_mA", "fusion")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Steps, batch and learning rate of one training stage."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_steps: int = 50
+
+
+def _features(parts: Sequence[tuple[str, str]], length: int, config: str) -> dict:
+    arrays = [kv.numpy_features(d, s, length, config) for d, s in parts]
+    return {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
+
+
+def _dataset(parts, stage: Stage, length: int, config: str) -> DatasetConfig:
+    return DatasetConfig(arrays_fn=functools.partial(_features, tuple(parts), length, config),
+                         batch_size=stage.batch_size, length=length)
+
+
+def _train_stage(name: str, run_dir: str, stage: Stage, **kw) -> dict:
+    path = os.path.join(run_dir, name)
+    log.info("=== stage %s (%d steps) ===", name, stage.steps)
+    t = time.time()
+    out = trainer.train(model_dir=path, num_steps=stage.steps, log_every=max(stage.steps // 10, 1),
+                        optimizer=OptimizerConfig(learning_rate=stage.learning_rate,
+                                                  warmup_steps=stage.warmup_steps),
+                        checkpoint=ckpt.CheckpointConfig(save_every=0, use_async=False), **kw)
+    return {"params": out["state"]["params"], "frozen": out["frozen"],
+            "seconds": time.time() - t}
+
+
+def greedy_exact_match(model, params, examples: Sequence[Mapping[str, str]], *, length: int,
+                       max_new: int, batch_size: int = 256) -> float:
+    """Accuracy (%) of greedy decoding: the generated text up to EOS equals the target.
+
+    `max_new` (new tokens, EOS included) is the same for every call of a run, so each model
+    compiles its decoding loop once.
+    """
+    prompt_len = length - max_new
+    prompts = [[kv.PAD_ID] + kv.encode_text(e["inputs"]) for e in examples]
+    if max(map(len, prompts)) > prompt_len:
+        raise ValueError(f"length: expected room for prompts of {max(map(len, prompts))} tokens "
+                         f"plus {max_new} new ones, got {length}")
+    hits = 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        n = len(chunk)
+        chunk = chunk + [chunk[-1]] * (batch_size - n)  # static shapes: one compile
+        tokens = np.zeros((batch_size, prompt_len), np.int32)
+        for i, p in enumerate(chunk):
+            tokens[i, :len(p)] = p
+        result = decoding.generate(model, params, tokens, lengths=np.array(list(map(len, chunk))),
+                                   max_new_tokens=max_new, eos_id=kv.EOS_ID, pad_id=kv.PAD_ID)
+        out = np.asarray(result.tokens)
+        for i in range(n):
+            row = list(out[i])
+            text = kv.decode_ids(row[:row.index(kv.EOS_ID)] if kv.EOS_ID in row else row)
+            hits += text == examples[start + i]["targets"]
+    return 100.0 * hits / len(examples)
+
+
+def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: TransformerConfig,
+        kv_config: str = "laptop", length: int = 48,
+        connections: Sequence[tuple[int, int]] | None = None,
+        pretrain_augment: Stage = Stage(), pretrain_anchor: Stage = Stage(),
+        compose: Stage = Stage(), ablations: Sequence[str] = ABLATIONS,
+        eval_examples: int = 500, seed: int = 0) -> dict:
+    """Runs every stage and writes results.json / results.md / results.png into run_dir."""
+    bad = [a for a in ablations if a not in ABLATIONS]
+    if bad:
+        raise ValueError(f"ablations: expected a subset of {ABLATIONS}, got {bad}")
+    if kv_config not in kv.CONFIGS:
+        raise ValueError(f"kv_config: expected one of {sorted(kv.CONFIGS)}, got {kv_config!r}")
+    for name, cfg in (("augment_model", augment_model), ("anchor_model", anchor_model)):
+        if cfg.vocab_size < kv.BYTE_VOCAB_SIZE:
+            raise ValueError(f"{name}.vocab_size: expected at least {kv.BYTE_VOCAB_SIZE} "
+                             f"(byte vocabulary), got {cfg.vocab_size}")
+    os.makedirs(run_dir, exist_ok=True)
+    t0 = time.time()
+    composition = CompositionConfig(connections={"mA": tuple(connections)} if connections else {})
+    ma_data = [("kv_dictionary", "train"), ("kv_substitution", "train")]
+    mb_data = [("numeric_arithmetic", "train")]
+    dc_data = [("kv_arithmetic_heldin", "train")]
+    results: dict[str, Any] = {"stages": {}, "accuracy": {}, "ablations": {}}
+
+    stages = {}
+    stages["mA"] = _train_stage("mA", run_dir, pretrain_augment, mode="pretrain",
+                                anchor=trainer.ModelSpec(config=augment_model), seed=seed,
+                                dataset=_dataset(ma_data, pretrain_augment, length, kv_config))
+    stages["mB"] = _train_stage("mB", run_dir, pretrain_anchor, mode="pretrain",
+                                anchor=trainer.ModelSpec(config=anchor_model), seed=seed + 1,
+                                dataset=_dataset(mb_data, pretrain_anchor, length, kv_config))
+    ma_spec = trainer.ModelSpec(checkpoint=os.path.join(run_dir, "mA", "export"))
+    mb_spec = trainer.ModelSpec(checkpoint=os.path.join(run_dir, "mB", "export"))
+    dc = _dataset(dc_data, compose, length, kv_config)
+    common = dict(anchor=mb_spec, dataset=dc, seed=seed + 2)
+    stages["calm"] = _train_stage("calm", run_dir, compose, mode="compose",
+                                  augments={"mA": ma_spec}, composition=composition, **common)
+    extra = {
+        "lora": dict(mode="lora", augments={"mA": ma_spec}, composition=composition),
+        "finetune": dict(mode="finetune"),
+        "random_mA": dict(mode="compose", augments={"mA": trainer.ModelSpec(
+            config=augment_model)}, composition=composition),
+        "fusion": dict(mode="compose", augments={"mA": ma_spec},
+                       composition=dataclasses.replace(composition, kind="fusion")),
+    }
+    for name in ablations:
+        stages[name] = _train_stage(name, run_dir, compose, **extra[name], **common)
+    results["stages"] = {k: {"seconds": round(v["seconds"], 1)} for k, v in stages.items()}
+
+    # Evaluation ---------------------------------------------------------------------------
+    cfg = kv.CONFIGS[kv_config]
+    evals = {k: kv.get_examples(d, s, cfg)[:eval_examples] for k, (d, s) in EVAL_SETS.items()}
+    max_new = 1 + max(len(kv.encode_text(e["targets"])) for ex in evals.values() for e in ex)
+    decode = functools.partial(greedy_exact_match, length=length, max_new=max_new)
+    ma_params, mb_params = stages["mA"]["params"], stages["mB"]["params"]
+    calm_model = ComposedLM(anchor_model, {"mA": augment_model}, composition)
+    frozen = {"anchor": mb_params, "augments": {"mA": ma_params}}
+    models = {
+        "mA": (Decoder(augment_model), ma_params),
+        "mB": (Decoder(anchor_model), mb_params),
+        "CALM": (calm_model, {**frozen, "composition": stages["calm"]["params"]}),
+    }
+    for name, (model, params) in models.items():
+        results["accuracy"][name] = {
+            k: decode(model, params, ex) for k, ex in evals.items()}
+        log.info("%s: %s", name, results["accuracy"][name])
+    fusion_model = ComposedLM(anchor_model, {"mA": augment_model},
+                              dataclasses.replace(composition, kind="fusion"))
+    for name in ablations:
+        p, used = stages[name]["params"], stages[name]["frozen"]
+        if name == "lora":
+            model, params = Decoder(anchor_model), lora_lib.merge(mb_params, p,
+                                                                  lora_lib.LoraConfig())
+        elif name == "finetune":
+            model, params = Decoder(anchor_model), p
+        else:
+            model = calm_model if name == "random_mA" else fusion_model
+            params = {**used, "composition": p}
+        results["ablations"][name] = decode(model, params, evals["kv_arithmetic"])
+        log.info("%s on KV-Arithmetic: %.1f", name, results["ablations"][name])
+    results["ablations"]["CALM"] = results["accuracy"]["CALM"]["kv_arithmetic"]
+    results["config"] = {"kv_config": kv_config, "length": length, "eval_examples": eval_examples,
+                         "connections": {k: list(v) for k, v in calm_model.connections.items()},
+                         "augment_model": ckpt.config_to_dict(augment_model),
+                         "anchor_model": ckpt.config_to_dict(anchor_model),
+                         "stages": {n: dataclasses.asdict(s) for n, s in (
+                             ("pretrain_augment", pretrain_augment),
+                             ("pretrain_anchor", pretrain_anchor), ("compose", compose))}}
+    results["seconds"] = round(time.time() - t0, 1)
+    write_reports(run_dir, results)
+    return results
+
+
+def write_reports(run_dir: str, results: dict) -> None:
+    with open(os.path.join(run_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    acc = results["accuracy"]
+    lines = ["# Key-value arithmetic: ours (paper)", "",
+             "Exact-match accuracy (%) of greedy decoding; KV-Arithmetic over held-out keys.", "",
+             "| Dataset | mA | mB | CALM |", "|---|---|---|---|"]
+    for key, paper in PAPER_TABLE1.items():
+        ours = [acc[m][key] for m in ("mA", "mB", "CALM")]
+        lines.append(f"| {key} | " + " | ".join(f"{o:.1f} ({p})" for o, p in zip(ours, paper))
+                     + " |")
+    if len(results["ablations"]) > 1:
+        lines += ["", "Ablations on KV-Arithmetic (held-out keys):", "",
+                  "| Variant | accuracy |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in results["ablations"].items()]
+    lines += ["", f"Total time: {results['seconds']} s."]
+    with open(os.path.join(run_dir, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plot(run_dir, results)
+
+
+def _plot(run_dir: str, results: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 4.5))
+    for stage in results["stages"]:
+        path = os.path.join(run_dir, stage, "metrics.jsonl")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if '"loss"' in line]
+        curves.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=stage)
+    curves.set(xlabel="step", ylabel="training loss (target tokens)", yscale="log",
+               title="Training curves")
+    curves.legend()
+    acc = results["accuracy"]
+    names = list(PAPER_TABLE1)
+    width = 0.25
+    for i, model in enumerate(("mA", "mB", "CALM")):
+        xs = np.arange(len(names)) + (i - 1) * width
+        bars.bar(xs, [acc[model][n] for n in names], width, label=model)
+    bars.set_xticks(np.arange(len(names)), names)
+    bars.set(ylabel="exact match (%)", ylim=(0, 100), title="Accuracy (greedy decoding)")
+    bars.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "results.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str]) -> dict:
+    import gin
+    from calm_jax.train import parse_gin, split_args
+
+    files, bindings, rest = split_args(argv)
+    if rest or not files:
+        raise ValueError(f"arguments: expected --gin_file=... and --gin.KEY=VALUE, got {argv}")
+    parse_gin(files, bindings)
+    # Gin registered this module under its import name, not as __main__.
+    from calm_jax.experiments import kv_arithmetic as registered
+
+    return gin.get_configurable(registered.run)()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    logging.getLogger("calm_jax").setLevel(logging.INFO)
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

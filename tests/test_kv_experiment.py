@@ -1,0 +1,45 @@
+"""The key-value experiment's pipeline end to end at a smoke-test scale (plumbing, not science:
+the accuracy targets belong to the full-scale run, see the issue notes)."""
+
+import json
+import os
+
+from calm_jax.experiments import kv_arithmetic as kvx
+from calm_jax.models import TransformerConfig
+
+
+def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path):
+    model = TransformerConfig.tiny(vocab_size=384, embed_dim=32, num_layers=2, num_heads=2,
+                                   num_kv_heads=2, mlp_dim=64, max_len=32)
+    stage = kvx.Stage(steps=6, batch_size=16, learning_rate=3e-3, warmup_steps=0)
+    results = kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
+                      kv_config="tiny", length=32, connections=((1, 1), (2, 2)),
+                      pretrain_augment=stage, pretrain_anchor=stage, compose=stage,
+                      ablations=("fusion",), eval_examples=16)
+    assert set(results["stages"]) == {"mA", "mB", "calm", "fusion"}
+    for model_name in ("mA", "mB", "CALM"):
+        accuracy = results["accuracy"][model_name]
+        assert set(accuracy) == set(kvx.PAPER_TABLE1)
+        assert all(0.0 <= v <= 100.0 for v in accuracy.values())
+    assert set(results["ablations"]) == {"fusion", "CALM"}
+    for stage_name in results["stages"]:
+        assert os.path.exists(tmp_path / stage_name / "metrics.jsonl")
+    assert os.path.exists(tmp_path / "mA" / "export" / "config.json")
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["accuracy"] == results["accuracy"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| kv_arithmetic |" in table and "(84.3)" in table  # beside the paper's number
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_experiment_settings_raise_before_training(tmp_path):
+    model = TransformerConfig.tiny(vocab_size=384)
+    import pytest
+
+    with pytest.raises(ValueError, match="ablations: expected a subset of"):
+        kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
+                ablations=("dropout",))
+    with pytest.raises(ValueError, match="anchor_model.vocab_size: expected at least 259"):
+        kvx.run(run_dir=str(tmp_path), augment_model=model,
+                anchor_model=model.replace(vocab_size=128))
+    assert not os.listdir(tmp_path)
