@@ -98,7 +98,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import flax.linen as nn  # noqa: E402
 
 from calm_jax import lora as lora_lib  # noqa: E402
@@ -278,28 +277,9 @@ def build(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConf
     opt = make_optimizer(optimizer, total_steps)
     lr_schedule = schedule(optimizer, total_steps)
 
-    # As in trainer.train: shardings of params and optimizer state, fresh state, jitted step.
-    param_shardings = part.shardings_for(s.abstract_params, mesh, rules)
-    abstract_params = nn.unbox(s.abstract_params)
-    abstract_opt = jax.eval_shape(opt.init, abstract_params)
-    repl = part.replicated(mesh)
-    opt_shardings = optax.tree_map_params(
-        opt, lambda leaf, p, sh: sh if leaf.shape == p.shape else repl, abstract_opt,
-        abstract_params, param_shardings, transform_non_params=lambda _: repl)
-    state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, s.frozen)
-    batch_sharding = part.batch_sharding(mesh)
-
-    def new_state(params):
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": opt.init(params)}
-
-    params = jax.jit(s.init_params, out_shardings=param_shardings)(rng_init)
-    state = jax.jit(new_state, out_shardings=state_shardings)(params)
-    step = jax.jit(trainer.make_train_step(s.forward, opt, lr_schedule,
-                                           optimizer.grad_accum_steps),
-                   in_shardings=(state_shardings, frozen_shardings, batch_sharding),
-                   out_shardings=(state_shardings, repl), donate_argnums=(0,))
+    # Exactly what trainer.train runs: the same shardings, fresh state and jitted step.
+    prog = trainer.build_program(s, opt, lr_schedule, optimizer.grad_accum_steps, mesh, rules)
+    state, step, batch_sharding = prog.init_state(rng_init), prog.train_step, prog.batch_sharding
 
     tokens = np.asarray(jax.random.randint(rng_data, (batch, length + 1), 3,
                                            anchor_cfg.vocab_size), np.int32)

@@ -299,6 +299,54 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+@dataclasses.dataclass
+class Program:
+    """The jitted, sharded pieces of a run: what `train` and the benchmarks execute."""
+
+    param_shardings: Any
+    state_shardings: Any
+    batch_sharding: Any
+    abstract_state: Any           # ShapeDtypeStructs with shardings (restore target)
+    init_state: Callable[[jax.Array], Any]   # rng -> fresh placed state
+    train_step: Any               # jit: (state, frozen, batch) -> (state, metrics); donates state
+    eval_step: Any                # jit: (params, frozen, batch) -> metric sums
+
+
+def build_program(s: _Setup, opt: optax.GradientTransformation, lr_schedule, accum_steps: int,
+                  mesh, rules) -> Program:
+    """Shardings of the trained params and optimizer state (only param-shaped optimizer leaves
+    are sharded like their parameter), the state initialiser, and the jitted steps."""
+    param_shardings = part.shardings_for(s.abstract_params, mesh, rules)
+    abstract_params = nn.unbox(s.abstract_params)
+    part.check_divisible(abstract_params, param_shardings, "params")
+    abstract_opt = jax.eval_shape(opt.init, abstract_params)
+    repl = part.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        opt, lambda leaf, p, sh: sh if leaf.shape == p.shape else repl, abstract_opt,
+        abstract_params, param_shardings, transform_non_params=lambda _: repl)
+    state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, s.frozen)
+    batch_sharding = part.batch_sharding(mesh)
+
+    def new_state(params):
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": opt.init(params)}
+
+    abstract_state = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        jax.eval_shape(new_state, abstract_params), state_shardings)
+    init_params = jax.jit(s.init_params, out_shardings=param_shardings)
+    place_state = jax.jit(new_state, out_shardings=state_shardings)
+    train_step = jax.jit(make_train_step(s.forward, opt, lr_schedule, accum_steps),
+                         in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+                         out_shardings=(state_shardings, repl), donate_argnums=(0,))
+    eval_step = jax.jit(make_eval_step(s.forward),
+                        in_shardings=(param_shardings, frozen_shardings, batch_sharding),
+                        out_shardings=repl)
+    return Program(param_shardings, state_shardings, batch_sharding, abstract_state,
+                   lambda rng: place_state(init_params(rng)), train_step, eval_step)
+
+
 def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
           dataset: data_lib.DatasetConfig,
           augments: Mapping[str, ModelSpec] | None = None,
@@ -351,25 +399,7 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
                    mesh=mesh, rules=rules, rng=rng_setup)
         opt = make_optimizer(optimizer, num_steps)
         lr_schedule = schedule(optimizer, num_steps)
-        param_shardings = part.shardings_for(s.abstract_params, mesh, rules)
-        abstract_params = nn.unbox(s.abstract_params)
-        part.check_divisible(abstract_params, param_shardings, "params")
-        abstract_opt = jax.eval_shape(opt.init, abstract_params)
-        repl = part.replicated(mesh)
-        opt_shardings = optax.tree_map_params(
-            opt, lambda leaf, p, sh: sh if leaf.shape == p.shape else repl, abstract_opt,
-            abstract_params, param_shardings, transform_non_params=lambda _: repl)
-        state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
-        frozen_shardings = jax.tree.map(lambda x: x.sharding, s.frozen)
-        batch_sharding = part.batch_sharding(mesh)
-
-        def new_state(params):
-            return {"step": jnp.zeros((), jnp.int32), "params": params,
-                    "opt_state": opt.init(params)}
-
-        abstract_state = jax.tree.map(
-            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-            jax.eval_shape(new_state, abstract_params), state_shardings)
+        prog = build_program(s, opt, lr_schedule, optimizer.grad_accum_steps, mesh, rules)
 
         # Restore: latest in model_dir, else restore_from, else scratch.
         os.makedirs(model_dir, exist_ok=True)
@@ -384,23 +414,15 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
                 continue
             meta = manager.read_meta(step)
             _check_frozen(meta.get("frozen", {}), s.fingerprints, manager.directory)
-            state, meta = manager.restore(step, abstract_state)
+            state, meta = manager.restore(step, prog.abstract_state)
             start = int(meta["data_position"])
             log.info("restored step %d from %s", step, manager.directory)
             break
         if state is None:
-            params = jax.jit(s.init_params, out_shardings=param_shardings)(rng_init)
-            state = jax.jit(new_state, out_shardings=state_shardings)(params)
-
-        train_step = jax.jit(make_train_step(s.forward, opt, lr_schedule,
-                                             optimizer.grad_accum_steps),
-                             in_shardings=(state_shardings, frozen_shardings, batch_sharding),
-                             out_shardings=(state_shardings, repl), donate_argnums=(0,))
-        eval_step = jax.jit(make_eval_step(s.forward),
-                            in_shardings=(param_shardings, frozen_shardings, batch_sharding),
-                            out_shardings=repl)
+            state = prog.init_state(rng_init)
+        batch_sharding, eval_step = prog.batch_sharding, prog.eval_step
         first = data_lib.to_global(source.batch(start), batch_sharding)
-        compiled = train_step.lower(state, s.frozen, first).compile()
+        compiled = prog.train_step.lower(state, s.frozen, first).compile()
         _log_memory(compiled)
 
         writer = metrics_lib.MetricWriter(model_dir, is_chief=jax.process_index() == 0)

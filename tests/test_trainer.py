@@ -1,6 +1,5 @@
 """Trainer: the four modes, resume, frozen checkpoints, sharding, accumulation, bad input."""
 
-import functools
 import os
 import signal
 

@@ -33,7 +33,6 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
 
 from calm_jax import checkpoints as ckpt

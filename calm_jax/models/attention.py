@@ -7,13 +7,12 @@ sliding window the mask is plain causal and is not materialised (`is_causal=True
 cuDNN use its fused causal kernel.
 
 For decoding, `KVCache` holds every layer's keys and values (stacked like the parameters) and
-`CachedSelfAttention` (same parameters as `SelfAttention`) appends to it; see the section at the
+`SelfAttention`, given a cache, appends to it; see the section at the
 end of this module.
 """
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -109,13 +108,23 @@ def make_context(cfg: TransformerConfig, positions: Array,
 
 
 class SelfAttention(nn.Module):
-    """Causal multi-head self-attention with grouped-query heads, RoPE and optional QK-norm."""
+    """Causal multi-head self-attention with grouped-query heads, RoPE and optional QK-norm.
+
+    With a `cache` (decoding), this layer's keys and values for the new tokens are written into
+    the stacked KV cache at layer `layer` (a traced int) and attention reads that layer's slots
+    (always the XLA implementation with an explicit mask). The parameters are the same.
+    """
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x: Array, ctx: AttentionContext, is_global: Array) -> Array:
-        """x [batch, length, embed] -> [batch, length, embed]; `is_global` is a traced bool."""
+    def __call__(self, x: Array, ctx: AttentionContext | CacheContext, is_global: Array,
+                 cache: KVCache | None = None,
+                 layer: Array | None = None) -> tuple[Array, KVCache | None]:
+        """x [batch, length, embed] -> ([batch, length, embed], updated cache or None).
+
+        `is_global` is a traced bool (sliding-window layers use the local mask and RoPE base).
+        """
         cfg = self.config
         d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dims_per_head
         common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
@@ -133,15 +142,26 @@ class SelfAttention(nn.Module):
                 sin = jnp.where(is_global, sin, ctx.rope_local[0])
                 cos = jnp.where(is_global, cos, ctx.rope_local[1])
             q, key = L.apply_rope(q, sin, cos), L.apply_rope(key, sin, cos)
+        impl, is_causal = cfg.attention_impl, True
+        if cache is not None:
+            zero = jnp.zeros((), jnp.int32)
+            where = (jnp.asarray(layer, jnp.int32), zero, ctx.index, zero, zero)
+            cache = cache.replace(
+                k=jax.lax.dynamic_update_slice(cache.k, key[None].astype(cache.k.dtype), where),
+                v=jax.lax.dynamic_update_slice(cache.v, val[None].astype(cache.v.dtype), where))
+            key = jax.lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False).astype(q.dtype)
+            val = jax.lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False).astype(q.dtype)
+            impl, is_causal = "xla", False  # the cache mask already encodes causality
         mask = ctx.mask
         if ctx.local_mask is not None:
             mask = jnp.where(is_global, ctx.mask, ctx.local_mask)
         scale = cfg.query_scale if cfg.query_scale is not None else h ** -0.5
-        out = attend(q, key, val, mask=mask, is_causal=True, scale=scale,
-                     logit_softcap=cfg.attn_logit_softcap, impl=cfg.attention_impl)
-        return L.Dense((n, h), (d,), ("heads", "head_dim"), ("embed",), name="out",
-                       dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                       use_bias=cfg.use_bias)(out)
+        out = attend(q, key, val, mask=mask, is_causal=is_causal, scale=scale,
+                     logit_softcap=cfg.attn_logit_softcap, impl=impl)
+        out = L.Dense((n, h), (d,), ("heads", "head_dim"), ("embed",), name="out",
+                      dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                      use_bias=cfg.use_bias)(out)
+        return out, cache
 
 
 # Cached decoding ------------------------------------------------------------------------------
@@ -255,55 +275,3 @@ def make_cache_context(cfg: TransformerConfig, cache: KVCache, length: int) -> C
             rope_local = L.rope_tables(cfg, positions, cfg.rope_local_theta)
     return CacheContext(index=cache.index, positions=positions, mask=mask,
                         local_mask=local_mask, rope=rope, rope_local=rope_local)
-
-
-class CachedSelfAttention(nn.Module):
-    """`SelfAttention` that appends its keys and values to a stacked KV cache.
-
-    Same parameters (names, shapes, logical axes) as `SelfAttention`, so one parameter tree
-    serves both. Attention always uses the XLA implementation with an explicit mask.
-    """
-
-    config: TransformerConfig
-
-    @nn.compact
-    def __call__(self, x: Array, ctx: CacheContext, is_global: Array, cache: KVCache,
-                 layer: Array) -> tuple[Array, KVCache]:
-        """x [batch, T, embed] -> ([batch, T, embed], cache with layer `layer` updated).
-
-        Writes this layer's keys/values for the T new tokens at slots ctx.index .. +T-1 of
-        cache layer `layer` (a traced int), then attends over the whole layer slice.
-        """
-        cfg = self.config
-        d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dims_per_head
-        common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                      use_bias=cfg.use_bias or cfg.qkv_bias)
-        q = L.Dense((d,), (n, h), ("embed",), ("heads", "head_dim"), name="query", **common)(x)
-        key = L.Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), name="key", **common)(x)
-        val = L.Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), name="value",
-                      **common)(x)
-        if cfg.qk_norm:
-            q = L.make_norm(cfg, "query_norm", axis_name="head_dim")(q)
-            key = L.make_norm(cfg, "key_norm", axis_name="head_dim")(key)
-        if ctx.rope is not None:
-            sin, cos = ctx.rope
-            if ctx.rope_local is not None:
-                sin = jnp.where(is_global, sin, ctx.rope_local[0])
-                cos = jnp.where(is_global, cos, ctx.rope_local[1])
-            q, key = L.apply_rope(q, sin, cos), L.apply_rope(key, sin, cos)
-        zero = jnp.zeros((), jnp.int32)
-        where = (jnp.asarray(layer, jnp.int32), zero, ctx.index, zero, zero)
-        cache_k = jax.lax.dynamic_update_slice(cache.k, key[None].astype(cache.k.dtype), where)
-        cache_v = jax.lax.dynamic_update_slice(cache.v, val[None].astype(cache.v.dtype), where)
-        layer_k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
-        layer_v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
-        mask = ctx.mask
-        if ctx.local_mask is not None:
-            mask = jnp.where(is_global, ctx.mask, ctx.local_mask)
-        scale = cfg.query_scale if cfg.query_scale is not None else h ** -0.5
-        out = attend(q, layer_k.astype(q.dtype), layer_v.astype(q.dtype), mask=mask,
-                     is_causal=False, scale=scale, logit_softcap=cfg.attn_logit_softcap)
-        out = L.Dense((n, h), (d,), ("heads", "head_dim"), ("embed",), name="out",
-                      dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                      use_bias=cfg.use_bias)(out)
-        return out, cache.replace(k=cache_k, v=cache_v)

@@ -23,9 +23,8 @@ import flax.linen as nn
 
 from calm_jax.models.config import TransformerConfig
 from calm_jax.models import layers as L
-from calm_jax.models.attention import AttentionContext, SelfAttention, make_context
-from calm_jax.models.attention import (CacheContext, CachedSelfAttention, KVCache,
-                                       make_cache_context)
+from calm_jax.models.attention import (AttentionContext, CacheContext, KVCache, SelfAttention,
+                                       make_cache_context, make_context)
 
 Array = jax.Array
 
@@ -36,37 +35,21 @@ _REMAT_POLICIES = {
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block (with Gemma's optional post-norms)."""
+    """Pre-norm transformer block (with Gemma's optional post-norms).
+
+    With a `cache` (decoding) the attention appends to it at layer `layer`; see `SelfAttention`.
+    """
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, h: Array, ctx: AttentionContext, is_global: Array) -> tuple[Array, None]:
-        """h [batch, length, embed] -> (h, None); the tuple form is what `nn.scan` expects."""
+    def __call__(self, h: Array, ctx: AttentionContext | CacheContext, is_global: Array,
+                 cache: KVCache | None = None,
+                 layer: Array | None = None) -> tuple[Array, KVCache | None]:
+        """h [batch, length, embed] -> (h, cache or None); the tuple form suits `nn.scan`."""
         cfg = self.config
-        a = SelfAttention(cfg, name="attn")(L.make_norm(cfg, "attn_norm")(h), ctx, is_global)
-        if cfg.post_norms:
-            a = L.make_norm(cfg, "post_attn_norm")(a)
-        h = h + a.astype(h.dtype)
-        m = L.MLP(cfg, name="mlp")(L.make_norm(cfg, "mlp_norm")(h))
-        if cfg.post_norms:
-            m = L.make_norm(cfg, "post_mlp_norm")(m)
-        h = h + m.astype(h.dtype)
-        return nn.with_logical_constraint(h, L.ACT_BLE), None
-
-
-class CachedBlock(nn.Module):
-    """`Block` over a KV cache: same parameters, attention through `CachedSelfAttention`."""
-
-    config: TransformerConfig
-
-    @nn.compact
-    def __call__(self, h: Array, ctx: CacheContext, is_global: Array, cache: KVCache,
-                 layer: Array) -> tuple[Array, KVCache]:
-        """h [batch, T, embed] -> (h, cache with layer `layer` holding the T new keys/values)."""
-        cfg = self.config
-        a, cache = CachedSelfAttention(cfg, name="attn")(
-            L.make_norm(cfg, "attn_norm")(h), ctx, is_global, cache, layer)
+        a, cache = SelfAttention(cfg, name="attn")(L.make_norm(cfg, "attn_norm")(h), ctx,
+                                                   is_global, cache, layer)
         if cfg.post_norms:
             a = L.make_norm(cfg, "post_attn_norm")(a)
         h = h + a.astype(h.dtype)
@@ -191,7 +174,7 @@ class Decoder(nn.Module):
             return h, cache
         params = nn.unbox(self.layers.variables["params"])
         is_global = jnp.asarray(cfg.layer_is_global())
-        block = CachedBlock(cfg, parent=None)  # unbound: applied to one layer's slice at a time
+        block = Block(cfg, parent=None)  # unbound: applied to one layer's slice at a time
 
         def body(carry, layer):
             h, cache = carry
