@@ -130,6 +130,8 @@ class KVConfig:
     heldin_fraction: fraction of keys in the held-in set (paper: 0.2); rounded, at least 1 key
       on each side.
     num_train: examples in each training split (except kv_dictionary: one per key).
+    num_train_numeric: training examples of Numeric-Arithmetic, whose supply is not limited by
+      the keys (mB must learn the arithmetic itself); None means ``num_train``.
     num_eval: examples in each evaluation split (except kv_dictionary).
     seed: master seed; every dataset uses its own stream derived from it.
     answer_format: "reversed" (sign + fixed-width least-significant-digit-first; default) or
@@ -149,6 +151,7 @@ class KVConfig:
   max_multiplications: Optional[int] = 1
   heldin_fraction: float = 0.2
   num_train: int = 8000
+  num_train_numeric: Optional[int] = None
   num_eval: int = 500
   seed: int = 0
   answer_format: str = "reversed"
@@ -184,6 +187,8 @@ class KVConfig:
       raise ValueError("heldin_fraction must be in (0, 1)")
     if self.num_train < 1 or self.num_eval < 1:
       raise ValueError("num_train and num_eval must be >= 1")
+    if self.num_train_numeric is not None and self.num_train_numeric < 1:
+      raise ValueError(f"num_train_numeric: expected None or >= 1, got {self.num_train_numeric}")
     if self.answer_format not in ANSWER_FORMATS:
       raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}")
     if self.answer_width is not None:
@@ -535,8 +540,10 @@ def _build(config: KVConfig) -> Dict[str, Dict[str, Tuple[Tuple[str, str], ...]]
                                              size=len(ops) + 1)]
     return join_expression([str(v) for v in nums], ops), nums, ops
 
+  num_numeric = config.num_train if config.num_train_numeric is None else (
+      config.num_train_numeric)
   numeric_train = _unique_samples(
-      sample_numeric, config.num_train, exclude=heldout_numeric, what="numeric expressions",
+      sample_numeric, num_numeric, exclude=heldout_numeric, what="numeric expressions",
       capacity=count_expressions(config, config.value_max - config.value_min + 1))
 
   dictionary = tuple(_ex(k, str(value_of[k])) for k in table.keys)
