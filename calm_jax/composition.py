@@ -294,6 +294,12 @@ class ComposedLM:
             pairs = composition.connections.get(name) or default_connections(cfg, anchor)
             _validate_connections(name, pairs, cfg, anchor)
             self.connections[name] = pairs
+        at_layer: dict[int, list[tuple[str, int]]] = {}
+        for name, pairs in self.connections.items():
+            for i, (_, anchor_layer) in enumerate(pairs):
+                at_layer.setdefault(anchor_layer, []).append((name, i))
+        # ((anchor_layer, ((augment name, connection index), ...)), ...) in layer order.
+        self._at_layer = tuple((layer, tuple(at_layer[layer])) for layer in sorted(at_layer))
         self.anchor = Decoder(anchor)
         self.augments = {name: Decoder(cfg) for name, cfg in self.augment_configs.items()}
         self.bridges = {name: self._bridge(name) for name in self.augment_configs}
@@ -388,22 +394,30 @@ class ComposedLM:
                                            method=Decoder.context)
         memories = self.memories(params, tokens, positions, segment_ids)
         mask = self.cross_mask(tokens, segment_ids, prompt_mask)
-        at_layer: dict[int, list[tuple[str, int]]] = {}
-        for name, pairs in self.connections.items():
-            for i, (_, anchor_layer) in enumerate(pairs):
-                at_layer.setdefault(anchor_layer, []).append((name, i))
-
         h = self.anchor.apply(anchor_vars, tokens, positions, method=Decoder.embed)
+
+        def run_segment(h, start, stop):
+            return self.anchor.apply(anchor_vars, h, ctx, start, stop,
+                                     method=Decoder.run_layers)
+
+        h = self._anchor_layers(params, h, run_segment, memories, mask)
+        return self.anchor.apply(anchor_vars, h, method=Decoder.head)
+
+    def _anchor_layers(self, params: Mapping[str, Any], h: Array, run_segment,
+                       memories: Mapping[str, Any], mask: Array | None) -> Array:
+        """All anchor layers from h, each connection's update added after its anchor layer.
+
+        `run_segment(h, start, stop)` applies anchor layers start+1 .. stop. Connections that
+        share an anchor layer read the same state and their updates are summed.
+        """
         done = 0
-        for layer in sorted(at_layer):
-            h = self.anchor.apply(anchor_vars, h, ctx, done, layer, method=Decoder.run_layers)
+        for layer, conns in self._at_layer:
+            h = run_segment(h, done, layer)
             delta = sum(self.bridges[name].apply({"params": params["composition"][name]},
                                                  i, h, memories[name], mask)
-                        for name, i in at_layer[layer])
+                        for name, i in conns)
             h, done = h + delta.astype(h.dtype), layer
-        h = self.anchor.apply(anchor_vars, h, ctx, done, self.anchor_config.num_layers,
-                              method=Decoder.run_layers)
-        return self.anchor.apply(anchor_vars, h, method=Decoder.head)
+        return run_segment(h, done, self.anchor_config.num_layers)
 
     def anchor_logits(self, params: Mapping[str, Any], tokens: Array, **kw) -> Array:
         """The anchor alone on the same input (for comparisons)."""
@@ -487,23 +501,16 @@ class ComposedLM:
 
         anchor_vars = {"params": params["anchor"]}
         anchor_cache = cache.anchor
-        at_layer: dict[int, list[tuple[str, int]]] = {}
-        for name, pairs in self.connections.items():
-            for i, (_, anchor_layer) in enumerate(pairs):
-                at_layer.setdefault(anchor_layer, []).append((name, i))
         ctx = make_cache_context(self.anchor_config, anchor_cache, t)
         h = self.anchor.apply(anchor_vars, tokens, ctx.positions, method=Decoder.embed)
-        done = 0
-        for layer in sorted(at_layer):
-            h, anchor_cache = self.anchor.apply(anchor_vars, h, ctx, anchor_cache, done, layer,
+
+        def run_segment(h, start, stop):
+            nonlocal anchor_cache
+            h, anchor_cache = self.anchor.apply(anchor_vars, h, ctx, anchor_cache, start, stop,
                                                 method=Decoder.run_layers_cached)
-            delta = sum(self.bridges[name].apply({"params": params["composition"][name]},
-                                                 i, h, memories[name], mask)
-                        for name, i in at_layer[layer])
-            h, done = h + delta.astype(h.dtype), layer
-        h, anchor_cache = self.anchor.apply(anchor_vars, h, ctx, anchor_cache, done,
-                                            self.anchor_config.num_layers,
-                                            method=Decoder.run_layers_cached)
+            return h
+
+        h = self._anchor_layers(params, h, run_segment, memories, mask)
         if logits == "last":
             h = h[:, -1:]
         out = self.anchor.apply(anchor_vars, h, method=Decoder.head)
