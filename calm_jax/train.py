@@ -46,9 +46,37 @@ def split_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
     return files, bindings, rest
 
 
+def _guard_gin_readers() -> None:
+    """Makes gin's file-existence checks answer False instead of raising.
+
+    gin's package-resource reader treats `include 'runs/base.gin'` as resource `base.gin` of a
+    Python package `runs`; when the working directory holds a plain `runs/` folder (a
+    namespace package, whose spec has no origin) it raises TypeError instead of moving on to
+    the search paths.
+    """
+    import gin.config
+
+    def safe(check):
+        if getattr(check, "calm_jax_guarded", False):
+            return check
+
+        def guarded(path):
+            try:
+                return check(path)
+            except (TypeError, ValueError, ImportError):
+                return False
+
+        guarded.calm_jax_guarded = True
+        return guarded
+
+    gin.config._FILE_READERS[:] = [(reader, safe(check))
+                                   for reader, check in gin.config._FILE_READERS]
+
+
 def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     import gin
 
+    _guard_gin_readers()
     gin.clear_config()
     gin.add_config_file_search_path(os.getcwd())
     gin.add_config_file_search_path(GIN_DIR)

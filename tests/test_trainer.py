@@ -200,3 +200,18 @@ def test_gin_pretrain_runs_from_the_command_line(tmp_path):
     assert int(result["state"]["step"]) == 2
     assert os.path.exists(tmp_path / "export" / "config.json")
     assert os.path.exists(tmp_path / "config.gin")
+
+
+def test_gin_includes_resolve_with_a_runs_folder_in_the_working_directory(tmp_path, monkeypatch):
+    """A `runs/` (or `models/`, `experiments/`) folder where the user works must not shadow the
+    gin includes of the same name."""
+    import gin
+
+    from calm_jax import train as train_cli
+
+    for name in ("runs", "models", "experiments"):
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    train_cli.parse_gin(["experiments/pretrain_kv.gin"], ["MODEL_DIR = '/tmp/x'"])
+    assert gin.query_parameter("%MODE") == "pretrain"
