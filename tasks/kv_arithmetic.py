@@ -137,6 +137,15 @@ class KVConfig:
     answer_format: "reversed" (sign + fixed-width least-significant-digit-first; default) or
       "plain" (``str(n)``). See the module docstring.
     answer_width: digits of a "reversed" answer; None = just enough for ``max_abs_answer``.
+    operand_width: zero-pad every written number (operands of Numeric-Arithmetic, targets of
+      KV-Substitution and of the dictionary) to this many digits, e.g. 3: ``7 -> "007"``, so
+      digits of equal significance sit at fixed offsets; None writes plain decimals.
+    numeric_operands_min: fewest operands of a Numeric-Arithmetic TRAINING expression (None:
+      ``operands_min``). Shorter sums are a curriculum for mB: the last digit of a sum of n
+      digits modulo 10 carries no signal about any n-1 of them, so gradient descent finds
+      3-operand sums far sooner when 2-operand ones are mixed in.
+    nonnegative: draw only expressions whose result is >= 0 (rejection sampling), so the
+      answer's leading sign is always ``+`` and every answer digit follows from the lower ones.
   """
 
   num_keys: int = 128
@@ -156,6 +165,9 @@ class KVConfig:
   seed: int = 0
   answer_format: str = "reversed"
   answer_width: Optional[int] = None
+  operand_width: Optional[int] = None
+  nonnegative: bool = False
+  numeric_operands_min: Optional[int] = None
 
   def __post_init__(self):
     if self.num_keys < 2:
@@ -189,8 +201,15 @@ class KVConfig:
       raise ValueError("num_train and num_eval must be >= 1")
     if self.num_train_numeric is not None and self.num_train_numeric < 1:
       raise ValueError(f"num_train_numeric: expected None or >= 1, got {self.num_train_numeric}")
+    if self.numeric_operands_min is not None and not (
+        2 <= self.numeric_operands_min <= self.operands_max):
+      raise ValueError(f"numeric_operands_min: expected None or 2..{self.operands_max}, got "
+                       f"{self.numeric_operands_min}")
     if self.answer_format not in ANSWER_FORMATS:
       raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}")
+    if self.operand_width is not None and self.operand_width < len(str(self.value_max)):
+      raise ValueError(f"operand_width: expected at least {len(str(self.value_max))} digits "
+                       f"(value_max={self.value_max}), got {self.operand_width}")
     if self.answer_width is not None:
       if self.answer_width < len(str(max_abs_answer(self))):
         raise ValueError(
@@ -243,12 +262,25 @@ PAPER = KVConfig(num_keys=25_000, value_min=1, value_max=25_000, operands_min=3,
                  operands_max=6, operator_weights=(1.0, 1.0, 1.0), max_multiplications=None,
                  num_train=200_000, num_eval=2_000)
 
+# Two-operand sums at laptop scale: what the 4-layer, 64-wide laptop models can learn. Measured
+# on the 2-core CPU (2026-11-23): mB reaches 100% on its Numeric-Arithmetic in 2500 steps, while
+# with 3 operands (values <= 99) it stays at chance on the answer's last digit after 4000 steps,
+# with or without 2-operand sums mixed in (the last digit of a sum of three digits modulo 10
+# gives no gradient signal through any two of them). 512 keys leave 102 held-in keys for the
+# composition data; operands are zero-padded so equal digits sit at equal offsets, and results
+# are never negative so answers need no sign.
+LAPTOP_2OP = KVConfig(num_keys=512, value_min=1, value_max=999, operands_min=2, operands_max=2,
+                      operators=("+", "-"), operator_weights=(0.5, 0.5),
+                      max_multiplications=None, operand_width=3, nonnegative=True,
+                      num_train=8000, num_train_numeric=100_000)
+
 # A minute-scale version for CI: 48 keys, 2-3 operands, + and - only, short sequences.
 TINY = KVConfig(num_keys=48, value_min=1, value_max=60, operands_min=2, operands_max=3,
                 operators=("+", "-"), operator_weights=(0.5, 0.5), max_multiplications=None,
                 num_train=2000, num_eval=200)
 
 CONFIGS: Mapping[str, KVConfig] = {"laptop": LAPTOP, "laptop_addsub": LAPTOP_ADDSUB,
+                                   "laptop_2op": LAPTOP_2OP,
                                    "paper": PAPER, "tiny": TINY}
 
 # Dataset names and their splits.
@@ -329,7 +361,16 @@ def format_answer(value: int, config: KVConfig) -> str:
   digits = str(abs(value))
   if len(digits) > width:
     raise ValueError(f"|{value}| does not fit answer width {width}")
+  if config.nonnegative:
+    if value < 0:
+      raise ValueError(f"{value} is negative but the config is nonnegative")
+    return digits.zfill(width)[::-1]
   return ("-" if value < 0 else "+") + digits.zfill(width)[::-1]
+
+
+def format_operand(value: int, config: KVConfig) -> str:
+  """A number as written inside expressions and substitutions (``config.operand_width``)."""
+  return str(int(value)).zfill(config.operand_width or 0)
 
 
 def parse_answer(text: str, config: KVConfig) -> Optional[int]:
@@ -341,6 +382,8 @@ def parse_answer(text: str, config: KVConfig) -> Optional[int]:
       return None
     return int(text)
   width = config.width
+  if config.nonnegative:
+    return int(text[::-1]) if len(text) == width and text.isdigit() else None
   if len(text) != width + 1 or text[0] not in "+-" or not text[1:].isdigit():
     return None
   magnitude = int(text[1:][::-1])
@@ -439,8 +482,10 @@ def _sample_ops(rng: np.random.Generator, config: KVConfig, count: int) -> List[
   return ops
 
 
-def _sample_shape(rng: np.random.Generator, config: KVConfig) -> List[str]:
-  n = int(rng.integers(config.operands_min, config.operands_max + 1))
+def _sample_shape(rng: np.random.Generator, config: KVConfig,
+                  operands_min: Optional[int] = None) -> List[str]:
+  lo = config.operands_min if operands_min is None else operands_min
+  n = int(rng.integers(lo, config.operands_max + 1))
   return _sample_ops(rng, config, n - 1)
 
 
@@ -480,6 +525,8 @@ def _unique_samples(sample, count: int, exclude: Iterable[str] = (), what: str =
       raise RuntimeError(
           f"could not draw {count} distinct {what}; the config allows too few expressions")
     item = sample()
+    if item is None:  # rejected by the sampler (e.g. a negative result under `nonnegative`)
+      continue
     if item[0] in seen or item[0] in excluded:
       continue
     seen.add(item[0])
@@ -487,13 +534,16 @@ def _unique_samples(sample, count: int, exclude: Iterable[str] = (), what: str =
   return out
 
 
-def _key_expressions(rng, config, pool: Sequence[str], count: int, exclude=(), what=""):
+def _key_expressions(rng, config, pool: Sequence[str], count: int, value_of: Mapping[str, int],
+                     exclude=(), what=""):
   """Distinct expressions over keys from ``pool``: list of (expr, key tokens, ops)."""
 
   def sample():
     ops = _sample_shape(rng, config)
     idx = rng.integers(0, len(pool), size=len(ops) + 1)
     toks = [pool[int(i)] for i in idx]
+    if config.nonnegative and evaluate([value_of[t] for t in toks], ops) < 0:
+      return None
     return join_expression(toks, ops), toks, ops
 
   return _unique_samples(sample, count, exclude, what,
@@ -510,43 +560,47 @@ def _build(config: KVConfig) -> Dict[str, Dict[str, Tuple[Tuple[str, str], ...]]
   value_of = table.mapping
 
   def subst(toks):
-    return [str(value_of[t]) for t in toks]
+    return [format_operand(value_of[t], config) for t in toks]
 
   def answer(toks, ops):
     return format_answer(evaluate([value_of[t] for t in toks], ops), config)
 
   # Held-out evaluation expressions: the same expressions feed the three Table-1 rows.
   heldout = _key_expressions(_rng(config, _STREAM_HELDOUT), config, table.heldout,
-                             config.num_eval, what="held-out expressions")
+                             config.num_eval, value_of, what="held-out expressions")
   heldout_inputs = {e for e, _, _ in heldout}
   heldout_numeric = {join_expression(subst(t), o) for _, t, o in heldout}
 
   # Composition data (held-in keys only): validation first, then a disjoint train split.
   heldin = _key_expressions(_rng(config, _STREAM_HELDIN), config, table.heldin,
-                            config.num_eval + config.num_train, what="held-in expressions")
+                            config.num_eval + config.num_train, value_of, what="held-in expressions")
   heldin_val, heldin_train = heldin[: config.num_eval], heldin[config.num_eval:]
 
   # mA's substitution training data over ALL keys, never one of the evaluation inputs.
   subst_train = _key_expressions(_rng(config, _STREAM_SUBST), config, table.keys,
-                                 config.num_train, exclude=heldout_inputs,
+                                 config.num_train, value_of, exclude=heldout_inputs,
                                  what="substitution expressions")
 
   # mB's numeric training data over uniform numbers, never one of the evaluation inputs.
   rng_num = _rng(config, _STREAM_NUMERIC)
 
   def sample_numeric():
-    ops = _sample_shape(rng_num, config)
+    ops = _sample_shape(rng_num, config, config.numeric_operands_min)
     nums = [int(v) for v in rng_num.integers(config.value_min, config.value_max + 1,
                                              size=len(ops) + 1)]
-    return join_expression([str(v) for v in nums], ops), nums, ops
+    if config.nonnegative and evaluate(nums, ops) < 0:
+      return None
+    return join_expression([format_operand(v, config) for v in nums], ops), nums, ops
 
   num_numeric = config.num_train if config.num_train_numeric is None else (
       config.num_train_numeric)
   numeric_train = _unique_samples(
       sample_numeric, num_numeric, exclude=heldout_numeric, what="numeric expressions",
-      capacity=count_expressions(config, config.value_max - config.value_min + 1))
+      capacity=count_expressions(
+          config.replace(operands_min=config.numeric_operands_min or config.operands_min),
+          config.value_max - config.value_min + 1))
 
-  dictionary = tuple(_ex(k, str(value_of[k])) for k in table.keys)
+  dictionary = tuple(_ex(k, format_operand(value_of[k], config)) for k in table.keys)
   return {
       "kv_dictionary": {"train": dictionary, "validation": dictionary},
       "kv_substitution": {

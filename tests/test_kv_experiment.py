@@ -42,4 +42,22 @@ def test_bad_experiment_settings_raise_before_training(tmp_path):
     with pytest.raises(ValueError, match="anchor_model.vocab_size: expected at least 259"):
         kvx.run(run_dir=str(tmp_path), augment_model=model,
                 anchor_model=model.replace(vocab_size=128))
+    with pytest.raises(ValueError, match=r"length: expected at least \d+ \(the longest kv_"):
+        kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
+                kv_config="tiny", length=12)
     assert not os.listdir(tmp_path)
+
+
+def test_each_stage_gets_the_shortest_length_that_holds_its_data():
+    from tasks import kv_arithmetic as kv
+
+    stage = kvx.Stage(batch_size=8)
+    numeric = kvx._dataset([("numeric_arithmetic", "train")], stage, 48, "laptop_2op")
+    keys = kvx._dataset([("kv_arithmetic_heldin", "train")], stage, 48, "laptop_2op")
+    # "123+045=" + 4 answer digits + EOS = 13 tokens -> 16; keys of up to 6 letters -> 24.
+    assert numeric.length == 16 and keys.length == 24
+    batch = numeric.arrays_fn()
+    assert batch["decoder_target_tokens"].shape[1] == 16
+    longest = max(len(kv.encode_text(e["inputs"] + e["targets"])) + 1
+                  for e in kv.get_examples("numeric_arithmetic", "train", kv.LAPTOP_2OP))
+    assert longest == 13

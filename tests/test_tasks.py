@@ -20,6 +20,11 @@ if str(REPO) not in sys.path:
 from tasks import kv_arithmetic as kv  # noqa: E402
 
 SMALL = kv.KVConfig(num_keys=60, value_max=99, num_train=400, num_eval=80, seed=3)
+# Zero-padded operands, no negative results, shorter sums mixed into mB's training data.
+PADDED = kv.KVConfig(num_keys=60, value_max=99, operators=("+", "-"), operator_weights=(0.5, 0.5),
+                     max_multiplications=None, operands_min=3, operands_max=3,
+                     numeric_operands_min=2, operand_width=3, nonnegative=True, num_train=400,
+                     num_eval=80, seed=5)
 ARITH_SETS = ("numeric_arithmetic", "kv_arithmetic_heldin", "kv_arithmetic_heldout")
 
 
@@ -36,25 +41,29 @@ def reference_value(numeric_expr):
   """Python's own evaluator: 'x' -> '*' gives standard precedence, left-associative."""
   numeric_expr = numeric_expr[:-1] if numeric_expr.endswith("=") else numeric_expr
   assert re.fullmatch(r"[0-9+\-x]+", numeric_expr), numeric_expr
+  numeric_expr = re.sub(r"(?<![0-9])0+(?=[0-9])", "", numeric_expr)  # "007" -> "7"
   return eval(numeric_expr.replace("x", "*"), {"__builtins__": {}})  # noqa: S307
 
 
 def reference_decode(answer, config):
   if config.answer_format == "plain":
     return int(answer)
+  if config.nonnegative:
+    assert len(answer) == config.width and answer.isdigit(), answer
+    return int("".join(reversed(answer)))
   assert len(answer) == config.width + 1 and answer[0] in "+-", answer
   magnitude = int("".join(reversed(answer[1:])))
   return -magnitude if answer[0] == "-" else magnitude
 
 
-def substitute(expr, mapping):
+def substitute(expr, mapping, width=None):
   expr = expr[:-1] if expr.endswith("=") else expr
-  return re.sub(r"[a-wyz]+", lambda m: str(mapping[m.group(0)]), expr)
+  return re.sub(r"[a-wyz]+", lambda m: str(mapping[m.group(0)]).zfill(width or 0), expr)
 
 
-@pytest.fixture(scope="module", params=["small", "laptop"])
+@pytest.fixture(scope="module", params=["small", "padded", "laptop"])
 def config(request):
-  return {"small": SMALL, "laptop": kv.LAPTOP}[request.param]
+  return {"small": SMALL, "padded": PADDED, "laptop": kv.LAPTOP}[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +150,7 @@ def test_substitution_covers_all_keys_and_resubstitutes(config, data):
   seen = set()
   for split in ("train", "validation"):
     for ex in data["kv_substitution"][split]:
-      assert substitute(ex["inputs"], mapping) == ex["targets"], ex
+      assert substitute(ex["inputs"], mapping, config.operand_width) == ex["targets"], ex
       seen |= set(tokens_of(ex["inputs"]))
   assert seen <= set(mapping)
   if config.num_train >= 20 * config.num_keys:
@@ -164,10 +173,14 @@ def test_answers_are_correct(config, data):
         assert reference_decode(ex["targets"], config) == value, (name, split, ex)
         assert kv.parse_answer(ex["targets"], config) == value
         assert kv.format_answer(value, config) == ex["targets"]
-        assert len(ex["targets"]) == config.width + 1, "answers must have a fixed width"
+        sign = 0 if config.nonnegative else 1
+        assert len(ex["targets"]) == config.width + sign, "answers must have a fixed width"
+        if config.nonnegative:
+          assert value >= 0
 
 
-def test_negative_and_multiplied_answers_occur(data):
+def test_negative_and_multiplied_answers_occur():
+  data = kv.build_datasets(SMALL)
   targets = [ex["targets"] for ex in data["kv_arithmetic_heldout"]["validation"]]
   assert any(t.startswith("-") for t in targets)
   assert any(t.startswith("+") for t in targets)
@@ -180,13 +193,26 @@ def test_expression_shapes(config, data):
     for examples in data[name].values():
       for ex in examples:
         toks = tokens_of(ex["inputs"])
-        assert config.operands_min <= len(toks) <= config.operands_max
+        fewest = config.operands_min
+        if name == "numeric_arithmetic" and config.numeric_operands_min is not None:
+          fewest = config.numeric_operands_min
+        assert fewest <= len(toks) <= config.operands_max
         if config.max_multiplications is not None:
           assert ex["inputs"].count("x") - sum(t.count("x") for t in toks) \
               <= config.max_multiplications
-  numbers = [int(t) for ex in data["numeric_arithmetic"]["train"]
-             for t in tokens_of(ex["inputs"])]
+  written = [t for ex in data["numeric_arithmetic"]["train"] for t in tokens_of(ex["inputs"])]
+  numbers = [int(t) for t in written]
   assert config.value_min <= min(numbers) and max(numbers) <= config.value_max
+  if config.numeric_operands_min is not None:  # the shorter sums really are mixed in
+    counts = {len(tokens_of(ex["inputs"])) for ex in data["numeric_arithmetic"]["train"]}
+    assert counts == set(range(config.numeric_operands_min, config.operands_max + 1))
+  # Every written number (operands, substitutions, dictionary values) has the same format.
+  written += [t for ex in data["kv_substitution"]["train"] for t in tokens_of(ex["targets"])]
+  written += [ex["targets"] for ex in data["kv_dictionary"]["train"]]
+  if config.operand_width:
+    assert {len(t) for t in written} == {config.operand_width}
+  else:
+    assert all(t == str(int(t)) for t in written)
 
 
 def test_train_and_evaluation_are_disjoint(data):
@@ -248,6 +274,18 @@ def test_answer_formats():
   assert kv.PAPER.width == len(str(25_000 ** 6))
 
 
+def test_nonnegative_answers_have_no_sign():
+  assert PADDED.width == 3  # 3 x 99
+  assert kv.format_answer(142, PADDED) == "241"
+  assert kv.format_answer(0, PADDED) == "000"
+  assert kv.parse_answer("241", PADDED) == 142
+  assert kv.parse_answer("+241", PADDED) is None
+  assert kv.parse_answer("24", PADDED) is None
+  with pytest.raises(ValueError, match="negative"):
+    kv.format_answer(-1, PADDED)
+  assert kv.format_operand(7, PADDED) == "007" and kv.format_operand(7, SMALL) == "7"
+
+
 def test_plain_format_dataset_is_correct():
   cfg = SMALL.replace(answer_format="plain", seed=11)
   data = kv.build_datasets(cfg)
@@ -263,6 +301,10 @@ def test_config_validation():
     kv.KVConfig(operators=("+", "/"), operator_weights=(1.0, 1.0))
   with pytest.raises(ValueError):
     kv.KVConfig(operator_weights=(1.0, 1.0))
+  with pytest.raises(ValueError, match=r"operand_width: expected at least 3 digits.*got 2"):
+    kv.KVConfig(operand_width=2)  # value_max=199
+  with pytest.raises(ValueError, match=r"numeric_operands_min: expected None or 2\.\.4, got 5"):
+    kv.KVConfig(numeric_operands_min=5)
   with pytest.raises(RuntimeError):
     kv.build_datasets(kv.KVConfig(num_keys=10, value_max=20, operands_min=2, operands_max=2,
                                   num_train=10_000, num_eval=10))

@@ -77,8 +77,20 @@ def _features(parts: Sequence[tuple[str, str]], length: int, config: str) -> dic
 
 
 def _dataset(parts, stage: Stage, length: int, config: str) -> DatasetConfig:
-    return DatasetConfig(arrays_fn=functools.partial(_features, tuple(parts), length, config),
-                         batch_size=stage.batch_size, length=length)
+    """The stage's data at the shortest length (a multiple of 8) that holds its longest example.
+
+    Training cost on a CPU is proportional to the padded length, and the three stages' examples
+    differ a lot in length (numbers only vs keys), so each stage gets its own.
+    """
+    longest = max(len(kv.encode_text(e["inputs"])) + len(kv.encode_text(e["targets"])) + 1
+                  for d, s in parts for e in kv.get_examples(d, s, kv.CONFIGS[config]))
+    if longest > length:
+        raise ValueError(f"length: expected at least {longest} (the longest {parts[0][0]} "
+                         f"example), got {length}")
+    stage_length = min(length, -(-longest // 8) * 8)
+    return DatasetConfig(arrays_fn=functools.partial(_features, tuple(parts), stage_length,
+                                                     config),
+                         batch_size=stage.batch_size, length=stage_length)
 
 
 def _train_stage(name: str, run_dir: str, stage: Stage, **kw) -> dict:
@@ -139,24 +151,25 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
         if cfg.vocab_size < kv.BYTE_VOCAB_SIZE:
             raise ValueError(f"{name}.vocab_size: expected at least {kv.BYTE_VOCAB_SIZE} "
                              f"(byte vocabulary), got {cfg.vocab_size}")
+    composition = CompositionConfig(connections={"mA": tuple(connections)} if connections else {})
+    # The stages' data (and their lengths) are checked before anything is trained or written.
+    ma_ds = _dataset([("kv_dictionary", "train"), ("kv_substitution", "train")],
+                     pretrain_augment, length, kv_config)
+    mb_ds = _dataset([("numeric_arithmetic", "train")], pretrain_anchor, length, kv_config)
+    dc = _dataset([("kv_arithmetic_heldin", "train")], compose, length, kv_config)
     os.makedirs(run_dir, exist_ok=True)
     t0 = time.time()
-    composition = CompositionConfig(connections={"mA": tuple(connections)} if connections else {})
-    ma_data = [("kv_dictionary", "train"), ("kv_substitution", "train")]
-    mb_data = [("numeric_arithmetic", "train")]
-    dc_data = [("kv_arithmetic_heldin", "train")]
     results: dict[str, Any] = {"stages": {}, "accuracy": {}, "ablations": {}}
 
     stages = {}
     stages["mA"] = _train_stage("mA", run_dir, pretrain_augment, mode="pretrain",
                                 anchor=trainer.ModelSpec(config=augment_model), seed=seed,
-                                dataset=_dataset(ma_data, pretrain_augment, length, kv_config))
+                                dataset=ma_ds)
     stages["mB"] = _train_stage("mB", run_dir, pretrain_anchor, mode="pretrain",
                                 anchor=trainer.ModelSpec(config=anchor_model), seed=seed + 1,
-                                dataset=_dataset(mb_data, pretrain_anchor, length, kv_config))
+                                dataset=mb_ds)
     ma_spec = trainer.ModelSpec(checkpoint=os.path.join(run_dir, "mA", "export"))
     mb_spec = trainer.ModelSpec(checkpoint=os.path.join(run_dir, "mB", "export"))
-    dc = _dataset(dc_data, compose, length, kv_config)
     common = dict(anchor=mb_spec, dataset=dc, seed=seed + 2)
     stages["calm"] = _train_stage("calm", run_dir, compose, mode="compose",
                                   augments={"mA": ma_spec}, composition=composition, **common)
