@@ -29,6 +29,10 @@ def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path):
         assert json.load(f)["accuracy"] == results["accuracy"]
     table = (tmp_path / "results.md").read_text()
     assert "| kv_arithmetic |" in table and "(84.3)" in table  # beside the paper's number
+    probe = results["value_probe"]
+    assert len(probe["heldin"]) == len(probe["heldout"]) == 3  # embeddings + 2 layers
+    assert all(0.0 <= v <= 100.0 for v in probe["heldin"] + probe["heldout"])
+    assert "| heldout |" in table
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -46,6 +50,39 @@ def test_bad_experiment_settings_raise_before_training(tmp_path):
         kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
                 kv_config="tiny", length=12)
     assert not os.listdir(tmp_path)
+
+
+def test_value_probe_reads_a_value_that_is_written_into_the_states(monkeypatch):
+    """The probe must find a value where one is linearly present, and not where none is."""
+    from tasks import kv_arithmetic as kv
+
+    model = TransformerConfig.tiny(vocab_size=384, embed_dim=32, num_layers=1, num_heads=2,
+                                   num_kv_heads=2, mlp_dim=64, max_len=32)
+    table = kv.make_key_table(kv.LAPTOP_2OP)  # 102 held-in keys: every digit occurs
+    digit_of = {k: v % 10 for k, v in table.mapping.items()}
+
+    class Planted:  # states carry a one-hot of the key's last value digit at its last letter
+        def __init__(self, config):
+            pass
+
+        def apply(self, variables, tokens, return_states=()):
+            import numpy as np
+
+            states = {}
+            for layer in return_states:
+                x = np.random.default_rng(layer).normal(size=(*tokens.shape, 16))
+                for row, ids in enumerate(np.asarray(tokens)):
+                    text = kv.decode_ids(ids[1:])
+                    key = kv.split_expression(text.split("=")[0] + "=")[0][0]
+                    if layer == 1:
+                        x[row, len(key), :10] += 5.0 * np.eye(10)[digit_of[key]]
+                states[layer] = x
+            return None, states
+
+    monkeypatch.setattr(kvx, "Decoder", Planted)
+    probe = kvx.value_probe(model, None, "laptop_2op", num_examples=300)
+    assert probe["heldout"][1] == 100.0  # layer 1 holds the digit for every key
+    assert probe["heldout"][0] < 40.0  # layer 0 is noise: near chance on unseen keys
 
 
 def test_each_stage_gets_the_shortest_length_that_holds_its_data():

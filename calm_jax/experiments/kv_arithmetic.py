@@ -135,6 +135,44 @@ def greedy_exact_match(model, params, examples: Sequence[Mapping[str, str]], *, 
     return 100.0 * hits / len(examples)
 
 
+def value_probe(model: TransformerConfig, params, config: str, *, num_examples: int = 2000,
+                ridge: float = 0.1) -> dict[str, list[float]]:
+    """Does mA hold key values where the anchor can read them? Accuracy (%) per mA layer.
+
+    CALM can only carry a held-out key's value into the anchor if some mA state on the
+    KV-Arithmetic prompt encodes it in the same way for every key: the composition is trained
+    on held-in keys only. This fits a ridge-regression probe (one-hot targets) from mA's
+    residual stream at the first key's last letter to the last digit of that key's value, on
+    held-in-key prompts, and reports its accuracy on held-out-key prompts (chance is 10%).
+    `"heldin"` is the fit's own accuracy; a high "heldin" with a chance-level "heldout" means
+    the states identify the key but do not encode its value.
+    """
+    cfg = kv.CONFIGS[config]
+    table = kv.make_key_table(cfg)
+    heldin = set(table.heldin)
+    rows = (kv.get_examples("kv_arithmetic_heldin", "train", cfg)[:num_examples]
+            + kv.get_examples("kv_arithmetic_heldout", "validation", cfg)[:num_examples])
+    first = [kv.split_expression(r["inputs"])[0][0] for r in rows]
+    arrays = kv.to_numpy_arrays(rows, model.max_len)
+    layers = range(model.num_layers + 1)
+    _, states = Decoder(model).apply({"params": params}, arrays["decoder_input_tokens"],
+                                     return_states=layers)
+    # Input position of the key's last letter: index len(key) (position 0 holds the BOS pad).
+    index = np.array([len(k) for k in first])
+    digit = np.array([table.mapping[k] % 10 for k in first])
+    fit = np.array([k in heldin for k in first])
+    out: dict[str, list[float]] = {"heldin": [], "heldout": []}
+    for layer in layers:
+        x = np.asarray(states[layer], np.float64)[np.arange(len(rows)), index]
+        x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+        a = x[fit]
+        w = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ np.eye(10)[digit[fit]])
+        for name, sel in (("heldin", fit), ("heldout", ~fit)):
+            out[name].append(round(100.0 * float(np.mean((x[sel] @ w).argmax(1) == digit[sel])),
+                                   1))
+    return out
+
+
 def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: TransformerConfig,
         kv_config: str = "laptop", length: int = 48,
         connections: Sequence[tuple[int, int]] | None = None,
@@ -217,6 +255,8 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
         results["ablations"][name] = decode(model, params, evals["kv_arithmetic"])
         log.info("%s on KV-Arithmetic: %.1f", name, results["ablations"][name])
     results["ablations"]["CALM"] = results["accuracy"]["CALM"]["kv_arithmetic"]
+    results["value_probe"] = value_probe(augment_model, ma_params, kv_config)
+    log.info("mA value probe (%% by layer): %s", results["value_probe"])
     results["config"] = {"kv_config": kv_config, "length": length, "eval_examples": eval_examples,
                          "connections": {k: list(v) for k, v in calm_model.connections.items()},
                          "augment_model": ckpt.config_to_dict(augment_model),
@@ -244,6 +284,14 @@ def write_reports(run_dir: str, results: dict) -> None:
         lines += ["", "Ablations on KV-Arithmetic (held-out keys):", "",
                   "| Variant | accuracy |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in results["ablations"].items()]
+    if "value_probe" in results:
+        probe = results["value_probe"]
+        lines += ["", "Linear probe of mA's states at a key's last letter for the last digit of "
+                  "its value, fitted on held-in keys (chance 10%; see `value_probe`):", "",
+                  "| mA layer | " + " | ".join(map(str, range(len(probe["heldout"])))) + " |",
+                  "|---" * (len(probe["heldout"]) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in probe[name]) + " |"
+                  for name in ("heldin", "heldout")]
     lines += ["", f"Total time: {results['seconds']} s."]
     with open(os.path.join(run_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
