@@ -82,8 +82,8 @@ def _dataset(parts, stage: Stage, length: int, config: str) -> DatasetConfig:
     Training cost on a CPU is proportional to the padded length, and the three stages' examples
     differ a lot in length (numbers only vs keys), so each stage gets its own.
     """
-    longest = max(len(kv.encode_text(e["inputs"])) + len(kv.encode_text(e["targets"])) + 1
-                  for d, s in parts for e in kv.get_examples(d, s, kv.CONFIGS[config]))
+    longest = max(kv.max_sequence_length(kv.get_examples(d, s, kv.CONFIGS[config]))
+                  for d, s in parts)
     if longest > length:
         raise ValueError(f"length: expected at least {longest} (the longest {parts[0][0]} "
                          f"example), got {length}")
