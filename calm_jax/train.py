@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
@@ -112,15 +112,21 @@ def run(argv: Sequence[str]) -> dict:
     return result
 
 
-def console_main() -> None:
+def run_cli(entry: Callable[[Sequence[str]], Any]) -> None:
+    """Runs `entry(sys.argv[1:])` as a command: calm_jax progress logging on, and bad settings
+    (ValueError) end it with `error: ...` and exit status 2 instead of a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", force=True)
     logging.getLogger("calm_jax").setLevel(logging.INFO)
     try:
-        run(sys.argv[1:])
+        entry(sys.argv[1:])
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def console_main() -> None:
+    run_cli(run)
 
 
 if __name__ == "__main__":

@@ -44,13 +44,7 @@ def parse_args(argv):
     parser.add_argument("--heartbeat_timeout_seconds", type=int, default=None)
     parser.add_argument("--grace_seconds", type=float, default=150.0)
     parser.add_argument("--log_dir", default=None, help="also keep one local log per process")
-    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                        help="print the commands instead of running them")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER,
-                        help="-- then the arguments of python -m calm_jax.train")
-    args = parser.parse_args(argv)
-    if args.train_args[:1] == ["--"]:
-        args.train_args = args.train_args[1:]
+    args = procs.parse_launcher_args(parser, argv)
     args.host_list = [h.strip() for h in args.hosts.split(",") if h.strip()]
     if not args.host_list:
         parser.error(f"--hosts: expected comma-separated host names, got {args.hosts!r}")

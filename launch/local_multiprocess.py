@@ -43,13 +43,7 @@ def parse_args(argv):
                              "(default: heartbeat timeout + 15 s)")
     parser.add_argument("--log_dir", default=None, help="also write <log_dir>/process_I.log")
     parser.add_argument("--python", default=sys.executable)
-    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                        help="print the commands instead of running them")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER,
-                        help="-- then the arguments of python -m calm_jax.train")
-    args = parser.parse_args(argv)
-    if args.train_args[:1] == ["--"]:
-        args.train_args = args.train_args[1:]
+    args = procs.parse_launcher_args(parser, argv)
     if args.num_processes < 1:
         parser.error(f"--num_processes: expected a positive integer, got {args.num_processes}")
     if args.devices_per_process < 1:

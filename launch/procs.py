@@ -10,6 +10,7 @@ SIGTERM, then SIGKILL. No jax import here: the launchers run on any laptop.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -28,6 +29,21 @@ def shell_line(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> str:
     """A command as one shell line, with `VAR=value` assignments in front."""
     assignments = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()]
     return " ".join(assignments + [shlex.join(cmd)])
+
+
+def parse_launcher_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                        dry_run_help: str = "print the commands instead of running them"
+                        ) -> argparse.Namespace:
+    """Adds the options every launcher shares (`--dry-run`, and `-- <calm_jax.train args>` as
+    `train_args`, without the `--`), then parses `argv`."""
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help=dry_run_help)
+    parser.add_argument("train_args", nargs=argparse.REMAINDER,
+                        help="-- then the arguments of python -m calm_jax.train")
+    args = parser.parse_args(argv)
+    if args.train_args[:1] == ["--"]:
+        args.train_args = args.train_args[1:]
+    return args
 
 
 def free_port() -> int:

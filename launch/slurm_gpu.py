@@ -47,13 +47,7 @@ def parse_args(argv):
                         help="shell line run before srun, e.g. 'module load cuda/12.4' "
                              "(repeatable)")
     parser.add_argument("--output", default=None, help="where to write the batch script")
-    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                        help="print the script and the sbatch command instead")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER,
-                        help="-- then the arguments of python -m calm_jax.train")
-    args = parser.parse_args(argv)
-    if args.train_args[:1] == ["--"]:
-        args.train_args = args.train_args[1:]
+    args = procs.parse_launcher_args(parser, argv, dry_run_help="print the script and the sbatch command instead")
     for name in ("nodes", "gpus_per_node"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")

@@ -94,13 +94,7 @@ def parse_args(argv):
                         help="delete the slice and exit (nothing else runs)")
     parser.add_argument("--teardown_after_run", action="store_true",
                         help="delete the slice once the run has ended")
-    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
-                        help="print the commands instead of running them")
-    parser.add_argument("train_args", nargs=argparse.REMAINDER,
-                        help="-- then the arguments of python -m calm_jax.train")
-    args = parser.parse_args(argv)
-    if args.train_args[:1] == ["--"]:
-        args.train_args = args.train_args[1:]
+    args = procs.parse_launcher_args(parser, argv)
     if not args.teardown:
         if not args.accelerator_type:
             parser.error("--accelerator_type: expected a slice type such as v4-32, got none")

@@ -29,7 +29,6 @@ import functools
 import json
 import logging
 import os
-import sys
 import time
 from typing import Any, Mapping, Sequence
 
@@ -343,11 +342,6 @@ def main(argv: Sequence[str]) -> dict:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", force=True)
-    logging.getLogger("calm_jax").setLevel(logging.INFO)
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from calm_jax.train import run_cli
+
+    run_cli(main)
