@@ -138,9 +138,10 @@ def _validate_connections(name: str, pairs: Connections, augment: TransformerCon
         if not 1 <= aug_layer <= augment.num_layers:
             raise ValueError(f"{field}: expected augment layers in [1, {augment.num_layers}] "
                              f"(1-indexed), got {aug_layer} in {pairs}")
-        if not 1 <= anchor_layer <= anchor.num_layers:
-            raise ValueError(f"{field}: expected anchor layers in [1, {anchor.num_layers}] "
-                             f"(1-indexed), got {anchor_layer} in {pairs}")
+        if not 0 <= anchor_layer <= anchor.num_layers:
+            raise ValueError(f"{field}: expected anchor layers in [0, {anchor.num_layers}] "
+                             f"(1-indexed; 0 is the embedding output), got {anchor_layer} "
+                             f"in {pairs}")
     for which, k in (("augment", 0), ("anchor", 1)):
         seq = [p[k] for p in pairs]
         if any(b <= a for a, b in zip(seq, seq[1:])):

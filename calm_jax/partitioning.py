@@ -37,6 +37,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("layers", None),
     ("connections", None),
     ("lora_rank", None),
+    ("mtp_heads", None),
 )
 
 

@@ -20,6 +20,7 @@ frozen model exports it was trained against and refuses to resume against differ
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ from calm_jax import data as data_lib
 from calm_jax import distributed
 from calm_jax import lora as lora_lib
 from calm_jax import metrics as metrics_lib
+from calm_jax import multi_token as mtp_lib
 from calm_jax import partitioning as part
 from calm_jax.composition import ComposedLM, CompositionConfig
 from calm_jax.losses import cross_entropy
@@ -94,6 +96,10 @@ class _Setup:
     fingerprints: dict[str, str]  # frozen export -> fingerprint
     flops_per_token: float        # model FLOPs of one training token (matmuls only)
     export_config: TransformerConfig | None  # pretrain/finetune export the trained model
+    # (params, frozen, batch) -> (differentiated loss sum, metric sums); None: the
+    # next-token cross-entropy of `forward`'s logits.
+    loss_fn: Callable[[Any, Any, Mapping[str, jax.Array]], tuple[jax.Array, dict]] | None = None
+    export_params: Callable[[Any], Any] = lambda params: params  # the exported model's tree
 
 
 def _abstract_decoder(cfg: TransformerConfig) -> Any:
@@ -128,7 +134,8 @@ def _batch_kwargs(batch: Mapping[str, jax.Array]) -> dict[str, Any]:
 
 def _setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
            composition: CompositionConfig, lora: lora_lib.LoraConfig, mesh, rules,
-           rng: jax.Array) -> _Setup:
+           rng: jax.Array,
+           multi_token: mtp_lib.MultiTokenConfig = mtp_lib.MultiTokenConfig()) -> _Setup:
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     anchor_cfg = anchor.resolve("anchor")
@@ -149,6 +156,8 @@ def _setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
                                  f"from scratch; use mode='finetune'), got {anchor.checkpoint!r}")
             tokens = jnp.zeros((1, min(8, anchor_cfg.max_len)), jnp.int32)
             init = lambda k: nn.unbox(model.init(k, tokens)["params"])  # noqa: E731
+            if multi_token.depth > 1:
+                return _multi_token_setup(model, boxed, init, multi_token, 6.0 * n_anchor)
         else:
             if anchor.checkpoint is None:
                 raise ValueError("anchor.checkpoint: expected a model export to fine-tune in "
@@ -206,6 +215,43 @@ def _setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
     return _Setup(forward, boxed, init, frozen, fingerprints, flops, None)
 
 
+def _multi_token_setup(model: Decoder, boxed, init_decoder, mt: mtp_lib.MultiTokenConfig,
+                       flops_per_token: float) -> _Setup:
+    """Pretraining with extra heads for tokens further ahead (`calm_jax.multi_token`).
+
+    The trained tree is {'decoder': ..., 'multi_token': ...}; only 'decoder' is exported.
+    """
+    cfg = model.config
+    heads = mtp_lib.MultiTokenHeads(cfg, mt.depth)
+    hidden = jax.ShapeDtypeStruct((1, 1, cfg.embed_dim), jnp.float32)
+    boxed_heads = jax.eval_shape(heads.init, jax.random.key(0), hidden)["params"]
+
+    def init(k):
+        k_dec, k_heads = jax.random.split(k)
+        return {"decoder": init_decoder(k_dec),
+                "multi_token": nn.unbox(heads.init(k_heads, jnp.zeros((1, 1, cfg.embed_dim)))[
+                    "params"])}
+
+    def forward(params, frozen, batch):
+        return model.apply({"params": params["decoder"]}, batch["decoder_input_tokens"],
+                           **_batch_kwargs(batch))[0]
+
+    def loss_fn(params, frozen, batch):
+        logits, states = model.apply({"params": params["decoder"]},
+                                     batch["decoder_input_tokens"],
+                                     return_states=(cfg.num_layers,), **_batch_kwargs(batch))
+        targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        m = cross_entropy(logits, targets, weights)
+        ahead = heads.apply({"params": params["multi_token"]}, states[cfg.num_layers])
+        extra, _ = mtp_lib.ahead_loss(ahead, targets, weights, batch.get("decoder_segment_ids"))
+        return m["loss_sum"] + mt.weight * extra, m
+
+    extra_flops = 6.0 * (mt.depth - 1) * cfg.embed_dim * cfg.vocab_size
+    return _Setup(forward, {"decoder": boxed, "multi_token": boxed_heads}, init, {}, {},
+                  flops_per_token + extra_flops, cfg, loss_fn=loss_fn,
+                  export_params=lambda params: params["decoder"])
+
+
 def _loss_and_metrics(forward, params, frozen, batch):
     logits = forward(params, frozen, batch)
     m = cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
@@ -213,10 +259,15 @@ def _loss_and_metrics(forward, params, frozen, batch):
 
 
 def make_train_step(forward, optimizer: optax.GradientTransformation, lr_schedule,
-                    accum_steps: int) -> Callable:
-    """(state, frozen, batch) -> (state, metrics); gradients w.r.t. state['params'] only."""
-    grad_fn = jax.value_and_grad(lambda p, f, b: _loss_and_metrics(forward, p, f, b),
-                                 has_aux=True)
+                    accum_steps: int, loss_fn: Callable | None = None) -> Callable:
+    """(state, frozen, batch) -> (state, metrics); gradients w.r.t. state['params'] only.
+
+    `loss_fn(params, frozen, batch) -> (loss sum, metric sums)` replaces the next-token loss of
+    `forward`'s logits (an auxiliary loss, e.g. multi-token prediction).
+    """
+    if loss_fn is None:
+        loss_fn = functools.partial(_loss_and_metrics, forward)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step(state, frozen, batch):
         params = state["params"]
@@ -337,7 +388,7 @@ def build_program(s: _Setup, opt: optax.GradientTransformation, lr_schedule, acc
         jax.eval_shape(new_state, abstract_params), state_shardings)
     init_params = jax.jit(s.init_params, out_shardings=param_shardings)
     place_state = jax.jit(new_state, out_shardings=state_shardings)
-    train_step = jax.jit(make_train_step(s.forward, opt, lr_schedule, accum_steps),
+    train_step = jax.jit(make_train_step(s.forward, opt, lr_schedule, accum_steps, s.loss_fn),
                          in_shardings=(state_shardings, frozen_shardings, batch_sharding),
                          out_shardings=(state_shardings, repl), donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(s.forward),
@@ -358,11 +409,16 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
           eval_dataset: data_lib.DatasetConfig | None = None,
           eval_every: int = 0, eval_batches: int = 4, log_every: int = 10,
           seed: int = 0, peak_flops: float | None = None,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None,
+          multi_token: mtp_lib.MultiTokenConfig | None = None) -> dict[str, Any]:
     """Trains in `mode` for `num_steps` steps.
 
-    Returns {'state', 'frozen' (the frozen trees as used), 'history', 'stopped_early',
-    'model_dir'}.
+    Returns {'state', 'params' (the trained model's tree as exported: the decoder without
+    multi-token heads in pretraining; the trained tree otherwise), 'frozen' (the frozen trees as
+    used), 'history', 'stopped_early', 'model_dir'}.
+
+    `multi_token` (mode='pretrain' only) adds heads for tokens 2.. depth ahead to the loss
+    (`calm_jax.multi_token`); they are trained and checkpointed but not exported.
 
     `history` is a list of (step, metrics) for logged steps and evaluations. `stop_after` ends
     this invocation (with a checkpoint) after that many steps, as a preemption would; the
@@ -378,6 +434,10 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
         raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
     if mode in ("pretrain", "finetune") and augments:
         raise ValueError(f"augments: expected none in mode={mode!r}, got {sorted(augments)}")
+    multi_token = multi_token or mtp_lib.MultiTokenConfig()
+    if multi_token.depth > 1 and mode != "pretrain":
+        raise ValueError(f"multi_token.depth: expected 1 in mode={mode!r} (extra heads are a "
+                         f"pretraining loss), got {multi_token.depth}")
 
     mesh = part.make_mesh(partitioning)
     rules = partitioning.logical_axis_rules
@@ -396,7 +456,7 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
 
     with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
         s = _setup(mode, anchor=anchor, augments=augments, composition=composition, lora=lora,
-                   mesh=mesh, rules=rules, rng=rng_setup)
+                   mesh=mesh, rules=rules, rng=rng_setup, multi_token=multi_token)
         opt = make_optimizer(optimizer, num_steps)
         lr_schedule = schedule(optimizer, num_steps)
         prog = build_program(s, opt, lr_schedule, optimizer.grad_accum_steps, mesh, rules)
@@ -477,9 +537,10 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
         if s.export_config is not None and not stopped_early:
             export = os.path.join(model_dir, "export")  # every process joins orbax's save
             if not _agreed(os.path.exists(os.path.join(export, ckpt.CONFIG_FILE))):
-                ckpt.save_model(export, s.export_config, state["params"])
+                ckpt.save_model(export, s.export_config, s.export_params(state["params"]))
         log.info("done: %d steps in %s", step - start, _hms(time.time() - t_start))
-    return {"state": state, "frozen": s.frozen, "history": history,
+    return {"state": state, "params": s.export_params(state["params"]), "frozen": s.frozen,
+            "history": history,
             "stopped_early": stopped_early, "model_dir": model_dir}
 
 

@@ -146,6 +146,10 @@ class KVConfig:
       3-operand sums far sooner when 2-operand ones are mixed in.
     nonnegative: draw only expressions whose result is >= 0 (rejection sampling), so the
       answer's leading sign is always ``+`` and every answer digit follows from the lower ones.
+    scratchpad: every arithmetic target (Numeric-Arithmetic, KV-Arithmetic) first restates the
+      expression in numbers, then ``=`` and the answer: ``bako+tilu=`` -> ``123+045=8610``
+      (``123+045=`` -> ``123+045=8610`` for numbers). The restatement is exactly the
+      KV-Substitution target. See "Scratchpad" in the module docstring.
   """
 
   num_keys: int = 128
@@ -168,6 +172,7 @@ class KVConfig:
   operand_width: Optional[int] = None
   nonnegative: bool = False
   numeric_operands_min: Optional[int] = None
+  scratchpad: bool = False
 
   def __post_init__(self):
     if self.num_keys < 2:
@@ -373,9 +378,31 @@ def format_operand(value: int, config: KVConfig) -> str:
   return str(int(value)).zfill(config.operand_width or 0)
 
 
+def arithmetic_target(numeric_expression: str, value: int, config: KVConfig) -> str:
+  """The target of an arithmetic example: the answer, after the restated expression when
+  ``config.scratchpad``."""
+  answer = format_answer(value, config)
+  return f"{numeric_expression}{PROMPT_SUFFIX}{answer}" if config.scratchpad else answer
+
+
+def split_target(text: str, config: KVConfig) -> Tuple[Optional[str], str]:
+  """An arithmetic target or prediction -> (restated expression or None, answer text).
+
+  Without ``config.scratchpad`` the whole text is the answer. With it, the text is cut at its
+  first ``=``; a text without one is all restatement and has an empty answer.
+  """
+  if not config.scratchpad:
+    return None, text
+  restated, sep, answer = text.partition(PROMPT_SUFFIX)
+  return restated, answer if sep else ""
+
+
 def parse_answer(text: str, config: KVConfig) -> Optional[int]:
-  """Target/prediction string -> int, or None if it is not a well-formed answer."""
-  text = text.strip()
+  """Target/prediction string -> int, or None if it is not a well-formed answer.
+
+  With ``config.scratchpad`` the answer after the restated expression is parsed.
+  """
+  text = split_target(text.strip(), config)[1].strip()
   if config.answer_format == "plain":
     body = text[1:] if text.startswith("-") else text
     if not body or not body.isdigit():
@@ -563,7 +590,8 @@ def _build(config: KVConfig) -> Dict[str, Dict[str, Tuple[Tuple[str, str], ...]]
     return [format_operand(value_of[t], config) for t in toks]
 
   def answer(toks, ops):
-    return format_answer(evaluate([value_of[t] for t in toks], ops), config)
+    return arithmetic_target(join_expression(subst(toks), ops),
+                             evaluate([value_of[t] for t in toks], ops), config)
 
   # Held-out evaluation expressions: the same expressions feed the three Table-1 rows.
   heldout = _key_expressions(_rng(config, _STREAM_HELDOUT), config, table.heldout,
@@ -608,7 +636,7 @@ def _build(config: KVConfig) -> Dict[str, Dict[str, Tuple[Tuple[str, str], ...]]
           "validation": tuple(_ex(e, join_expression(subst(t), o)) for e, t, o in heldout),
       },
       "numeric_arithmetic": {
-          "train": tuple(_ex(e, format_answer(evaluate(n, o), config))
+          "train": tuple(_ex(e, arithmetic_target(e, evaluate(n, o), config))
                          for e, n, o in numeric_train),
           "validation": tuple(_ex(join_expression(subst(t), o), answer(t, o))
                               for _, t, o in heldout),

@@ -54,6 +54,30 @@ def test_composed_equals_anchor_at_init_exactly(augments, kind):
     assert not np.allclose(jax.jit(model.apply)(randomize_out(params), x), anchor)
 
 
+def test_a_connection_into_anchor_layer_0_updates_the_embeddings():
+    """Anchor layer 0 is the embedding output: its update is read by every anchor block."""
+    conns = {"kv": ((2, 0), (8, 4))}
+    model = ComposedLM(ANCHOR, {"kv": GPT2_AUG}, CompositionConfig(connections=conns))
+    assert model.connections == conns
+    params = nn.unbox(model.init(jax.random.key(0)))
+    x = tokens()
+    np.testing.assert_array_equal(jax.jit(model.apply)(params, x),
+                                  jax.jit(model.anchor_logits)(params, x))
+    # Only the layer-0 connection non-zero: the logits equal the anchor's run on embeddings
+    # plus that connection's update.
+    p = randomize_out(params)
+    p["composition"]["kv"]["out"] = p["composition"]["kv"]["out"].at[1].set(0.0)
+    anchor = Decoder(ANCHOR)
+    v = {"params": p["anchor"]}
+    positions, ctx = anchor.apply(v, x, method=Decoder.context)
+    h = anchor.apply(v, x, positions, method=Decoder.embed)
+    memory = model.memories(p, x, positions, None)["kv"]
+    h = h + model.bridges["kv"].apply({"params": p["composition"]["kv"]}, 0, h, memory, None)
+    h = anchor.apply(v, h, ctx, 0, ANCHOR.num_layers, method=Decoder.run_layers)
+    want = anchor.apply(v, h, method=Decoder.head)
+    np.testing.assert_allclose(jax.jit(model.apply)(p, x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_causal_over_the_shared_token_stream():
     model = ComposedLM(ANCHOR, {"kv": GPT2_AUG, "code": LLAMA_AUG})
     params = randomize_out(nn.unbox(model.init(jax.random.key(0))))
@@ -242,7 +266,7 @@ def test_composition_transfers_a_mapping_only_the_augment_knows():
     ({"kv": GPT2_AUG}, CompositionConfig(connections={"kv": ((4, 2), (9, 4))}),
      r"composition.connections\['kv'\]: expected augment layers in \[1, 8\].*got 9"),
     ({"kv": GPT2_AUG}, CompositionConfig(connections={"kv": ((4, 5),)}),
-     r"composition.connections\['kv'\]: expected anchor layers in \[1, 4\].*got 5"),
+     r"composition.connections\['kv'\]: expected anchor layers in \[0, 4\].*got 5"),
     ({"kv": GPT2_AUG}, CompositionConfig(connections={"kv": ((4, 3), (8, 2))}),
      r"composition.connections\['kv'\]: expected strictly increasing anchor layers, got \[3, 2\]"),
     ({"kv": GPT2_AUG}, CompositionConfig(connections={"kv": ((4, 2), (4, 3))}),

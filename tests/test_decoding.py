@@ -79,16 +79,19 @@ def plain(family):
 
 
 @functools.lru_cache(maxsize=None)
-def composed(augment_sees="all", kind="cross_attention"):
+def composed(augment_sees="all", kind="cross_attention", connections=""):
     """"all": the Gemma-style ANCHOR with both AUGMENTS; the other modes (cheaper to compile) a
     Llama-style anchor with the Llama-style augment only. Every composition parameter is random,
     the output projections included (they start at zero in `ComposedLM.init`), so the
-    cross-attention (or fusion) changes the logits."""
-    if (augment_sees, kind) == ("all", "cross_attention"):
+    cross-attention (or fusion) changes the logits. connections="embed" adds the first
+    connection to the anchor's embedding output (anchor layer 0)."""
+    if (augment_sees, kind, connections) == ("all", "cross_attention", ""):
         anchor, augments = ANCHOR, AUGMENTS
     else:
         anchor, augments = TransformerConfig.tiny(vocab_size=VOCAB), {"code": AUGMENTS["code"]}
-    model = ComposedLM(anchor, augments, CompositionConfig(kind=kind, augment_sees=augment_sees))
+    conns = {"code": ((2, 0), (4, 3))} if connections == "embed" else {}
+    model = ComposedLM(anchor, augments, CompositionConfig(kind=kind, augment_sees=augment_sees,
+                                                           connections=conns))
     return model, random_params(lambda: nn.unbox(model.init(jax.random.key(0))))
 
 
@@ -143,7 +146,8 @@ def assert_logits_close(got, want):
     np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=1e-5)
 
 
-@pytest.mark.parametrize("which", ["gpt2", "llama", "gemma", "all", "prompt", "all:fusion"])
+@pytest.mark.parametrize("which", ["gpt2", "llama", "gemma", "all", "prompt", "all:fusion",
+                                   "all:cross_attention:embed"])
 def test_cached_logits_equal_full_forward_and_greedy_equals_uncached(which):
     """Ragged greedy generation: the logits of every step equal the uncached forward of the
     same prefix, and the tokens equal an uncached greedy loop's."""

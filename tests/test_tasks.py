@@ -25,6 +25,8 @@ PADDED = kv.KVConfig(num_keys=60, value_max=99, operators=("+", "-"), operator_w
                      max_multiplications=None, operands_min=3, operands_max=3,
                      numeric_operands_min=2, operand_width=3, nonnegative=True, num_train=400,
                      num_eval=80, seed=5)
+# Arithmetic targets restate the expression in numbers before the answer.
+SCRATCH = PADDED.replace(scratchpad=True, seed=7)
 ARITH_SETS = ("numeric_arithmetic", "kv_arithmetic_heldin", "kv_arithmetic_heldout")
 
 
@@ -61,9 +63,10 @@ def substitute(expr, mapping, width=None):
   return re.sub(r"[a-wyz]+", lambda m: str(mapping[m.group(0)]).zfill(width or 0), expr)
 
 
-@pytest.fixture(scope="module", params=["small", "padded", "laptop"])
+@pytest.fixture(scope="module", params=["small", "padded", "scratch", "laptop"])
 def config(request):
-  return {"small": SMALL, "padded": PADDED, "laptop": kv.LAPTOP}[request.param]
+  return {"small": SMALL, "padded": PADDED, "scratch": SCRATCH,
+          "laptop": kv.LAPTOP}[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -170,11 +173,15 @@ def test_answers_are_correct(config, data):
         if name == "numeric_arithmetic":
           assert not re.search(r"[a-wyz]", ex["inputs"])
         value = reference_value(numeric)
-        assert reference_decode(ex["targets"], config) == value, (name, split, ex)
+        answer = ex["targets"]
+        if config.scratchpad:  # "<numbers>=<answer>": the restatement is the substitution
+          restated, answer = ex["targets"].split("=")
+          assert restated == substitute(ex["inputs"], mapping, config.operand_width)
+        assert reference_decode(answer, config) == value, (name, split, ex)
         assert kv.parse_answer(ex["targets"], config) == value
-        assert kv.format_answer(value, config) == ex["targets"]
+        assert kv.format_answer(value, config) == answer
         sign = 0 if config.nonnegative else 1
-        assert len(ex["targets"]) == config.width + sign, "answers must have a fixed width"
+        assert len(answer) == config.width + sign, "answers must have a fixed width"
         if config.nonnegative:
           assert value >= 0
 
@@ -284,6 +291,22 @@ def test_nonnegative_answers_have_no_sign():
   with pytest.raises(ValueError, match="negative"):
     kv.format_answer(-1, PADDED)
   assert kv.format_operand(7, PADDED) == "007" and kv.format_operand(7, SMALL) == "7"
+
+
+def test_scratchpad_targets_extend_the_substitution():
+  data = kv.build_datasets(SCRATCH)
+  sub = data["kv_substitution"]["validation"]
+  arith = data["kv_arithmetic_heldout"]["validation"]
+  for s, a in zip(sub, arith):
+    assert a["targets"].startswith(s["targets"] + "=")
+  assert kv.split_target("123+045=8610", SCRATCH) == ("123+045", "8610")
+  assert SCRATCH.width == 3
+  assert kv.split_target("123+045", SCRATCH) == ("123+045", "")
+  assert kv.split_target("8610", PADDED) == (None, "8610")
+  assert kv.parse_answer("123+045=861", SCRATCH) == 168
+  assert kv.parse_answer("123+045", SCRATCH) is None
+  assert kv.arithmetic_target("123+045", 168, SCRATCH) == "123+045=861"
+  assert kv.arithmetic_target("123+045", 168, PADDED) == "861"
 
 
 def test_plain_format_dataset_is_correct():

@@ -215,3 +215,51 @@ def test_gin_includes_resolve_with_a_runs_folder_in_the_working_directory(tmp_pa
     monkeypatch.syspath_prepend(str(tmp_path))
     train_cli.parse_gin(["experiments/pretrain_kv.gin"], ["MODEL_DIR = '/tmp/x'"])
     assert gin.query_parameter("%MODE") == "pretrain"
+
+
+def test_multi_token_pretraining_trains_extra_heads_and_exports_the_plain_decoder(tmp_path):
+    from calm_jax import multi_token
+
+    out = trainer.train(mode="pretrain", model_dir=str(tmp_path / "mtp"), num_steps=3,
+                        anchor=trainer.ModelSpec(config=CFG), dataset=DATA,
+                        multi_token=multi_token.MultiTokenConfig(depth=3), **FAST)
+    trained = out["state"]["params"]
+    assert set(trained) == {"decoder", "multi_token"}
+    assert trained["multi_token"]["kernel"].shape == (2, CFG.embed_dim, CFG.vocab_size)
+    cfg, exported = ckpt.load_model(str(tmp_path / "mtp" / "export"))
+    assert cfg == CFG
+    same = jax.tree.map(np.array_equal, exported, jax.device_get(trained["decoder"]))
+    assert all(jax.tree.leaves(same))
+    assert jax.tree.structure(out["params"]) == jax.tree.structure(exported)
+
+
+def test_multi_token_loss_reads_the_tokens_further_ahead():
+    from calm_jax import multi_token
+
+    targets = np.array([[7, 8, 9, 1, 0], [4, 5, 1, 6, 1]])
+    weights = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], np.float32)
+    segments = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 2, 2]])
+    vocab = 10
+    # Head 0 predicts the target one position further on, perfectly where it may.
+    logits = np.full((1, 2, 5, vocab), -30.0, np.float32)
+    for b in range(2):
+        for t in range(4):
+            logits[0, b, t, targets[b, t + 1]] = 30.0
+    total, count = multi_token.ahead_loss(logits, targets, weights, segments)
+    assert count == 9 and float(total) < 1e-6
+    # A wrong guess across the segment boundary (row 1: position 2 -> 3) is not counted ...
+    logits[0, 1, 2] = np.roll(logits[0, 1, 2], 1)
+    assert float(multi_token.ahead_loss(logits, targets, weights, segments)[0]) < 1e-6
+    # ... one inside a segment is.
+    logits[0, 0, 1] = np.roll(logits[0, 0, 1], 1)
+    assert float(multi_token.ahead_loss(logits, targets, weights, segments)[0]) > 1.0
+
+
+def test_multi_token_outside_pretraining_is_refused(tmp_path, exports):
+    from calm_jax import multi_token
+
+    with pytest.raises(ValueError, match=r"multi_token.depth: expected 1 in mode='compose'"):
+        _compose(tmp_path / "c", exports, multi_token=multi_token.MultiTokenConfig(depth=2))
+    with pytest.raises(ValueError, match=r"multi_token.depth: expected an integer >= 1, got 0"):
+        multi_token.MultiTokenConfig(depth=0)
+    assert not os.path.exists(tmp_path / "c")

@@ -41,6 +41,7 @@ from calm_jax import trainer
 from calm_jax.composition import ComposedLM, CompositionConfig
 from calm_jax.data import DatasetConfig
 from calm_jax.models import Decoder, TransformerConfig
+from calm_jax.multi_token import MultiTokenConfig
 from calm_jax.optim import OptimizerConfig
 from tasks import kv_arithmetic as kv
 
@@ -68,6 +69,7 @@ class Stage:
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup_steps: int = 50
+    multi_token: int = 1  # pretraining stages: tokens predicted per position (multi_token.py)
 
 
 def _features(parts: Sequence[tuple[str, str]], length: int, config: str) -> dict:
@@ -96,17 +98,19 @@ def _train_stage(name: str, run_dir: str, stage: Stage, **kw) -> dict:
     path = os.path.join(run_dir, name)
     log.info("=== stage %s (%d steps) ===", name, stage.steps)
     t = time.time()
+    if stage.multi_token > 1:
+        kw["multi_token"] = MultiTokenConfig(depth=stage.multi_token)
     out = trainer.train(model_dir=path, num_steps=stage.steps, log_every=max(stage.steps // 10, 1),
                         optimizer=OptimizerConfig(learning_rate=stage.learning_rate,
                                                   warmup_steps=stage.warmup_steps),
                         checkpoint=ckpt.CheckpointConfig(save_every=0, use_async=False), **kw)
-    return {"params": out["state"]["params"], "frozen": out["frozen"],
+    return {"params": out["params"], "frozen": out["frozen"],
             "seconds": time.time() - t}
 
 
-def greedy_exact_match(model, params, examples: Sequence[Mapping[str, str]], *, length: int,
-                       max_new: int, batch_size: int = 256) -> float:
-    """Accuracy (%) of greedy decoding: the generated text up to EOS equals the target.
+def greedy_decode(model, params, examples: Sequence[Mapping[str, str]], *, length: int,
+                  max_new: int, batch_size: int = 256) -> list[str]:
+    """Greedy continuations of the examples' inputs, as text up to EOS.
 
     `max_new` (new tokens, EOS included) is the same for every call of a run, so each model
     compiles its decoding loop once.
@@ -116,7 +120,7 @@ def greedy_exact_match(model, params, examples: Sequence[Mapping[str, str]], *, 
     if max(map(len, prompts)) > prompt_len:
         raise ValueError(f"length: expected room for prompts of {max(map(len, prompts))} tokens "
                          f"plus {max_new} new ones, got {length}")
-    hits = 0
+    texts = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         n = len(chunk)
@@ -129,9 +133,34 @@ def greedy_exact_match(model, params, examples: Sequence[Mapping[str, str]], *, 
         out = np.asarray(result.tokens)
         for i in range(n):
             row = list(out[i])
-            text = kv.decode_ids(row[:row.index(kv.EOS_ID)] if kv.EOS_ID in row else row)
-            hits += text == examples[start + i]["targets"]
+            texts.append(kv.decode_ids(row[:row.index(kv.EOS_ID)] if kv.EOS_ID in row
+                                       else row))
+    return texts
+
+
+def score(eval_set: str, predictions: Sequence[str], examples: Sequence[Mapping[str, str]],
+          config: kv.KVConfig) -> float:
+    """Exact match (%) of one Table-1 row.
+
+    Numeric- and KV-Arithmetic: the whole generated text equals the target (with a scratchpad,
+    restated expression and answer both). KV-Substitution: the generated substitution equals
+    the target, where with a scratchpad the substitution is the text before the first `=`: a
+    model trained on the arithmetic format writes the substitution and then goes on to the
+    answer, and the substitution is what this row measures.
+    """
+    if eval_set == "kv_substitution" and config.scratchpad:
+        predictions = [p.partition(kv.PROMPT_SUFFIX)[0] for p in predictions]
+    hits = sum(p == e["targets"] for p, e in zip(predictions, examples, strict=True))
     return 100.0 * hits / len(examples)
+
+
+def greedy_exact_match(model, params, examples: Sequence[Mapping[str, str]], *, length: int,
+                       max_new: int, batch_size: int = 256,
+                       eval_set: str = "kv_arithmetic", config: str = "laptop") -> float:
+    """`score` of `greedy_decode`: accuracy (%) of one model on one evaluation set."""
+    predictions = greedy_decode(model, params, examples, length=length, max_new=max_new,
+                                batch_size=batch_size)
+    return score(eval_set, predictions, examples, kv.CONFIGS[config])
 
 
 def value_probe(model: TransformerConfig, params, config: str, *, num_examples: int = 2000,
@@ -184,6 +213,14 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
         raise ValueError(f"ablations: expected a subset of {ABLATIONS}, got {bad}")
     if kv_config not in kv.CONFIGS:
         raise ValueError(f"kv_config: expected one of {sorted(kv.CONFIGS)}, got {kv_config!r}")
+    if compose.multi_token != 1:
+        raise ValueError(f"compose.multi_token: expected 1 (extra heads are a pretraining loss), "
+                         f"got {compose.multi_token}")
+    for stage_name, stage in (("pretrain_augment", pretrain_augment),
+                              ("pretrain_anchor", pretrain_anchor)):
+        if not isinstance(stage.multi_token, int) or stage.multi_token < 1:
+            raise ValueError(f"{stage_name}.multi_token: expected an integer >= 1, "
+                             f"got {stage.multi_token!r}")
     for name, cfg in (("augment_model", augment_model), ("anchor_model", anchor_model)):
         if cfg.vocab_size < kv.BYTE_VOCAB_SIZE:
             raise ValueError(f"{name}.vocab_size: expected at least {kv.BYTE_VOCAB_SIZE} "
@@ -226,7 +263,8 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     cfg = kv.CONFIGS[kv_config]
     evals = {k: kv.get_examples(d, s, cfg)[:eval_examples] for k, (d, s) in EVAL_SETS.items()}
     max_new = 1 + max(len(kv.encode_text(e["targets"])) for ex in evals.values() for e in ex)
-    decode = functools.partial(greedy_exact_match, length=length, max_new=max_new)
+    decode = functools.partial(greedy_exact_match, length=length, max_new=max_new,
+                               config=kv_config)
     ma_params, mb_params = stages["mA"]["params"], stages["mB"]["params"]
     calm_model = ComposedLM(anchor_model, {"mA": augment_model}, composition)
     frozen = {"anchor": mb_params, "augments": {"mA": ma_params}}
@@ -237,7 +275,7 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     }
     for name, (model, params) in models.items():
         results["accuracy"][name] = {
-            k: decode(model, params, ex) for k, ex in evals.items()}
+            k: decode(model, params, ex, eval_set=k) for k, ex in evals.items()}
         log.info("%s: %s", name, results["accuracy"][name])
     fusion_model = ComposedLM(anchor_model, {"mA": augment_model},
                               dataclasses.replace(composition, kind="fusion"))
