@@ -90,6 +90,10 @@ class CompositionConfig:
       normalize_inputs: RMS-normalise the anchor query and augmenting state inputs.
       proj_bias: bias on the D_aug -> D_anchor projection.
       norm_eps: epsilon of those norms.
+      rope_theta: rotary position embeddings with this base on the cross-attention's queries
+        and keys, at the positions of the shared token stream (anchor slot t and augmenting
+        slot t hold the same token), so a head can read by relative position, e.g. the
+        augmenting state of the current token. None: content-only attention (the paper's form).
     """
 
     connections: Mapping[str, Connections] = dataclasses.field(default_factory=dict)
@@ -100,6 +104,7 @@ class CompositionConfig:
     normalize_inputs: bool = True
     proj_bias: bool = True
     norm_eps: float = 1e-6
+    rope_theta: float | None = None
 
     def __post_init__(self):
         if self.kind not in ("cross_attention", "fusion"):
@@ -112,6 +117,13 @@ class CompositionConfig:
             raise ValueError("composition.augment_sees: expected 'all' with kind='fusion' "
                              "(position-wise fusion cannot read a prompt-only memory), "
                              "got 'prompt'")
+        if self.rope_theta is not None and not (
+                isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+            raise ValueError(f"composition.rope_theta: expected None or a positive number, "
+                             f"got {self.rope_theta!r}")
+        if self.rope_theta is not None and self.kind == "fusion":
+            raise ValueError("composition.rope_theta: expected None with kind='fusion' (it "
+                             f"reads only the current position), got {self.rope_theta!r}")
         for name in ("num_heads", "head_dim"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -164,6 +176,7 @@ class Bridge(nn.Module):
     normalize_inputs: bool = True
     proj_bias: bool = True
     norm_eps: float = 1e-6
+    rope_theta: float | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -201,11 +214,24 @@ class Bridge(nn.Module):
         y = L.normalize(x, "rmsnorm", self.norm_eps) * scale.astype(jnp.float32)
         return y.astype(self.dtype)
 
-    def memory(self, states: Array) -> dict[str, Array]:
+    def _rotate(self, x: Array, positions: Array | None) -> Array:
+        """Rotary embedding of x [batch, length, heads, head_dim] at positions [batch, length]."""
+        if self.rope_theta is None:
+            return x
+        if positions is None:
+            raise ValueError("positions: expected [batch, length] token positions with "
+                             "composition.rope_theta set, got None")
+        dim = self.head_dim
+        inv = 1.0 / (self.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+        angles = positions.astype(jnp.float32)[..., None] * inv
+        return L.apply_rope(x, jnp.sin(angles), jnp.cos(angles))
+
+    def memory(self, states: Array, positions: Array | None = None) -> dict[str, Array]:
         """states [n, batch, aug_len, D_aug] -> per-connection memory, leading axis n.
 
-        Cross-attention: {'key', 'value'} [n, batch, aug_len, heads, head_dim]; fusion:
-        {'proj'} [n, batch, aug_len, D_anchor].
+        Cross-attention: {'key', 'value'} [n, batch, aug_len, heads, head_dim] (keys rotated
+        to `positions` [batch, aug_len] with `rope_theta`); fusion: {'proj'}
+        [n, batch, aug_len, D_anchor].
         """
         x = states.astype(self.dtype)
         if self.normalize_inputs:
@@ -215,11 +241,15 @@ class Bridge(nn.Module):
             p = p + self.proj_b[:, None, None, :].astype(self.dtype)
         if self.kind == "fusion":
             return {"proj": p}
-        return {"key": jnp.einsum("nbsd,ndhk->nbshk", p, self.w_k.astype(self.dtype)),
+        key = jnp.einsum("nbsd,ndhk->nbshk", p, self.w_k.astype(self.dtype))
+        key = jax.vmap(lambda k: self._rotate(k, positions))(key)
+        return {"key": key,
                 "value": jnp.einsum("nbsd,ndhk->nbshk", p, self.w_v.astype(self.dtype))}
 
-    def __call__(self, i: int, h: Array, memory: dict[str, Array], mask: Array | None) -> Array:
-        """Connection i's update for the anchor state h [batch, len, D_anchor] (same shape)."""
+    def __call__(self, i: int, h: Array, memory: dict[str, Array], mask: Array | None,
+                 positions: Array | None = None) -> Array:
+        """Connection i's update for the anchor state h [batch, len, D_anchor] (same shape);
+        `positions` [batch, len] of the queries, needed with `rope_theta`."""
         x = h.astype(self.dtype)
         if self.normalize_inputs:
             x = self._norm(x, self.query_norm[i])
@@ -228,7 +258,8 @@ class Bridge(nn.Module):
             gate = jnp.concatenate([x, p], axis=-1) @ self.w_g[i].astype(self.dtype)
             hidden = jax.nn.silu(gate) * (p @ self.w_v[i].astype(self.dtype))
             return hidden @ self.w_o[i].astype(self.dtype)
-        q = jnp.einsum("btd,dhk->bthk", x, self.w_q[i].astype(self.dtype))
+        q = self._rotate(jnp.einsum("btd,dhk->bthk", x, self.w_q[i].astype(self.dtype)),
+                         positions)
         out = attend(q, memory["key"][i], memory["value"][i], mask=mask, is_causal=True,
                      scale=self.head_dim ** -0.5)
         return jnp.einsum("bthk,hkd->btd", out, self.w_o[i].astype(self.dtype))
@@ -290,6 +321,9 @@ class ComposedLM:
         self.config = composition
         self.num_heads = heads
         self.head_dim = composition.head_dim or anchor.embed_dim // heads
+        if composition.rope_theta is not None and self.head_dim % 2:
+            raise ValueError(f"composition.head_dim: expected an even width with rope_theta "
+                             f"set (rotary pairs), got {self.head_dim}")
         self.connections: dict[str, Connections] = {}
         for name, cfg in self.augment_configs.items():
             pairs = composition.connections.get(name) or default_connections(cfg, anchor)
@@ -311,7 +345,7 @@ class ComposedLM:
                       augment_dim=self.augment_configs[name].embed_dim,
                       num_connections=len(self.connections[name]), num_heads=self.num_heads,
                       head_dim=self.head_dim, kind=c.kind, normalize_inputs=c.normalize_inputs,
-                      proj_bias=c.proj_bias, norm_eps=c.norm_eps,
+                      proj_bias=c.proj_bias, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
                       dtype=self.anchor_config.compute_dtype,
                       param_dtype=self.anchor_config.params_dtype)
 
@@ -327,7 +361,8 @@ class ComposedLM:
             anchor_h = jnp.zeros((b, 1, self.anchor_config.embed_dim))
 
             def first(module, states=states, anchor_h=anchor_h):
-                return module(0, anchor_h, module.memory(states), None)
+                positions = jnp.zeros((b, 1), jnp.int32)
+                return module(0, anchor_h, module.memory(states, positions), None, positions)
 
             out[name] = bridge.init(key, method=first)["params"]
         return out
@@ -368,7 +403,7 @@ class ComposedLM:
                                  segment_ids=segment_ids, method=Decoder.hidden_states)
             stacked = jax.lax.stop_gradient(jnp.stack([states[a] for a in layers]))
             out[name] = self.bridges[name].apply({"params": params["composition"][name]},
-                                                 stacked, method=Bridge.memory)
+                                                 stacked, positions, method=Bridge.memory)
         return out
 
     def cross_mask(self, tokens: Array, segment_ids: Array | None,
@@ -401,11 +436,12 @@ class ComposedLM:
             return self.anchor.apply(anchor_vars, h, ctx, start, stop,
                                      method=Decoder.run_layers)
 
-        h = self._anchor_layers(params, h, run_segment, memories, mask)
+        h = self._anchor_layers(params, h, run_segment, memories, mask, positions)
         return self.anchor.apply(anchor_vars, h, method=Decoder.head)
 
     def _anchor_layers(self, params: Mapping[str, Any], h: Array, run_segment,
-                       memories: Mapping[str, Any], mask: Array | None) -> Array:
+                       memories: Mapping[str, Any], mask: Array | None,
+                       positions: Array) -> Array:
         """All anchor layers from h, each connection's update added after its anchor layer.
 
         `run_segment(h, start, stop)` applies anchor layers start+1 .. stop. Connections that
@@ -415,7 +451,7 @@ class ComposedLM:
         for layer, conns in self._at_layer:
             h = run_segment(h, done, layer)
             delta = sum(self.bridges[name].apply({"params": params["composition"][name]},
-                                                 i, h, memories[name], mask)
+                                                 i, h, memories[name], mask, positions)
                         for name, i in conns)
             h, done = h + delta.astype(h.dtype), layer
         return run_segment(h, done, self.anchor_config.num_layers)
@@ -475,6 +511,8 @@ class ComposedLM:
         params = nn.unbox(params)
         t = tokens.shape[1]
         index, start = cache.anchor.index, cache.anchor.start
+        anchor_cache = cache.anchor
+        ctx = make_cache_context(self.anchor_config, anchor_cache, t)  # the new tokens' positions
         memories, augments = dict(cache.memory), {}
         for name, model in self.augments.items():
             if name not in cache.augments:
@@ -485,7 +523,7 @@ class ComposedLM:
                 return_states=layers, logits=None, method=Decoder.extend)
             new = self.bridges[name].apply({"params": params["composition"][name]},
                                            jnp.stack([states[a] for a in layers]),
-                                           method=Bridge.memory)
+                                           ctx.positions, method=Bridge.memory)
             if self.config.kind == "fusion":
                 memories[name] = new  # position-wise: only the new tokens are read
             else:
@@ -501,8 +539,6 @@ class ComposedLM:
             mask = cache_mask(start, index, t, mem_len)
 
         anchor_vars = {"params": params["anchor"]}
-        anchor_cache = cache.anchor
-        ctx = make_cache_context(self.anchor_config, anchor_cache, t)
         h = self.anchor.apply(anchor_vars, tokens, ctx.positions, method=Decoder.embed)
 
         def run_segment(h, start, stop):
@@ -511,7 +547,7 @@ class ComposedLM:
                                                 method=Decoder.run_layers_cached)
             return h
 
-        h = self._anchor_layers(params, h, run_segment, memories, mask)
+        h = self._anchor_layers(params, h, run_segment, memories, mask, ctx.positions)
         if logits == "last":
             h = h[:, -1:]
         out = self.anchor.apply(anchor_vars, h, method=Decoder.head)

@@ -146,10 +146,10 @@ class KVConfig:
       3-operand sums far sooner when 2-operand ones are mixed in.
     nonnegative: draw only expressions whose result is >= 0 (rejection sampling), so the
       answer's leading sign is always ``+`` and every answer digit follows from the lower ones.
-    scratchpad: every arithmetic target (Numeric-Arithmetic, KV-Arithmetic) first restates the
-      expression in numbers, then ``=`` and the answer: ``bako+tilu=`` -> ``123+045=8610``
-      (``123+045=`` -> ``123+045=8610`` for numbers). The restatement is exactly the
-      KV-Substitution target. See "Scratchpad" in the module docstring.
+    scratchpad: KV-Arithmetic targets (composition data and evaluation) first write the
+      substitution, then ``=`` and the answer: ``bako+tilu=`` -> ``123+045=8610``, i.e. the
+      KV-Substitution target followed by the Numeric-Arithmetic example it makes. Other
+      datasets are unchanged. See "Scratchpad" in the module docstring.
   """
 
   num_keys: int = 128
@@ -379,22 +379,22 @@ def format_operand(value: int, config: KVConfig) -> str:
 
 
 def arithmetic_target(numeric_expression: str, value: int, config: KVConfig) -> str:
-  """The target of an arithmetic example: the answer, after the restated expression when
+  """A KV-Arithmetic target: the answer, after the substituted expression when
   ``config.scratchpad``."""
   answer = format_answer(value, config)
   return f"{numeric_expression}{PROMPT_SUFFIX}{answer}" if config.scratchpad else answer
 
 
 def split_target(text: str, config: KVConfig) -> Tuple[Optional[str], str]:
-  """An arithmetic target or prediction -> (restated expression or None, answer text).
+  """An arithmetic target or prediction -> (substituted expression or None, answer text).
 
-  Without ``config.scratchpad`` the whole text is the answer. With it, the text is cut at its
-  first ``=``; a text without one is all restatement and has an empty answer.
+  Without ``config.scratchpad``, or without a ``=`` in the text, the whole text is the answer.
+  With it, the text is cut at its first ``=``.
   """
-  if not config.scratchpad:
+  substitution, sep, answer = text.partition(PROMPT_SUFFIX)
+  if not config.scratchpad or not sep:
     return None, text
-  restated, sep, answer = text.partition(PROMPT_SUFFIX)
-  return restated, answer if sep else ""
+  return substitution, answer
 
 
 def parse_answer(text: str, config: KVConfig) -> Optional[int]:
@@ -590,6 +590,9 @@ def _build(config: KVConfig) -> Dict[str, Dict[str, Tuple[Tuple[str, str], ...]]
     return [format_operand(value_of[t], config) for t in toks]
 
   def answer(toks, ops):
+    return format_answer(evaluate([value_of[t] for t in toks], ops), config)
+
+  def kv_answer(toks, ops):
     return arithmetic_target(join_expression(subst(toks), ops),
                              evaluate([value_of[t] for t in toks], ops), config)
 
@@ -636,17 +639,17 @@ def _build(config: KVConfig) -> Dict[str, Dict[str, Tuple[Tuple[str, str], ...]]
           "validation": tuple(_ex(e, join_expression(subst(t), o)) for e, t, o in heldout),
       },
       "numeric_arithmetic": {
-          "train": tuple(_ex(e, arithmetic_target(e, evaluate(n, o), config))
+          "train": tuple(_ex(e, format_answer(evaluate(n, o), config))
                          for e, n, o in numeric_train),
           "validation": tuple(_ex(join_expression(subst(t), o), answer(t, o))
                               for _, t, o in heldout),
       },
       "kv_arithmetic_heldin": {
-          "train": tuple(_ex(e, answer(t, o)) for e, t, o in heldin_train),
-          "validation": tuple(_ex(e, answer(t, o)) for e, t, o in heldin_val),
+          "train": tuple(_ex(e, kv_answer(t, o)) for e, t, o in heldin_train),
+          "validation": tuple(_ex(e, kv_answer(t, o)) for e, t, o in heldin_val),
       },
       "kv_arithmetic_heldout": {
-          "validation": tuple(_ex(e, answer(t, o)) for e, t, o in heldout),
+          "validation": tuple(_ex(e, kv_answer(t, o)) for e, t, o in heldout),
       },
   }
 

@@ -79,19 +79,21 @@ def plain(family):
 
 
 @functools.lru_cache(maxsize=None)
-def composed(augment_sees="all", kind="cross_attention", connections=""):
+def composed(augment_sees="all", kind="cross_attention", variant=""):
     """"all": the Gemma-style ANCHOR with both AUGMENTS; the other modes (cheaper to compile) a
     Llama-style anchor with the Llama-style augment only. Every composition parameter is random,
     the output projections included (they start at zero in `ComposedLM.init`), so the
-    cross-attention (or fusion) changes the logits. connections="embed" adds the first
-    connection to the anchor's embedding output (anchor layer 0)."""
-    if (augment_sees, kind, connections) == ("all", "cross_attention", ""):
+    cross-attention (or fusion) changes the logits. variant="embed" adds the first connection
+    to the anchor's embedding output (anchor layer 0); "rope" rotates the cross-attention's
+    queries and keys by position."""
+    if (augment_sees, kind, variant) == ("all", "cross_attention", ""):
         anchor, augments = ANCHOR, AUGMENTS
     else:
         anchor, augments = TransformerConfig.tiny(vocab_size=VOCAB), {"code": AUGMENTS["code"]}
-    conns = {"code": ((2, 0), (4, 3))} if connections == "embed" else {}
+    conns = {"code": ((2, 0), (4, 3))} if variant == "embed" else {}
+    rope = 100.0 if variant == "rope" else None
     model = ComposedLM(anchor, augments, CompositionConfig(kind=kind, augment_sees=augment_sees,
-                                                           connections=conns))
+                                                           connections=conns, rope_theta=rope))
     return model, random_params(lambda: nn.unbox(model.init(jax.random.key(0))))
 
 
@@ -147,7 +149,7 @@ def assert_logits_close(got, want):
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama", "gemma", "all", "prompt", "all:fusion",
-                                   "all:cross_attention:embed"])
+                                   "all:cross_attention:embed", "all:cross_attention:rope"])
 def test_cached_logits_equal_full_forward_and_greedy_equals_uncached(which):
     """Ragged greedy generation: the logits of every step equal the uncached forward of the
     same prefix, and the tokens equal an uncached greedy loop's."""

@@ -174,7 +174,7 @@ def test_answers_are_correct(config, data):
           assert not re.search(r"[a-wyz]", ex["inputs"])
         value = reference_value(numeric)
         answer = ex["targets"]
-        if config.scratchpad:  # "<numbers>=<answer>": the restatement is the substitution
+        if config.scratchpad and name != "numeric_arithmetic":  # "<substitution>=<answer>"
           restated, answer = ex["targets"].split("=")
           assert restated == substitute(ex["inputs"], mapping, config.operand_width)
         assert reference_decode(answer, config) == value, (name, split, ex)
@@ -241,7 +241,10 @@ def test_three_evaluation_rows_share_expressions(config, data):
   for a, s, n in zip(kv_eval, sub_eval, num_eval):
     assert a["inputs"] == s["inputs"]
     assert n["inputs"] == s["targets"] + "="
-    assert n["targets"] == a["targets"]
+    if config.scratchpad:  # KV-Arithmetic = KV-Substitution, then Numeric-Arithmetic
+      assert a["targets"] == n["inputs"] + n["targets"]
+    else:
+      assert n["targets"] == a["targets"]
 
 
 def test_precedence_is_standard():
@@ -301,10 +304,14 @@ def test_scratchpad_targets_extend_the_substitution():
     assert a["targets"].startswith(s["targets"] + "=")
   assert kv.split_target("123+045=8610", SCRATCH) == ("123+045", "8610")
   assert SCRATCH.width == 3
-  assert kv.split_target("123+045", SCRATCH) == ("123+045", "")
+  assert kv.split_target("861", SCRATCH) == (None, "861")
   assert kv.split_target("8610", PADDED) == (None, "8610")
   assert kv.parse_answer("123+045=861", SCRATCH) == 168
+  assert kv.parse_answer("861", SCRATCH) == 168
   assert kv.parse_answer("123+045", SCRATCH) is None
+  numeric = data["numeric_arithmetic"]["validation"]
+  for s, n in zip(sub, numeric):  # Numeric-Arithmetic keeps the bare answer
+    assert n["inputs"] == s["targets"] + "=" and "=" not in n["targets"]
   assert kv.arithmetic_target("123+045", 168, SCRATCH) == "123+045=861"
   assert kv.arithmetic_target("123+045", 168, PADDED) == "861"
 

@@ -142,14 +142,18 @@ def score(eval_set: str, predictions: Sequence[str], examples: Sequence[Mapping[
           config: kv.KVConfig) -> float:
     """Exact match (%) of one Table-1 row.
 
-    Numeric- and KV-Arithmetic: the whole generated text equals the target (with a scratchpad,
-    restated expression and answer both). KV-Substitution: the generated substitution equals
-    the target, where with a scratchpad the substitution is the text before the first `=`: a
-    model trained on the arithmetic format writes the substitution and then goes on to the
-    answer, and the substitution is what this row measures.
+    Without a scratchpad (`KVConfig.scratchpad`) the generated text must equal the target.
+    With one, a model may write the substitution, `=`, then the answer (what the composition is
+    trained to do), so each row scores its own part: KV-Substitution the text before the first
+    `=`, the arithmetic rows the answer after it (`kv.split_target`; a text without `=` is all
+    answer, as mB writes it). The answer must match exactly, digit for digit.
     """
-    if eval_set == "kv_substitution" and config.scratchpad:
-        predictions = [p.partition(kv.PROMPT_SUFFIX)[0] for p in predictions]
+    if config.scratchpad:
+        if eval_set == "kv_substitution":
+            predictions = [p.partition(kv.PROMPT_SUFFIX)[0] for p in predictions]
+        else:
+            predictions = [kv.split_target(p, config)[1] for p in predictions]
+            examples = [{"targets": kv.split_target(e["targets"], config)[1]} for e in examples]
     hits = sum(p == e["targets"] for p, e in zip(predictions, examples, strict=True))
     return 100.0 * hits / len(examples)
 
