@@ -20,9 +20,11 @@ Registered names (laptop-scale ``kv_arithmetic.LAPTOP`` config; the same set wit
 the other named configs, e.g. ``paper_kv_substitution``, ``laptop_addsub_kv_substitution``):
 
   kv_dictionary, kv_substitution, numeric_arithmetic,        splits train, validation
+  numeric_substitution                                       split train
   kv_arithmetic_heldin                                       splits train, validation
   kv_arithmetic_heldout                                      split validation
-  kv_ma_pretrain  (mixture: kv_dictionary + kv_substitution, equal rates) - mA's pretraining
+  kv_ma_pretrain  (mixture: kv_dictionary + kv_substitution + numeric_substitution, equal
+                  rates) - mA's pretraining
   kv_mb_pretrain  (mixture: numeric_arithmetic)                          - mB's pretraining
   kv_composition  (mixture: kv_arithmetic_heldin)                        - CALM training (D_C)
 
@@ -54,7 +56,7 @@ else:
     _SEQIO_IMPORT_ERROR = e
 
 MIXTURES = {
-    "kv_ma_pretrain": ("kv_dictionary", "kv_substitution"),
+    "kv_ma_pretrain": ("kv_dictionary", "kv_substitution", "numeric_substitution"),
     "kv_mb_pretrain": ("numeric_arithmetic",),
     "kv_composition": ("kv_arithmetic_heldin",),
 }

@@ -45,6 +45,25 @@ Formats (decided here; the paper does not specify them)
 
   The same format is applied to every dataset and every model alike; ``parse_answer`` inverts it.
 
+Scratchpad (``KVConfig.scratchpad``) and context words (``KVConfig.context_words``)
+------------------------------------------------------------------------------------
+With ``scratchpad`` a KV-Arithmetic target first writes the substitution, then ``=`` and the
+answer: ``bako+tilu=`` -> ``123+045=8610``, i.e. the KV-Substitution target followed by the
+Numeric-Arithmetic example it makes. The other datasets keep their formats, and evaluation
+scores each Table-1 row on its own part (the substitution before the first ``=`` for
+KV-Substitution, the answer after it for the arithmetic rows). This is how the laptop models
+compose (measured, see README): the composed model writes mA's substitution token by token,
+reading mA as mA itself decodes the same stream (the paper's decoding: every generated token is
+fed to both models), and mB then computes on digits it has written. With bare answers, mB
+would have to compute on values the cross-attention adds to its residual stream, and the 4-layer
+mB reads its operands from token positions, which hold letters.
+
+With ``context_words`` = k > 0, each Numeric-Arithmetic TRAINING prompt is preceded by a random
+"sentence" of 0..k letter words (never keys) joined by ``+``/``-`` and ending in ``=``, without
+loss: ``ehaca-muvu=463-229=`` -> ``4320``. mB then reads arithmetic in context, as a general LM
+does, and not only at the start of a sequence (in the scratchpad stream the keys' expression
+comes first). mB still never sees a key or a value of one.
+
 Scale: the default ``LAPTOP`` config and why
 --------------------------------------------
 The paper uses 25K keys with values in [1, 25K], 3-6 operands and PaLM2 models (``PAPER``
@@ -70,6 +89,9 @@ train each stage in minutes:
 Datasets and splits (``build_datasets``)
 ----------------------------------------
 ``kv_dictionary``      train, validation: every key once, ``bako=`` -> ``123`` (mA pretraining).
+``numeric_substitution`` train: numeric expressions "substituted", i.e. unchanged,
+                       ``123+045=`` -> ``123+045`` (mA pretraining: numbers stand for
+                       themselves, so mA substitutes a numeric prompt as it is).
 ``kv_substitution``    train: expressions over ALL keys (mA pretraining); validation: the
                        held-out evaluation expressions (below), substituted.
 ``numeric_arithmetic`` train: expressions over uniform random numbers in [value_min, value_max]
@@ -146,6 +168,12 @@ class KVConfig:
       3-operand sums far sooner when 2-operand ones are mixed in.
     nonnegative: draw only expressions whose result is >= 0 (rejection sampling), so the
       answer's leading sign is always ``+`` and every answer digit follows from the lower ones.
+    context_words: Numeric-Arithmetic TRAINING prompts are preceded by a "sentence" of 0 to
+      this many random letter words (never a key) joined by operators and ending in ``=``,
+      e.g. ``ehaca-muvu=463-229=``, read without loss. A tiny mB trained only on bare
+      expressions finds operands relative to the sequence start; a general LM reads arithmetic
+      wherever it appears, which is what the scratchpad composition needs of the anchor
+      (the keys' expression precedes the substituted one). 0: bare prompts.
     scratchpad: KV-Arithmetic targets (composition data and evaluation) first write the
       substitution, then ``=`` and the answer: ``bako+tilu=`` -> ``123+045=8610``, i.e. the
       KV-Substitution target followed by the Numeric-Arithmetic example it makes. Other
@@ -172,6 +200,7 @@ class KVConfig:
   operand_width: Optional[int] = None
   nonnegative: bool = False
   numeric_operands_min: Optional[int] = None
+  context_words: int = 0
   scratchpad: bool = False
 
   def __post_init__(self):
@@ -210,6 +239,8 @@ class KVConfig:
         2 <= self.numeric_operands_min <= self.operands_max):
       raise ValueError(f"numeric_operands_min: expected None or 2..{self.operands_max}, got "
                        f"{self.numeric_operands_min}")
+    if not isinstance(self.context_words, int) or self.context_words < 0:
+      raise ValueError(f"context_words: expected an integer >= 0, got {self.context_words!r}")
     if self.answer_format not in ANSWER_FORMATS:
       raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}")
     if self.operand_width is not None and self.operand_width < len(str(self.value_max)):
@@ -279,18 +310,37 @@ LAPTOP_2OP = KVConfig(num_keys=512, value_min=1, value_max=999, operands_min=2, 
                       max_multiplications=None, operand_width=3, nonnegative=True,
                       num_train=8000, num_train_numeric=100_000)
 
+# The laptop reproduction (gin/experiments/kv_reproduction.gin): LAPTOP_2OP with the
+# KV-Arithmetic scratchpad (``bako+tilu=`` -> ``123+045=8610``) and Numeric-Arithmetic training
+# prompts read in context (up to 2 random words before them). Measured on the 2-core CPU
+# (2026-12-01, 4-layer 64-wide models): with bare answers the composition cannot make this mB
+# compute on values it reads from mA (its operand-reading attention looks at token positions
+# that hold letters), while with the scratchpad mA's own substitution, read through rotary
+# cross-attention, carries held-out keys and mB computes on the digits it has just written;
+# mB trained on bare prompts fails there (it finds operands relative to the sequence start),
+# mB trained with context words does not. See README, "The key-value experiment".
+LAPTOP_SCRATCHPAD = LAPTOP_2OP.replace(scratchpad=True, context_words=2)
+
 # A minute-scale version for CI: 48 keys, 2-3 operands, + and - only, short sequences.
 TINY = KVConfig(num_keys=48, value_min=1, value_max=60, operands_min=2, operands_max=3,
                 operators=("+", "-"), operator_weights=(0.5, 0.5), max_multiplications=None,
                 num_train=2000, num_eval=200)
 
+# The CI version of the reproduction: LAPTOP_SCRATCHPAD with 96 keys and two-digit values.
+TINY_SCRATCHPAD = LAPTOP_SCRATCHPAD.replace(num_keys=96, value_max=99, operand_width=2,
+                                            num_train=400, num_train_numeric=10_000,
+                                            num_eval=60)
+
 CONFIGS: Mapping[str, KVConfig] = {"laptop": LAPTOP, "laptop_addsub": LAPTOP_ADDSUB,
                                    "laptop_2op": LAPTOP_2OP,
-                                   "paper": PAPER, "tiny": TINY}
+                                   "laptop_scratchpad": LAPTOP_SCRATCHPAD,
+                                   "paper": PAPER, "tiny": TINY,
+                                   "tiny_scratchpad": TINY_SCRATCHPAD}
 
 # Dataset names and their splits.
 DATASET_SPLITS: Mapping[str, Tuple[str, ...]] = {
     "kv_dictionary": ("train", "validation"),
+    "numeric_substitution": ("train",),
     "kv_substitution": ("train", "validation"),
     "numeric_arithmetic": ("train", "validation"),
     "kv_arithmetic_heldin": ("train", "validation"),
@@ -422,7 +472,8 @@ def parse_answer(text: str, config: KVConfig) -> Optional[int]:
 # --------------------------------------------------------------------------------------------
 
 # One independent random stream per purpose, derived from config.seed.
-_STREAM_KEYS, _STREAM_HELDOUT, _STREAM_HELDIN, _STREAM_SUBST, _STREAM_NUMERIC = range(5)
+(_STREAM_KEYS, _STREAM_HELDOUT, _STREAM_HELDIN, _STREAM_SUBST, _STREAM_NUMERIC,
+ _STREAM_CONTEXT, _STREAM_NUMSUB) = range(7)
 
 
 def _rng(config: KVConfig, stream: int) -> np.random.Generator:
@@ -437,6 +488,24 @@ def _make_key(rng: np.random.Generator, length: int) -> str:
     pool = VOWELS if vowel else CONSONANTS
     letters.append(pool[int(rng.integers(0, len(pool)))])
   return "".join(letters)
+
+
+def _context_sentences(config: KVConfig, count: int, keys: Iterable[str]) -> List[str]:
+  """``count`` prefixes for Numeric-Arithmetic training prompts (``KVConfig.context_words``):
+  0 to context_words random non-key words joined by + or -, then ``=`` (or "" for 0)."""
+  rng = _rng(config, _STREAM_CONTEXT)
+  keys = set(keys)
+  out = []
+  for _ in range(count):
+    n = int(rng.integers(0, config.context_words + 1))
+    words = []
+    while len(words) < n:
+      word = _make_key(rng, int(rng.integers(config.key_len_min, config.key_len_max + 1)))
+      if word not in keys:
+        words.append(word)
+    ops = [("+", "-")[int(i)] for i in rng.integers(0, 2, size=max(n - 1, 0))]
+    out.append(join_expression(words, ops) + PROMPT_SUFFIX if words else "")
+  return out
 
 
 def _num_possible_keys(config: KVConfig) -> int:
@@ -623,6 +692,22 @@ def _build(config: KVConfig) -> Dict[str, Dict[str, Tuple[Tuple[str, str], ...]]
       return None
     return join_expression([format_operand(v, config) for v in nums], ops), nums, ops
 
+  def numeric_sampler(rng):
+    def sample():
+      ops = _sample_shape(rng, config, config.numeric_operands_min)
+      nums = [int(v) for v in rng.integers(config.value_min, config.value_max + 1,
+                                           size=len(ops) + 1)]
+      if config.nonnegative and evaluate(nums, ops) < 0:
+        return None
+      return join_expression([format_operand(v, config) for v in nums], ops), nums, ops
+    return sample
+
+  # mA's "numbers stand for themselves": numeric expressions substituted (unchanged).
+  numeric_substitution = _unique_samples(
+      numeric_sampler(_rng(config, _STREAM_NUMSUB)), config.num_train, exclude=heldout_numeric,
+      what="numeric substitution expressions",
+      capacity=count_expressions(config, config.value_max - config.value_min + 1))
+
   num_numeric = config.num_train if config.num_train_numeric is None else (
       config.num_train_numeric)
   numeric_train = _unique_samples(
@@ -631,16 +716,19 @@ def _build(config: KVConfig) -> Dict[str, Dict[str, Tuple[Tuple[str, str], ...]]
           config.replace(operands_min=config.numeric_operands_min or config.operands_min),
           config.value_max - config.value_min + 1))
 
+  context = (_context_sentences(config, len(numeric_train), table.keys)
+             if config.context_words else [""] * len(numeric_train))
   dictionary = tuple(_ex(k, format_operand(value_of[k], config)) for k in table.keys)
   return {
       "kv_dictionary": {"train": dictionary, "validation": dictionary},
+      "numeric_substitution": {"train": tuple(_ex(e, e) for e, _, _ in numeric_substitution)},
       "kv_substitution": {
           "train": tuple(_ex(e, join_expression(subst(t), o)) for e, t, o in subst_train),
           "validation": tuple(_ex(e, join_expression(subst(t), o)) for e, t, o in heldout),
       },
       "numeric_arithmetic": {
-          "train": tuple(_ex(e, format_answer(evaluate(n, o), config))
-                         for e, n, o in numeric_train),
+          "train": tuple(_ex(c + e, format_answer(evaluate(n, o), config))
+                         for c, (e, n, o) in zip(context, numeric_train)),
           "validation": tuple(_ex(join_expression(subst(t), o), answer(t, o))
                               for _, t, o in heldout),
       },

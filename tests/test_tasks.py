@@ -316,6 +316,30 @@ def test_scratchpad_targets_extend_the_substitution():
   assert kv.arithmetic_target("123+045", 168, PADDED) == "861"
 
 
+def test_context_words_precede_numeric_training_prompts_and_are_never_keys():
+  cfg = PADDED.replace(context_words=3, seed=9)
+  data = kv.build_datasets(cfg)
+  keys = set(kv.make_key_table(cfg).keys)
+  counts = set()
+  for ex in data["numeric_arithmetic"]["train"]:
+    context, numeric = re.fullmatch(r"((?:[a-wyz+\-]+=)?)([0-9+\-]+=)", ex["inputs"]).groups()
+    words = re.findall(r"[a-wyz]+", context)
+    counts.add(len(words))
+    assert not keys & set(words)
+    assert reference_decode(ex["targets"], cfg) == reference_value(numeric)
+  assert counts == {0, 1, 2, 3}
+  # Evaluation prompts stay bare, and so does everything else.
+  assert all(not re.search(r"[a-wyz]", ex["inputs"])
+             for ex in data["numeric_arithmetic"]["validation"])
+  bare = kv.build_datasets(cfg.replace(context_words=0))
+  assert [e["targets"] for e in bare["numeric_arithmetic"]["train"]] == [
+      e["targets"] for e in data["numeric_arithmetic"]["train"]]
+  assert bare["kv_arithmetic_heldin"] == data["kv_arithmetic_heldin"]
+  assert kv.build_datasets(cfg) == data  # deterministic
+  with pytest.raises(ValueError, match="context_words: expected an integer >= 0, got -1"):
+    cfg.replace(context_words=-1)
+
+
 def test_plain_format_dataset_is_correct():
   cfg = SMALL.replace(answer_format="plain", seed=11)
   data = kv.build_datasets(cfg)

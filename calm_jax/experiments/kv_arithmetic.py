@@ -6,7 +6,8 @@ r"""The paper's key-value arithmetic experiment (Table 1 and the Table 5 ablatio
 Stages, each a `calm_jax.trainer.train` run in its own directory under `run_dir` (a finished
 stage is skipped when the pipeline is run again):
 
-  mA          pretrain on the key dictionary + KV-Substitution (it knows every key);
+  mA          pretrain on the key dictionary + KV-Substitution (it knows every key), numbers
+              standing for themselves (`numeric_substitution`);
   mB          pretrain on Numeric-Arithmetic (it never sees a key);
   calm        compose mB (anchor) with mA (augment) on KV-Arithmetic over held-in keys only;
   lora        LoRA on mB, rank matched to CALM's parameter count, same data;
@@ -208,6 +209,7 @@ def value_probe(model: TransformerConfig, params, config: str, *, num_examples: 
 def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: TransformerConfig,
         kv_config: str = "laptop", length: int = 48,
         connections: Sequence[tuple[int, int]] | None = None,
+        rope_theta: float | None = None,
         pretrain_augment: Stage = Stage(), pretrain_anchor: Stage = Stage(),
         compose: Stage = Stage(), ablations: Sequence[str] = ABLATIONS,
         eval_examples: int = 500, seed: int = 0) -> dict:
@@ -229,9 +231,12 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
         if cfg.vocab_size < kv.BYTE_VOCAB_SIZE:
             raise ValueError(f"{name}.vocab_size: expected at least {kv.BYTE_VOCAB_SIZE} "
                              f"(byte vocabulary), got {cfg.vocab_size}")
-    composition = CompositionConfig(connections={"mA": tuple(connections)} if connections else {})
+    composition = CompositionConfig(connections={"mA": tuple(connections)} if connections else {},
+                                    rope_theta=rope_theta)
+    fusion = dataclasses.replace(composition, kind="fusion", rope_theta=None)
     # The stages' data (and their lengths) are checked before anything is trained or written.
-    ma_ds = _dataset([("kv_dictionary", "train"), ("kv_substitution", "train")],
+    ma_ds = _dataset([("kv_dictionary", "train"), ("kv_substitution", "train"),
+                      ("numeric_substitution", "train")],
                      pretrain_augment, length, kv_config)
     mb_ds = _dataset([("numeric_arithmetic", "train")], pretrain_anchor, length, kv_config)
     dc = _dataset([("kv_arithmetic_heldin", "train")], compose, length, kv_config)
@@ -256,8 +261,7 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
         "finetune": dict(mode="finetune"),
         "random_mA": dict(mode="compose", augments={"mA": trainer.ModelSpec(
             config=augment_model)}, composition=composition),
-        "fusion": dict(mode="compose", augments={"mA": ma_spec},
-                       composition=dataclasses.replace(composition, kind="fusion")),
+        "fusion": dict(mode="compose", augments={"mA": ma_spec}, composition=fusion),
     }
     for name in ablations:
         stages[name] = _train_stage(name, run_dir, compose, **extra[name], **common)
@@ -281,8 +285,7 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
         results["accuracy"][name] = {
             k: decode(model, params, ex, eval_set=k) for k, ex in evals.items()}
         log.info("%s: %s", name, results["accuracy"][name])
-    fusion_model = ComposedLM(anchor_model, {"mA": augment_model},
-                              dataclasses.replace(composition, kind="fusion"))
+    fusion_model = ComposedLM(anchor_model, {"mA": augment_model}, fusion)
     for name in ablations:
         p, used = stages[name]["params"], stages[name]["frozen"]
         if name == "lora":
