@@ -121,7 +121,9 @@ def register_kv_tasks(config: kv_arithmetic.KVConfig = kv_arithmetic.LAPTOP,
       if num_examples is not None:
         sizes[split] = num_examples
       elif split == "train":
-        sizes[split] = config.num_train
+        own = {"numeric_arithmetic": config.num_train_numeric,
+               "kv_substitution": config.num_train_substitution}.get(dataset)
+        sizes[split] = config.num_train if own is None else own
       else:
         sizes[split] = config.num_eval
     seqio.TaskRegistry.add(

@@ -59,8 +59,8 @@ would have to compute on values the cross-attention adds to its residual stream,
 mB reads its operands from token positions, which hold letters.
 
 With ``context_words`` = k > 0, each Numeric-Arithmetic TRAINING prompt is preceded by a random
-"sentence" of 0..k letter words (never keys) joined by ``+``/``-`` and ending in ``=``, without
-loss: ``ehaca-muvu=463-229=`` -> ``4320``. mB then reads arithmetic in context, as a general LM
+"sentence" of 0..k words (letter strings that are never keys, or numbers) joined by ``+``/``-``
+and ending in ``=``, without loss: ``ehaca-071=463-229=`` -> ``4320``. mB then reads arithmetic in context, as a general LM
 does, and not only at the start of a sequence (in the scratchpad stream the keys' expression
 comes first). mB still never sees a key or a value of one.
 
@@ -154,6 +154,8 @@ class KVConfig:
     num_train: examples in each training split (except kv_dictionary: one per key).
     num_train_numeric: training examples of Numeric-Arithmetic, whose supply is not limited by
       the keys (mB must learn the arithmetic itself); None means ``num_train``.
+    num_train_substitution: training examples of KV-Substitution (over all keys, so not
+      limited by the held-in keys as the composition data is); None means ``num_train``.
     num_eval: examples in each evaluation split (except kv_dictionary).
     seed: master seed; every dataset uses its own stream derived from it.
     answer_format: "reversed" (sign + fixed-width least-significant-digit-first; default) or
@@ -169,8 +171,8 @@ class KVConfig:
     nonnegative: draw only expressions whose result is >= 0 (rejection sampling), so the
       answer's leading sign is always ``+`` and every answer digit follows from the lower ones.
     context_words: Numeric-Arithmetic TRAINING prompts are preceded by a "sentence" of 0 to
-      this many random letter words (never a key) joined by operators and ending in ``=``,
-      e.g. ``ehaca-muvu=463-229=``, read without loss. A tiny mB trained only on bare
+      this many random words (letter strings that are never keys, or numbers) joined by
+      operators and ending in ``=``, e.g. ``ehaca-071=463-229=``, read without loss. A tiny mB trained only on bare
       expressions finds operands relative to the sequence start; a general LM reads arithmetic
       wherever it appears, which is what the scratchpad composition needs of the anchor
       (the keys' expression precedes the substituted one). 0: bare prompts.
@@ -193,6 +195,7 @@ class KVConfig:
   heldin_fraction: float = 0.2
   num_train: int = 8000
   num_train_numeric: Optional[int] = None
+  num_train_substitution: Optional[int] = None
   num_eval: int = 500
   seed: int = 0
   answer_format: str = "reversed"
@@ -235,6 +238,9 @@ class KVConfig:
       raise ValueError("num_train and num_eval must be >= 1")
     if self.num_train_numeric is not None and self.num_train_numeric < 1:
       raise ValueError(f"num_train_numeric: expected None or >= 1, got {self.num_train_numeric}")
+    if self.num_train_substitution is not None and self.num_train_substitution < 1:
+      raise ValueError(f"num_train_substitution: expected None or >= 1, got "
+                       f"{self.num_train_substitution}")
     if self.numeric_operands_min is not None and not (
         2 <= self.numeric_operands_min <= self.operands_max):
       raise ValueError(f"numeric_operands_min: expected None or 2..{self.operands_max}, got "
@@ -329,7 +335,7 @@ TINY = KVConfig(num_keys=48, value_min=1, value_max=60, operands_min=2, operands
 # The CI version of the reproduction: LAPTOP_SCRATCHPAD with 96 keys and two-digit values.
 TINY_SCRATCHPAD = LAPTOP_SCRATCHPAD.replace(num_keys=96, value_max=99, operand_width=2,
                                             num_train=400, num_train_numeric=10_000,
-                                            num_eval=60)
+                                            num_train_substitution=4000, num_eval=60)
 
 CONFIGS: Mapping[str, KVConfig] = {"laptop": LAPTOP, "laptop_addsub": LAPTOP_ADDSUB,
                                    "laptop_2op": LAPTOP_2OP,
@@ -492,7 +498,8 @@ def _make_key(rng: np.random.Generator, length: int) -> str:
 
 def _context_sentences(config: KVConfig, count: int, keys: Iterable[str]) -> List[str]:
   """``count`` prefixes for Numeric-Arithmetic training prompts (``KVConfig.context_words``):
-  0 to context_words random non-key words joined by + or -, then ``=`` (or "" for 0)."""
+  0 to context_words random words joined by + or -, then ``=`` (or "" for 0). A word is a
+  random letter string that is not a key, or (with probability 1/2) a written number."""
   rng = _rng(config, _STREAM_CONTEXT)
   keys = set(keys)
   out = []
@@ -500,6 +507,10 @@ def _context_sentences(config: KVConfig, count: int, keys: Iterable[str]) -> Lis
     n = int(rng.integers(0, config.context_words + 1))
     words = []
     while len(words) < n:
+      if rng.integers(0, 2):
+        words.append(format_operand(int(rng.integers(config.value_min, config.value_max + 1)),
+                                    config))
+        continue
       word = _make_key(rng, int(rng.integers(config.key_len_min, config.key_len_max + 1)))
       if word not in keys:
         words.append(word)
@@ -677,8 +688,10 @@ def _build(config: KVConfig) -> Dict[str, Dict[str, Tuple[Tuple[str, str], ...]]
   heldin_val, heldin_train = heldin[: config.num_eval], heldin[config.num_eval:]
 
   # mA's substitution training data over ALL keys, never one of the evaluation inputs.
+  num_subst = (config.num_train if config.num_train_substitution is None
+               else config.num_train_substitution)
   subst_train = _key_expressions(_rng(config, _STREAM_SUBST), config, table.keys,
-                                 config.num_train, value_of, exclude=heldout_inputs,
+                                 num_subst, value_of, exclude=heldout_inputs,
                                  what="substitution expressions")
 
   # mB's numeric training data over uniform numbers, never one of the evaluation inputs.

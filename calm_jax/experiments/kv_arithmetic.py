@@ -44,6 +44,7 @@ from calm_jax.data import DatasetConfig
 from calm_jax.models import Decoder, TransformerConfig
 from calm_jax.multi_token import MultiTokenConfig
 from calm_jax.optim import OptimizerConfig
+from calm_jax.partitioning import PartitioningConfig
 from tasks import kv_arithmetic as kv
 
 log = logging.getLogger("calm_jax")
@@ -210,10 +211,16 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
         kv_config: str = "laptop", length: int = 48,
         connections: Sequence[tuple[int, int]] | None = None,
         rope_theta: float | None = None,
+        partitioning: PartitioningConfig | None = None,
         pretrain_augment: Stage = Stage(), pretrain_anchor: Stage = Stage(),
         compose: Stage = Stage(), ablations: Sequence[str] = ABLATIONS,
         eval_examples: int = 500, seed: int = 0) -> dict:
-    """Runs every stage and writes results.json / results.md / results.png into run_dir."""
+    """Runs every stage and writes results.json / results.md / results.png into run_dir.
+
+    `connections` and `rope_theta` configure CALM's cross-attention (`CompositionConfig`; the
+    fusion ablation has no positions); `partitioning` is every stage's mesh (default: all
+    devices, data parallel).
+    """
     bad = [a for a in ablations if a not in ABLATIONS]
     if bad:
         raise ValueError(f"ablations: expected a subset of {ABLATIONS}, got {bad}")
@@ -247,13 +254,13 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     stages = {}
     stages["mA"] = _train_stage("mA", run_dir, pretrain_augment, mode="pretrain",
                                 anchor=trainer.ModelSpec(config=augment_model), seed=seed,
-                                dataset=ma_ds)
+                                dataset=ma_ds, partitioning=partitioning)
     stages["mB"] = _train_stage("mB", run_dir, pretrain_anchor, mode="pretrain",
                                 anchor=trainer.ModelSpec(config=anchor_model), seed=seed + 1,
-                                dataset=mb_ds)
+                                dataset=mb_ds, partitioning=partitioning)
     ma_spec = trainer.ModelSpec(checkpoint=os.path.join(run_dir, "mA", "export"))
     mb_spec = trainer.ModelSpec(checkpoint=os.path.join(run_dir, "mB", "export"))
-    common = dict(anchor=mb_spec, dataset=dc, seed=seed + 2)
+    common = dict(anchor=mb_spec, dataset=dc, seed=seed + 2, partitioning=partitioning)
     stages["calm"] = _train_stage("calm", run_dir, compose, mode="compose",
                                   augments={"mA": ma_spec}, composition=composition, **common)
     extra = {
@@ -271,8 +278,17 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     cfg = kv.CONFIGS[kv_config]
     evals = {k: kv.get_examples(d, s, cfg)[:eval_examples] for k, (d, s) in EVAL_SETS.items()}
     max_new = 1 + max(len(kv.encode_text(e["targets"])) for ex in evals.values() for e in ex)
-    decode = functools.partial(greedy_exact_match, length=length, max_new=max_new,
-                               config=kv_config)
+    cfg = kv.CONFIGS[kv_config]
+    results["samples"] = {}
+
+    def decode(model, params, examples, eval_set, name):
+        """Accuracy of one model on one set; its first generations go into results."""
+        predictions = greedy_decode(model, params, examples, length=length, max_new=max_new)
+        results["samples"].setdefault(name, {})[eval_set] = [
+            {"inputs": e["inputs"], "target": e["targets"], "generated": p}
+            for e, p in zip(examples[:3], predictions)]
+        return score(eval_set, predictions, examples, cfg)
+
     ma_params, mb_params = stages["mA"]["params"], stages["mB"]["params"]
     calm_model = ComposedLM(anchor_model, {"mA": augment_model}, composition)
     frozen = {"anchor": mb_params, "augments": {"mA": ma_params}}
@@ -283,7 +299,7 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     }
     for name, (model, params) in models.items():
         results["accuracy"][name] = {
-            k: decode(model, params, ex, eval_set=k) for k, ex in evals.items()}
+            k: decode(model, params, ex, k, name) for k, ex in evals.items()}
         log.info("%s: %s", name, results["accuracy"][name])
     fusion_model = ComposedLM(anchor_model, {"mA": augment_model}, fusion)
     for name in ablations:
@@ -296,13 +312,15 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
         else:
             model = calm_model if name == "random_mA" else fusion_model
             params = {**used, "composition": p}
-        results["ablations"][name] = decode(model, params, evals["kv_arithmetic"])
+        results["ablations"][name] = decode(model, params, evals["kv_arithmetic"],
+                                            "kv_arithmetic", name)
         log.info("%s on KV-Arithmetic: %.1f", name, results["ablations"][name])
     results["ablations"]["CALM"] = results["accuracy"]["CALM"]["kv_arithmetic"]
     results["value_probe"] = value_probe(augment_model, ma_params, kv_config)
     log.info("mA value probe (%% by layer): %s", results["value_probe"])
     results["config"] = {"kv_config": kv_config, "length": length, "eval_examples": eval_examples,
                          "connections": {k: list(v) for k, v in calm_model.connections.items()},
+                         "rope_theta": rope_theta,
                          "augment_model": ckpt.config_to_dict(augment_model),
                          "anchor_model": ckpt.config_to_dict(anchor_model),
                          "stages": {n: dataclasses.asdict(s) for n, s in (
