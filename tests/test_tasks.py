@@ -570,7 +570,8 @@ def test_seqio_mixture_reads(seqio_tasks):
       sequence_length={"inputs": 64, "targets": 64}, split="train", shuffle=True, seed=0)
   got = list(ds.take(8).as_numpy_iterator())
   assert len(got) == 8
-  allowed = {(ex["inputs"], ex["targets"]) for name in ("kv_dictionary", "kv_substitution")
+  allowed = {(ex["inputs"], ex["targets"])
+             for name in ("kv_dictionary", "kv_substitution", "numeric_substitution")
              for ex in kv.get_examples(name, "train")}
   for ex in got:
     assert ex["targets"][-1] == kv.EOS_ID
