@@ -224,7 +224,7 @@ LAPTOP_2OP = KVConfig(num_keys=512, value_min=1, value_max=999, operands_min=2, 
 
 # The laptop reproduction (gin/experiments/kv_reproduction.gin): LAPTOP_2OP with the
 # KV-Arithmetic scratchpad (``bako+tilu=`` -> ``123+045=8610``) and Numeric-Arithmetic training
-# prompts read in context (up to 2 random words before them). Measured on the 2-core CPU
+# prompts read in context (up to 2 random words or numbers before them). Measured on the CPU
 # (2026-12-01, 4-layer 64-wide models): with bare answers the composition cannot make this mB
 # compute on values it reads from mA (its operand-reading attention looks at token positions
 # that hold letters), while with the scratchpad mA's own substitution, read through rotary
