@@ -160,15 +160,6 @@ def score(eval_set: str, predictions: Sequence[str], examples: Sequence[Mapping[
     return 100.0 * hits / len(examples)
 
 
-def greedy_exact_match(model, params, examples: Sequence[Mapping[str, str]], *, length: int,
-                       max_new: int, batch_size: int = 256,
-                       eval_set: str = "kv_arithmetic", config: str = "laptop") -> float:
-    """`score` of `greedy_decode`: accuracy (%) of one model on one evaluation set."""
-    predictions = greedy_decode(model, params, examples, length=length, max_new=max_new,
-                                batch_size=batch_size)
-    return score(eval_set, predictions, examples, kv.CONFIGS[config])
-
-
 def value_probe(model: TransformerConfig, params, config: str, *, num_examples: int = 2000,
                 ridge: float = 0.1) -> dict[str, list[float]]:
     """Does mA hold key values where the anchor can read them? Accuracy (%) per mA layer.
@@ -278,7 +269,6 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     cfg = kv.CONFIGS[kv_config]
     evals = {k: kv.get_examples(d, s, cfg)[:eval_examples] for k, (d, s) in EVAL_SETS.items()}
     max_new = 1 + max(len(kv.encode_text(e["targets"])) for ex in evals.values() for e in ex)
-    cfg = kv.CONFIGS[kv_config]
     results["samples"] = {}
 
     def decode(model, params, examples, eval_set, name):
