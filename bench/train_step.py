@@ -138,7 +138,7 @@ SHAPES: dict[str, tuple[dict, dict, int, int, int]] = {
 ISSUE_PARAMS = {"small": (234_230_784, 49_984_000), "large": (1_475_364_864, 435_692_544)}
 
 
-def model_configs(shape: str, *, dtype: str = "bfloat16", attention_impl: str = "xla",
+def model_configs(shape: str, *, dtype: str = "bfloat16", attention_impl: str = "auto",
                   remat: str = "none", unroll: bool = False
                   ) -> tuple[TransformerConfig, TransformerConfig]:
     """(anchor, augment) configs of `shape`; parameters fp32 (trained ones stay fp32, frozen
@@ -214,6 +214,7 @@ class Built:
       trainer_flops_per_token: the trainer's count (compose adds 6 N_composition).
       n: {'anchor', 'augment', 'composition'} parameter counts (no input embedding).
       forward: the trainer's forward (params, frozen, batch) -> logits.
+      loss: the trainer's loss (params, frozen, batch) -> (loss sum, metric sums).
       expected_flops_per_token: `expected_flops_per_token` (what the step must compute).
       tokens: tokens per step (batch x length).
     """
@@ -256,7 +257,7 @@ def kernel_sets(anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig
 
 def build(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig, *,
           batch: int, length: int, mesh, rules, seed: int = 0,
-          optimizer: OptimizerConfig | None = None) -> Built:
+          optimizer: OptimizerConfig | None = None, loss_chunk: int | None = None) -> Built:
     """The trainer's step for `mode` ("compose", or "finetune": all anchor parameters trained).
 
     "finetune" uses the trainer's "pretrain" setup: the same step as its "finetune" mode (every
@@ -273,7 +274,7 @@ def build(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConf
     s = trainer._setup("compose" if mode == "compose" else "pretrain",
                        anchor=trainer.ModelSpec(config=anchor_cfg), augments=augments,
                        composition=CompositionConfig(), lora=lora_lib.LoraConfig(), mesh=mesh,
-                       rules=rules, rng=rng_setup)
+                       rules=rules, rng=rng_setup, loss_chunk=loss_chunk)
     opt = make_optimizer(optimizer, total_steps)
     lr_schedule = schedule(optimizer, total_steps)
 
@@ -297,7 +298,7 @@ def build(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConf
         ideal = 6.0 * n_anchor
         n = {"anchor": n_anchor}
     return Built(mode=mode, step=step, state=state, frozen=s.frozen, batch=placed,
-                 forward=s.forward, flops_per_token=ideal,
+                 forward=s.forward, loss=s.loss(), flops_per_token=ideal,
                  trainer_flops_per_token=s.flops_per_token,
                  expected_flops_per_token=expected_flops_per_token(mode, anchor_cfg,
                                                                    augment_cfg),
@@ -383,7 +384,7 @@ def saved_residuals(built: Built) -> list[tuple[tuple[int, ...], str, int, str]]
         return []
 
     def loss(params):
-        return trainer._loss_and_metrics(built.forward, params, built.frozen, built.batch)[0]
+        return built.loss(params, built.frozen, built.batch)[0]
 
     out = []
     try:
@@ -407,7 +408,7 @@ def residual_bytes(residuals) -> int:
 
 def traced_residuals(mode: str, anchor_cfg: TransformerConfig,
                      augment_cfg: TransformerConfig, *, batch: int, length: int, mesh,
-                     rules, top: int = 5) -> dict[str, Any]:
+                     rules, top: int = 5, loss_chunk: int | None = None) -> dict[str, Any]:
     """Saved-activation bytes of `mode`'s loss from a trace alone: nothing placed or compiled.
 
     The trainer's setup runs under `jax.eval_shape` (its weight placement is traced, not
@@ -425,7 +426,7 @@ def traced_residuals(mode: str, anchor_cfg: TransformerConfig,
             augments={"augment": trainer.ModelSpec(config=augment_cfg)}
             if mode == "compose" else {},
             composition=CompositionConfig(), lora=lora_lib.LoraConfig(), mesh=mesh,
-            rules=rules, rng=jax.random.key(0))
+            rules=rules, rng=jax.random.key(0), loss_chunk=loss_chunk)
         return s.frozen
 
     frozen = jax.eval_shape(setup)
@@ -436,8 +437,8 @@ def traced_residuals(mode: str, anchor_cfg: TransformerConfig,
             "decoder_loss_weights": jax.ShapeDtypeStruct((batch, length), jnp.float32)}
 
     def vjp(params, frozen, data):
-        return jax.vjp(lambda p: trainer._loss_and_metrics(s.forward, p, frozen, data)[0],
-                       params)
+        loss = s.loss()
+        return jax.vjp(lambda p: loss(p, frozen, data)[0], params)
 
     closed, out_shape = jax.make_jaxpr(vjp, return_shape=True)(params, frozen, data)
     num_res = len(jax.tree.leaves(out_shape[1]))
@@ -565,7 +566,8 @@ def measure(mode: str, args, mesh, rules) -> dict[str, Any]:
     rec: dict[str, Any] = {
         "bench": "train_step", "device": device.device_kind, "backend": jax.default_backend(),
         "jax": jax.__version__, "shape": args.shape, "mode": mode, "dtype": args.dtype,
-        "attention_impl": args.attention_impl, "remat": args.remat, "batch": args.batch,
+        "attention_impl": args.attention_impl, "remat": args.remat,
+        "loss_chunk": args.loss_chunk, "batch": args.batch,
         "length": args.length, "vocab": anchor_cfg.vocab_size,
     }
     _, limit = _peak_bytes(device)
@@ -579,7 +581,7 @@ def measure(mode: str, args, mesh, rules) -> dict[str, Any]:
             return rec
     with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
         b = build(mode, anchor_cfg, augment_cfg, batch=args.batch, length=args.length,
-                  mesh=mesh, rules=rules, seed=args.seed)
+                  mesh=mesh, rules=rules, seed=args.seed, loss_chunk=args.loss_chunk)
         rec["n"] = b.n
         rec["placement_peak_gib"] = _gib(_peak_bytes(device)[0])
         residuals = saved_residuals(b)  # traced only; before the state is donated
@@ -628,7 +630,7 @@ def measure(mode: str, args, mesh, rules) -> dict[str, Any]:
                                      attention_impl=args.attention_impl, remat=args.remat,
                                      unroll=True)
             b = build(mode, *unrolled, batch=args.batch, length=args.length, mesh=mesh,
-                      rules=rules, seed=args.seed)
+                      rules=rules, seed=args.seed, loss_chunk=args.loss_chunk)
             lowered = b.step.lower(b.state, b.frozen, b.batch)
             rec["hlo_flops"] = _flops(lowered.cost_analysis())
             for key, per_token in (("ideal", b.flops_per_token),
@@ -646,7 +648,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated, in order: compose, finetune")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
-    p.add_argument("--attention_impl", default="xla", choices=("xla", "cudnn"))
+    p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"),
+                   help="auto: cuDNN's fused attention where it applies on a GPU, else XLA")
+    p.add_argument("--loss_chunk", type=int, default=None,
+                   help="positions per output-layer chunk in the loss (trainer.train's "
+                        "loss_chunk); default: all logits at once")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (frozen weights too)")
     p.add_argument("--batch", type=int, default=None, help="default: the shape's (8)")
@@ -668,6 +674,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         p.error(f"--modes: expected a comma-separated subset of {MODES}, got {args.modes}")
+    if args.loss_chunk is not None and args.loss_chunk <= 0:
+        p.error(f"--loss_chunk: expected a positive integer, got {args.loss_chunk}")
     for name in ("steps", "batch", "length", "num_devices"):
         if getattr(args, name) <= 0:
             p.error(f"--{name}: expected a positive integer, got {getattr(args, name)}")
@@ -696,16 +704,18 @@ def main(argv=None) -> list[dict[str, Any]]:
                            "device": jax.devices()[0].device_kind, "jax": jax.__version__,
                            "shape": args.shape, "mode": mode, "dtype": args.dtype,
                            "attention_impl": args.attention_impl, "remat": args.remat,
-                           "batch": args.batch, "length": args.length,
+                           "loss_chunk": args.loss_chunk, "batch": args.batch,
+                           "length": args.length,
                            **traced_residuals(mode, anchor_cfg, augment_cfg, batch=args.batch,
-                                              length=args.length, mesh=mesh, rules=rules)}
+                                              length=args.length, mesh=mesh, rules=rules,
+                                              loss_chunk=args.loss_chunk)}
             else:
                 rec = measure(mode, args, mesh, rules)
         except Exception as e:  # e.g. out of memory: report it and go on
             rec = {"bench": "train_step", "device": jax.devices()[0].device_kind,
                    "jax": jax.__version__, "shape": args.shape, "mode": mode,
                    "attention_impl": args.attention_impl, "remat": args.remat,
-                   "error": f"{type(e).__name__}: {str(e)[:800]}"}
+                   "loss_chunk": args.loss_chunk, "error": f"{type(e).__name__}: {str(e)[:800]}"}
         print(json.dumps(rec), flush=True)
         results.append(rec)
     return results

@@ -57,7 +57,7 @@ from calm_jax.models.config import TransformerConfig
 from calm_jax.models.attention import attention_mask, attend
 from calm_jax.models.attention import KVCache, cache_mask, make_cache_context
 from calm_jax.models import layers as L
-from calm_jax.models.transformer import Decoder
+from calm_jax.models.transformer import REMAT_POLICIES, Decoder
 
 Array = jax.Array
 Connections = tuple[tuple[int, int], ...]
@@ -177,6 +177,7 @@ class Bridge(nn.Module):
     proj_bias: bool = True
     norm_eps: float = 1e-6
     rope_theta: float | None = None
+    attention_impl: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -261,7 +262,7 @@ class Bridge(nn.Module):
         q = self._rotate(jnp.einsum("btd,dhk->bthk", x, self.w_q[i].astype(self.dtype)),
                          positions)
         out = attend(q, memory["key"][i], memory["value"][i], mask=mask, is_causal=True,
-                     scale=self.head_dim ** -0.5)
+                     scale=self.head_dim ** -0.5, impl=self.attention_impl)
         return jnp.einsum("bthk,hkd->btd", out, self.w_o[i].astype(self.dtype))
 
 
@@ -346,6 +347,7 @@ class ComposedLM:
                       num_connections=len(self.connections[name]), num_heads=self.num_heads,
                       head_dim=self.head_dim, kind=c.kind, normalize_inputs=c.normalize_inputs,
                       proj_bias=c.proj_bias, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                      attention_impl=self.anchor_config.attention_impl,
                       dtype=self.anchor_config.compute_dtype,
                       param_dtype=self.anchor_config.params_dtype)
 
@@ -402,9 +404,21 @@ class ComposedLM:
             states = model.apply({"params": frozen}, tokens, layers, positions=positions,
                                  segment_ids=segment_ids, method=Decoder.hidden_states)
             stacked = jax.lax.stop_gradient(jnp.stack([states[a] for a in layers]))
-            out[name] = self.bridges[name].apply({"params": params["composition"][name]},
-                                                 stacked, positions, method=Bridge.memory)
+
+            def project(composition, stacked, positions, name=name):
+                return self.bridges[name].apply({"params": composition}, stacked, positions,
+                                                method=Bridge.memory)
+
+            out[name] = self._remat(project)(params["composition"][name], stacked, positions)
         return out
+
+    def _remat(self, fn):
+        """`fn` rematerialised with the anchor's `remat_policy` (unchanged for "none"), like the
+        anchor's own blocks: the composition's intermediates (fp32 norms, XLA attention's
+        [batch, heads, length, length] scores) are then recomputed in the backward pass
+        instead of kept alive until it."""
+        policy = REMAT_POLICIES.get(self.anchor_config.remat_policy)
+        return fn if policy is None else jax.checkpoint(fn, policy=policy)
 
     def cross_mask(self, tokens: Array, segment_ids: Array | None,
                    prompt_mask: Array | None) -> Array | None:
@@ -424,6 +438,19 @@ class ComposedLM:
     def apply(self, params: Mapping[str, Any], tokens: Array, *, positions: Array | None = None,
               segment_ids: Array | None = None, prompt_mask: Array | None = None) -> Array:
         """tokens [batch, length] -> composed logits [batch, length, vocab] (float32)."""
+        h = self.final_states(params, tokens, positions=positions, segment_ids=segment_ids,
+                              prompt_mask=prompt_mask)
+        return self.head(params, h)
+
+    def head(self, params: Mapping[str, Any], h: Array) -> Array:
+        """The anchor's final norm and output layer: h [batch, length, D_anchor] -> logits."""
+        return self.anchor.apply({"params": nn.unbox(params)["anchor"]}, h, method=Decoder.head)
+
+    def final_states(self, params: Mapping[str, Any], tokens: Array, *,
+                     positions: Array | None = None, segment_ids: Array | None = None,
+                     prompt_mask: Array | None = None) -> Array:
+        """The composed anchor's last residual stream [batch, length, D_anchor]: `apply`
+        without the head (for a loss that applies the head a chunk at a time)."""
         params = nn.unbox(params)
         anchor_vars = {"params": params["anchor"]}
         positions, ctx = self.anchor.apply(anchor_vars, tokens, positions, segment_ids,
@@ -436,8 +463,7 @@ class ComposedLM:
             return self.anchor.apply(anchor_vars, h, ctx, start, stop,
                                      method=Decoder.run_layers)
 
-        h = self._anchor_layers(params, h, run_segment, memories, mask, positions)
-        return self.anchor.apply(anchor_vars, h, method=Decoder.head)
+        return self._anchor_layers(params, h, run_segment, memories, mask, positions)
 
     def _anchor_layers(self, params: Mapping[str, Any], h: Array, run_segment,
                        memories: Mapping[str, Any], mask: Array | None,
@@ -445,14 +471,21 @@ class ComposedLM:
         """All anchor layers from h, each connection's update added after its anchor layer.
 
         `run_segment(h, start, stop)` applies anchor layers start+1 .. stop. Connections that
-        share an anchor layer read the same state and their updates are summed.
+        share an anchor layer read the same state and their updates are summed. Each update is
+        rematerialised with the anchor's `remat_policy` (`_remat`).
         """
+        def update(name: str, i: int, h: Array) -> Array:
+            def apply(composition, h, memory, mask, positions):
+                return self.bridges[name].apply({"params": composition}, i, h, memory, mask,
+                                                positions)
+
+            return self._remat(apply)(params["composition"][name], h, memories[name], mask,
+                                      positions)
+
         done = 0
         for layer, conns in self._at_layer:
             h = run_segment(h, done, layer)
-            delta = sum(self.bridges[name].apply({"params": params["composition"][name]},
-                                                 i, h, memories[name], mask, positions)
-                        for name, i in conns)
+            delta = sum(update(name, i, h) for name, i in conns)
             h, done = h + delta.astype(h.dtype), layer
         return run_segment(h, done, self.anchor_config.num_layers)
 

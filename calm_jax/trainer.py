@@ -40,7 +40,7 @@ from calm_jax import metrics as metrics_lib
 from calm_jax import multi_token as mtp_lib
 from calm_jax import partitioning as part
 from calm_jax.composition import ComposedLM, CompositionConfig
-from calm_jax.losses import cross_entropy
+from calm_jax.losses import chunked_cross_entropy, cross_entropy
 from calm_jax.models import Decoder, TransformerConfig
 from calm_jax.optim import OptimizerConfig, make_optimizer, schedule
 
@@ -100,6 +100,15 @@ class _Setup:
     # next-token cross-entropy of `forward`'s logits.
     loss_fn: Callable[[Any, Any, Mapping[str, jax.Array]], tuple[jax.Array, dict]] | None = None
     export_params: Callable[[Any], Any] = lambda params: params  # the exported model's tree
+    # (params, frozen, batch) -> (last residual stream [batch, length, embed], head_fn: a
+    # chunk of it -> logits): `forward` split before the output layer, for `loss_chunk`.
+    final_states: Callable[[Any, Any, Mapping[str, jax.Array]], tuple[jax.Array, Callable]] | None = None
+
+    def loss(self) -> Callable[[Any, Any, Mapping[str, jax.Array]], tuple[jax.Array, dict]]:
+        """(params, frozen, batch) -> (loss sum to differentiate, metric sums)."""
+        if self.loss_fn is not None:
+            return self.loss_fn
+        return functools.partial(_loss_and_metrics, self.forward)
 
 
 def _abstract_decoder(cfg: TransformerConfig) -> Any:
@@ -132,12 +141,58 @@ def _batch_kwargs(batch: Mapping[str, jax.Array]) -> dict[str, Any]:
             "positions": batch.get("decoder_positions")}
 
 
+def _decoder_final_states(model: Decoder, params, batch):
+    """(last residual stream, head_fn) of a plain decoder with `params`."""
+    variables, last = {"params": params}, model.config.num_layers
+    h = model.apply(variables, batch["decoder_input_tokens"], (last,),
+                    method=Decoder.hidden_states, **_batch_kwargs(batch))[last]
+    return h, lambda x: model.apply(variables, x, method=Decoder.head)
+
+
+def _check_loss_chunk(loss_chunk) -> None:
+    if loss_chunk is not None and (not isinstance(loss_chunk, int)
+                                   or isinstance(loss_chunk, bool) or loss_chunk <= 0):
+        raise ValueError(f"loss_chunk: expected None or a positive integer (positions per "
+                         f"output-layer chunk), got {loss_chunk!r}")
+
+
+def _next_token_loss(h, head_fn, batch, loss_chunk: int | None) -> dict[str, jax.Array]:
+    """The next-token cross-entropy sums of logits `head_fn(h)`, a chunk of `loss_chunk`
+    positions at a time when set (`chunked_cross_entropy`)."""
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    if loss_chunk is None:
+        return cross_entropy(head_fn(h), targets, weights)
+    return chunked_cross_entropy(h, head_fn, targets, weights, chunk=loss_chunk)
+
+
 def _setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
            composition: CompositionConfig, lora: lora_lib.LoraConfig, mesh, rules,
            rng: jax.Array,
-           multi_token: mtp_lib.MultiTokenConfig = mtp_lib.MultiTokenConfig()) -> _Setup:
+           multi_token: mtp_lib.MultiTokenConfig = mtp_lib.MultiTokenConfig(),
+           loss_chunk: int | None = None) -> _Setup:
+    """The mode's forward, trained tree and frozen trees. With `loss_chunk` the training loss
+    applies the output layer `loss_chunk` positions at a time (`losses.chunked_cross_entropy`):
+    no [batch, length, vocab] logits are kept for the backward pass."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    _check_loss_chunk(loss_chunk)
+    s = _mode_setup(mode, anchor=anchor, augments=augments, composition=composition, lora=lora,
+                    mesh=mesh, rules=rules, rng=rng, multi_token=multi_token,
+                    loss_chunk=loss_chunk)
+    if loss_chunk is not None and s.loss_fn is None:
+        def loss_fn(params, frozen, batch):
+            h, head_fn = s.final_states(params, frozen, batch)
+            m = _next_token_loss(h, head_fn, batch, loss_chunk)
+            return m["loss_sum"], m
+
+        s.loss_fn = loss_fn
+    return s
+
+
+def _mode_setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
+                composition: CompositionConfig, lora: lora_lib.LoraConfig, mesh, rules,
+                rng: jax.Array, multi_token: mtp_lib.MultiTokenConfig,
+                loss_chunk: int | None) -> _Setup:
     anchor_cfg = anchor.resolve("anchor")
     fingerprints: dict[str, str] = {}
     n_anchor = anchor_cfg.num_params(include_embedding=False)
@@ -150,6 +205,9 @@ def _setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
             return model.apply({"params": params}, batch["decoder_input_tokens"],
                                **_batch_kwargs(batch))[0]
 
+        def final_states(params, frozen, batch):
+            return _decoder_final_states(model, params, batch)
+
         if mode == "pretrain":
             if anchor.checkpoint is not None:
                 raise ValueError("anchor.checkpoint: expected None in mode='pretrain' (it starts "
@@ -157,7 +215,8 @@ def _setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
             tokens = jnp.zeros((1, min(8, anchor_cfg.max_len)), jnp.int32)
             init = lambda k: nn.unbox(model.init(k, tokens)["params"])  # noqa: E731
             if multi_token.depth > 1:
-                return _multi_token_setup(model, boxed, init, multi_token, 6.0 * n_anchor)
+                return _multi_token_setup(model, boxed, init, multi_token, 6.0 * n_anchor,
+                                          loss_chunk)
         else:
             if anchor.checkpoint is None:
                 raise ValueError("anchor.checkpoint: expected a model export to fine-tune in "
@@ -166,7 +225,8 @@ def _setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
                                   nn.unbox(boxed))
             _, loaded = ckpt.load_model(anchor.checkpoint, target=target)
             init = lambda k: loaded  # noqa: E731
-        return _Setup(forward, boxed, init, {}, fingerprints, 6.0 * n_anchor, anchor_cfg)
+        return _Setup(forward, boxed, init, {}, fingerprints, 6.0 * n_anchor, anchor_cfg,
+                      final_states=final_states)
 
     augment_cfgs = {name: spec.resolve(f"augments[{name!r}]") for name, spec in augments.items()}
     keys = dict(zip(["anchor", *augment_cfgs], jax.random.split(rng, 1 + len(augment_cfgs))))
@@ -192,9 +252,13 @@ def _setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
             return model.apply({"params": merged}, batch["decoder_input_tokens"],
                                **_batch_kwargs(batch))[0]
 
+        def final_states(params, frozen, batch):
+            return _decoder_final_states(model, lora_lib.merge(frozen["anchor"], params, lora),
+                                         batch)
+
         n_lora = rank * lora_lib.params_per_rank(frozen["anchor"], lora)
         return _Setup(forward, boxed, init, frozen, fingerprints, 4.0 * n_anchor + 6.0 * n_lora,
-                      None)
+                      None, final_states=final_states)
 
     if not augment_cfgs:
         raise ValueError("augments: expected at least one augmenting model in mode='compose', "
@@ -209,14 +273,21 @@ def _setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
         return composed.apply({**frozen, "composition": params}, batch["decoder_input_tokens"],
                               prompt_mask=batch.get("prompt_mask"), **_batch_kwargs(batch))
 
+    def final_states(params, frozen, batch):
+        everything = {**frozen, "composition": params}
+        h = composed.final_states(everything, batch["decoder_input_tokens"],
+                                  prompt_mask=batch.get("prompt_mask"), **_batch_kwargs(batch))
+        return h, lambda x: composed.head(everything, x)
+
     init = lambda k: nn.unbox(composed.init_composition(k))  # noqa: E731
     n_aug = sum(c.num_params(include_embedding=False) for c in augment_cfgs.values())
     flops = 2.0 * n_aug + 4.0 * n_anchor + 6.0 * composed.num_composition_params()
-    return _Setup(forward, boxed, init, frozen, fingerprints, flops, None)
+    return _Setup(forward, boxed, init, frozen, fingerprints, flops, None,
+                  final_states=final_states)
 
 
 def _multi_token_setup(model: Decoder, boxed, init_decoder, mt: mtp_lib.MultiTokenConfig,
-                       flops_per_token: float) -> _Setup:
+                       flops_per_token: float, loss_chunk: int | None) -> _Setup:
     """Pretraining with extra heads for tokens further ahead (`calm_jax.multi_token`).
 
     The trained tree is {'decoder': ..., 'multi_token': ...}; only 'decoder' is exported.
@@ -237,18 +308,18 @@ def _multi_token_setup(model: Decoder, boxed, init_decoder, mt: mtp_lib.MultiTok
                            **_batch_kwargs(batch))[0]
 
     def loss_fn(params, frozen, batch):
-        logits, states = model.apply({"params": params["decoder"]},
-                                     batch["decoder_input_tokens"],
-                                     return_states=(cfg.num_layers,), **_batch_kwargs(batch))
+        h, head_fn = _decoder_final_states(model, params["decoder"], batch)
         targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-        m = cross_entropy(logits, targets, weights)
-        ahead = heads.apply({"params": params["multi_token"]}, states[cfg.num_layers])
+        m = _next_token_loss(h, head_fn, batch, loss_chunk)
+        ahead = heads.apply({"params": params["multi_token"]}, h)
         extra, _ = mtp_lib.ahead_loss(ahead, targets, weights, batch.get("decoder_segment_ids"))
         return m["loss_sum"] + mt.weight * extra, m
 
     extra_flops = 6.0 * (mt.depth - 1) * cfg.embed_dim * cfg.vocab_size
     return _Setup(forward, {"decoder": boxed, "multi_token": boxed_heads}, init, {}, {},
                   flops_per_token + extra_flops, cfg, loss_fn=loss_fn,
+                  final_states=lambda params, frozen, batch: _decoder_final_states(
+                      model, params["decoder"], batch),
                   export_params=lambda params: params["decoder"])
 
 
@@ -388,7 +459,7 @@ def build_program(s: _Setup, opt: optax.GradientTransformation, lr_schedule, acc
         jax.eval_shape(new_state, abstract_params), state_shardings)
     init_params = jax.jit(s.init_params, out_shardings=param_shardings)
     place_state = jax.jit(new_state, out_shardings=state_shardings)
-    train_step = jax.jit(make_train_step(s.forward, opt, lr_schedule, accum_steps, s.loss_fn),
+    train_step = jax.jit(make_train_step(s.forward, opt, lr_schedule, accum_steps, s.loss()),
                          in_shardings=(state_shardings, frozen_shardings, batch_sharding),
                          out_shardings=(state_shardings, repl), donate_argnums=(0,))
     eval_step = jax.jit(make_eval_step(s.forward),
@@ -410,7 +481,8 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
           eval_every: int = 0, eval_batches: int = 4, log_every: int = 10,
           seed: int = 0, peak_flops: float | None = None,
           stop_after: int | None = None,
-          multi_token: mtp_lib.MultiTokenConfig | None = None) -> dict[str, Any]:
+          multi_token: mtp_lib.MultiTokenConfig | None = None,
+          loss_chunk: int | None = None) -> dict[str, Any]:
     """Trains in `mode` for `num_steps` steps.
 
     Returns {'state', 'params' (the trained model's tree as exported: the decoder without
@@ -419,6 +491,10 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
 
     `multi_token` (mode='pretrain' only) adds heads for tokens 2.. depth ahead to the loss
     (`calm_jax.multi_token`); they are trained and checkpointed but not exported.
+
+    `loss_chunk` applies the output layer to that many positions at a time in the training
+    loss (`losses.chunked_cross_entropy`): the [batch, length, vocab] fp32 logits are never
+    kept for the backward pass, for one more output-layer forward. None: all at once.
 
     `history` is a list of (step, metrics) for logged steps and evaluations. `stop_after` ends
     this invocation (with a checkpoint) after that many steps, as a preemption would; the
@@ -432,6 +508,7 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
     checkpoint = checkpoint or ckpt.CheckpointConfig()
     if not isinstance(num_steps, int) or num_steps <= 0:
         raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
+    _check_loss_chunk(loss_chunk)
     if mode in ("pretrain", "finetune") and augments:
         raise ValueError(f"augments: expected none in mode={mode!r}, got {sorted(augments)}")
     multi_token = multi_token or mtp_lib.MultiTokenConfig()
@@ -456,7 +533,8 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
 
     with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
         s = _setup(mode, anchor=anchor, augments=augments, composition=composition, lora=lora,
-                   mesh=mesh, rules=rules, rng=rng_setup, multi_token=multi_token)
+                   mesh=mesh, rules=rules, rng=rng_setup, multi_token=multi_token,
+                   loss_chunk=loss_chunk)
         opt = make_optimizer(optimizer, num_steps)
         lr_schedule = schedule(optimizer, num_steps)
         prog = build_program(s, opt, lr_schedule, optimizer.grad_accum_steps, mesh, rules)

@@ -108,6 +108,55 @@ def test_augmenting_forward_and_lower_anchor_layers_keep_no_activations(evidence
     assert evidence["compose"]["residual_bytes"] < evidence["finetune"]["residual_bytes"]
 
 
+def test_composed_step_keeps_no_copy_of_frozen_weights(evidence, tiny):
+    """The anchor runs in pieces between connections; the pieces index the stacked weights
+    inside their layer loop, so the backward pass keeps no slice of them as a residual."""
+    anchor, augment, _ = tiny
+    frozen, _ = ts.kernel_sets(anchor, augment)
+    residuals = evidence["compose"]["residuals"]
+    copies = [(shape, where) for shape, _, _, where in residuals
+              if not where.startswith(("from a constant", "from a literal"))
+              and (shape in frozen or shape[1:] in frozen)]
+    assert copies == []
+    # The frozen weights are still read by the backward pass: as the inputs they are.
+    assert any(shape[1:] in frozen for shape, _, _, where in residuals
+               if where.startswith("from a constant"))
+
+
+def _residuals(remat, loss_chunk):
+    from calm_jax import partitioning as part
+    import flax.linen as nn
+
+    anchor, augment = ts.model_configs("tiny", dtype="float32", remat=remat)
+    _, _, _, batch, length = ts.SHAPES["tiny"]
+    mesh = part.make_mesh(part.PartitioningConfig(num_devices=1))
+    with part.mesh_context(mesh), nn.logical_axis_rules(list(part.DEFAULT_RULES)):
+        b = ts.build("compose", anchor, augment, batch=batch, length=length, mesh=mesh,
+                     rules=part.DEFAULT_RULES, loss_chunk=loss_chunk)
+        out = [(shape, where) for shape, _, _, where in ts.saved_residuals(b)
+               if not where.startswith(("from a constant", "from a literal"))]
+    return out, anchor
+
+
+def test_remat_and_chunked_loss_leave_no_scores_or_logits_for_the_backward():
+    _, _, vocab, batch, length = ts.SHAPES["tiny"]
+
+    def scores(res):  # [.., length, length]: attention scores or probabilities
+        return [s for s, _ in res if s[-2:] == (length, length)]
+
+    def logits(res):  # all positions' logits (or softmax) at once
+        return [s for s, _ in res if s[-1] == vocab and batch * length in
+                (int(np.prod(s[:-1])), int(np.prod(s[-3:-1])) if len(s) >= 3 else 0)]
+
+    plain, anchor = _residuals("none", None)
+    # Positive control: without remat the composition's cross-attention and the anchor's
+    # blocks keep their scores, and the loss keeps the logits.
+    assert scores(plain) and logits(plain)
+    lean, _ = _residuals("full", 8)
+    assert scores(lean) == [] and logits(lean) == []
+    assert sum(np.prod(s) for s, _ in lean) < sum(np.prod(s) for s, _ in plain) / 4
+
+
 @pytest.mark.parametrize("mode", ["compose", "finetune"])
 def test_state_is_donated_and_steps_compile_once(evidence, mode):
     rec = evidence[mode]

@@ -187,6 +187,45 @@ def test_remat_gives_same_gradients(policy):
         jax.tree.leaves(jax.grad(loss)(params, cfg))[0], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("policy", ["none", "full", "dots"])
+def test_split_stack_equals_whole_stack_in_value_and_gradient(policy):
+    """Layers run in pieces (as CALM runs its anchor) index the stacked weights inside the
+    loop; values and weight gradients equal one pass over the whole stack."""
+    cfg = families()["llama"].replace(remat_policy=policy)
+    model, _, params = make(cfg)
+    x = tokens()
+    last = cfg.num_layers
+
+    def final(p, layers):
+        h = model.apply({"params": p}, x, layers, method=Decoder.hidden_states)[last]
+        return jnp.sum(jnp.sin(h))
+
+    whole, g_whole = jax.value_and_grad(final)(params, (last,))
+    split, g_split = jax.value_and_grad(final)(params, (1, 3, last))
+    np.testing.assert_allclose(split, whole, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_split), jax.tree.leaves(g_whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
+
+
+def test_auto_attention_takes_cudnn_only_where_it_applies():
+    from calm_jax.models.attention import choose_attention_impl
+
+    fused = dict(backend="gpu", dtype=jnp.bfloat16, head_dim=64, q_len=16, kv_len=16,
+                 has_mask=False, logit_softcap=None)
+    assert choose_attention_impl("auto", **fused) == "cudnn"
+    for change in (dict(backend="cpu"), dict(backend="tpu"), dict(dtype=jnp.float32),
+                   dict(head_dim=256), dict(head_dim=60), dict(has_mask=True),
+                   dict(logit_softcap=50.0), dict(kv_len=32)):
+        assert choose_attention_impl("auto", **{**fused, **change}) == "xla", change
+    # An explicit choice is kept.
+    assert choose_attention_impl("cudnn", **{**fused, "backend": "cpu"}) == "cudnn"
+    assert choose_attention_impl("xla", **fused) == "xla"
+    # The default is "auto", which runs XLA's attention on this CPU.
+    assert TransformerConfig.tiny().attention_impl == "auto"
+    with pytest.raises(ValueError, match="attention_impl: expected one of"):
+        TransformerConfig.tiny(attention_impl="flash")
+
+
 @pytest.mark.parametrize("field,kwargs,message", [
     ("num_heads", dict(embed_dim=30, num_heads=4),
      "num_heads: expected a divisor of embed_dim=30"),

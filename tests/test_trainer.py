@@ -263,3 +263,57 @@ def test_multi_token_outside_pretraining_is_refused(tmp_path, exports):
     with pytest.raises(ValueError, match=r"multi_token.depth: expected an integer >= 1, got 0"):
         multi_token.MultiTokenConfig(depth=0)
     assert not os.path.exists(tmp_path / "c")
+
+
+@pytest.mark.parametrize("mode,depth", [("pretrain", 1), ("pretrain", 3), ("compose", 1),
+                                        ("finetune", 1), ("lora", 1)])
+def test_loss_chunk_gives_the_same_loss_and_gradients(exports, mode, depth):
+    """The output layer applied 5 positions at a time (24 = 4 x 5 + 4: the last chunk is
+    padded) gives the loss, metrics and gradients of the whole-logits loss."""
+    import flax.linen as nn
+    from calm_jax import lora as lora_lib
+    from calm_jax import multi_token
+    from calm_jax import partitioning as part
+    from calm_jax.composition import CompositionConfig
+
+    partitioning = PartitioningConfig(num_devices=1)
+    mesh = part.make_mesh(partitioning)
+    anchor = (trainer.ModelSpec(config=CFG) if mode == "pretrain"
+              else trainer.ModelSpec(checkpoint=exports["anchor"]))
+    augments = ({"kv": trainer.ModelSpec(checkpoint=exports["augment"])}
+                if mode in ("compose", "lora") else {})
+    batch = {k: jax.numpy.asarray(v[:8]) for k, v in _arrays(seed=3).items()}
+    results = []
+    with part.mesh_context(mesh), nn.logical_axis_rules(list(partitioning.logical_axis_rules)):
+        for chunk in (None, 5):
+            s = trainer._setup(mode, anchor=anchor, augments=augments,
+                               composition=CompositionConfig(), lora=lora_lib.LoraConfig(),
+                               mesh=mesh, rules=partitioning.logical_axis_rules,
+                               rng=jax.random.key(0),
+                               multi_token=multi_token.MultiTokenConfig(depth=depth),
+                               loss_chunk=chunk)
+            params = s.init_params(jax.random.key(1))
+            if mode == "compose":  # the zero-initialised output projection: no gradient path
+                params = jax.tree.map(lambda x: x + 0.01, params)
+            (loss, metrics), grads = jax.value_and_grad(s.loss(), has_aux=True)(
+                params, s.frozen, batch)
+            results.append((loss, metrics, grads))
+    (loss, metrics, grads), (loss_c, metrics_c, grads_c) = results
+    np.testing.assert_allclose(loss_c, loss, rtol=1e-5)
+    for key in ("loss_sum", "weight_sum", "correct_sum"):
+        np.testing.assert_allclose(metrics_c[key], metrics[key], rtol=1e-5)
+    assert float(metrics["weight_sum"]) > 0
+    flat, flat_c = jax.tree.leaves(grads), jax.tree.leaves(grads_c)
+    assert len(flat) == len(flat_c) and any(np.any(g) for g in flat)
+    for g, g_c in zip(flat, flat_c):
+        np.testing.assert_allclose(g_c, g, rtol=1e-3, atol=1e-4 * float(np.abs(g).max()))
+
+
+def test_bad_loss_chunk_is_refused_before_anything_runs(tmp_path):
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match=rf"loss_chunk: expected None or a positive integer "
+                                             rf".*got {bad!r}"):
+            trainer.train(mode="pretrain", model_dir=str(tmp_path / "p"), num_steps=2,
+                          anchor=trainer.ModelSpec(config=CFG), dataset=DATA, loss_chunk=bad,
+                          **FAST)
+    assert not os.path.exists(tmp_path / "p")

@@ -49,13 +49,37 @@ def attention_mask(q_segment_ids: Array, kv_segment_ids: Array, q_index: Array,
     return mask[:, None]
 
 
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def choose_attention_impl(impl: str, *, backend: str, dtype, head_dim: int, q_len: int,
+                          kv_len: int, has_mask: bool, logit_softcap: float | None) -> str:
+    """The implementation `attend` runs for `impl` ("xla", "cudnn" or "auto").
+
+    "auto" takes cuDNN's fused flash attention where it is known to apply: a GPU backend,
+    bf16/fp16 inputs, head_dim a multiple of 8 up to 128, no explicit mask (plain causal, so
+    cuDNN's own causal mask applies; packed segments and sliding windows keep XLA), no logit
+    soft-capping, and as many queries as keys. Everything else runs XLA's implementation.
+    """
+    if impl != "auto":
+        return impl
+    fused = (backend in ("gpu", "cuda") and jnp.dtype(dtype) in map(jnp.dtype, CUDNN_DTYPES)
+             and head_dim % 8 == 0 and head_dim <= 128 and not has_mask
+             and logit_softcap is None and q_len == kv_len)
+    return "cudnn" if fused else "xla"
+
+
 def attend(q: Array, k: Array, v: Array, *, mask: Array | None, is_causal: bool,
            scale: float, logit_softcap: float | None = None, impl: str = "xla") -> Array:
     """Multi-head attention core. q [B, T, N, H]; k, v [B, S, K, H] with K dividing N.
 
-    Uses `jax.nn.dot_product_attention` (XLA or cuDNN); logit soft-capping (Gemma 2), which that
-    function does not offer, takes an explicit einsum path.
+    Uses `jax.nn.dot_product_attention` (XLA or cuDNN; "auto" chooses, see
+    `choose_attention_impl`); logit soft-capping (Gemma 2), which that function does not offer,
+    takes an explicit einsum path.
     """
+    impl = choose_attention_impl(impl, backend=jax.default_backend(), dtype=q.dtype,
+                                 head_dim=q.shape[-1], q_len=q.shape[1], kv_len=k.shape[1],
+                                 has_mask=mask is not None, logit_softcap=logit_softcap)
     if logit_softcap is None:
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal and mask is None, scale=scale,

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 NormType = Literal["rmsnorm", "layernorm"]
 PositionType = Literal["rope", "learned", "none"]
 Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
-AttentionImpl = Literal["xla", "cudnn"]
+AttentionImpl = Literal["auto", "xla", "cudnn"]
 RopeScaling = Literal["none", "linear", "llama3"]
 
 _DTYPES = {
@@ -103,7 +103,9 @@ class TransformerConfig:
         the others are local (Gemma 2: 2, Gemma 3: 6). 1 makes every layer global.
       dtype: compute dtype (activations and matmuls), e.g. "bfloat16".
       param_dtype: dtype parameters are created in (keep "float32" for trained weights).
-      attention_impl: implementation passed to `jax.nn.dot_product_attention` ("xla" or "cudnn").
+      attention_impl: implementation passed to `jax.nn.dot_product_attention`: "xla", "cudnn",
+        or "auto" (cuDNN's fused attention on a GPU where it applies, XLA's otherwise; see
+        `calm_jax.models.attention.choose_attention_impl`).
       remat_policy: rematerialisation of each scanned block: "none" (keep everything), "full"
         (recompute everything), "dots" (save matmul outputs without batch dimensions).
       scan_unroll: unroll factor of the scan over layers.
@@ -143,7 +145,7 @@ class TransformerConfig:
     global_every: int = 1
     dtype: Any = "float32"
     param_dtype: Any = "float32"
-    attention_impl: AttentionImpl = "xla"
+    attention_impl: AttentionImpl = "auto"
     remat_policy: str = "none"
     scan_unroll: int = 1
 
@@ -166,7 +168,7 @@ class TransformerConfig:
         _check_choice("norm", self.norm, ("rmsnorm", "layernorm"))
         _check_choice("position", self.position, ("rope", "learned", "none"))
         _check_choice("activation", self.activation, ("gelu", "gelu_tanh", "silu", "relu"))
-        _check_choice("attention_impl", self.attention_impl, ("xla", "cudnn"))
+        _check_choice("attention_impl", self.attention_impl, ("auto", "xla", "cudnn"))
         _check_choice("rope_scaling", self.rope_scaling, ("none", "linear", "llama3"))
         _check_choice("remat_policy", self.remat_policy, ("none", "full", "dots"))
         if self.position == "rope" and self.dims_per_head % 2:

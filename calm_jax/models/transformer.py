@@ -28,7 +28,7 @@ from calm_jax.models.attention import (AttentionContext, CacheContext, KVCache, 
 
 Array = jax.Array
 
-_REMAT_POLICIES = {
+REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -60,8 +60,26 @@ class Block(nn.Module):
         return nn.with_logical_constraint(h, L.ACT_BLE), cache
 
 
-def _slice_layers(stacked, start: int, stop: int):
-    return jax.tree.map(lambda x: x[start:stop], stacked)
+# Layout and cast operations: as cheap to redo in the backward pass as to read back.
+_VIEW_PRIMITIVES = frozenset({"dynamic_slice", "squeeze", "reshape", "transpose",
+                              "broadcast_in_dim", "convert_element_type"})
+
+
+def _save_all_but_views(prim, *_, **__) -> bool:
+    return prim.name not in _VIEW_PRIMITIVES
+
+
+def _partial_stack_policy(remat_policy: str):
+    """Checkpoint policy of a partial-stack scan: `remat_policy`'s, never saving one layer's
+    weights indexed out of the stack (the backward pass indexes them again).
+
+    For "none" it saves every value except the outputs of layout and cast operations (the
+    indexing, and any reshape or cast of the weights after it); their inputs are saved or
+    are inputs already. "dots" and "full" never save such values.
+    """
+    if remat_policy == "none":
+        return _save_all_but_views
+    return REMAT_POLICIES[remat_policy]
 
 
 class Decoder(nn.Module):
@@ -129,17 +147,32 @@ class Decoder(nn.Module):
             return self.layers(h, ctx, is_global)[0]
         if start == stop:
             return h
-        params = _slice_layers(nn.unbox(self.layers.variables["params"]), start, stop)
-        block = Block(cfg, parent=None)  # unbound: applied to one layer's slice at a time
+        params = nn.unbox(self.layers.variables["params"])
+        block = Block(cfg, parent=None)  # unbound: applied to one layer's weights at a time
+        if (start, stop) == (0, cfg.num_layers):
+            # The whole stack: the scan reads each layer's weights as its `xs`.
+            def body(carry, xs):
+                layer_params, layer_is_global = xs
+                return block.apply({"params": layer_params}, carry, ctx, layer_is_global)
 
-        def body(carry, xs):
-            layer_params, layer_is_global = xs
-            return block.apply({"params": layer_params}, carry, ctx, layer_is_global)
+            xs = (params, is_global)
+            policy = REMAT_POLICIES.get(cfg.remat_policy)
+        else:
+            # Part of the stack (CALM splits the anchor at its connections): each step indexes
+            # the stacked weights. Slicing them before the scan (`params[start:stop]`) would
+            # make a copy of those layers' weights that the backward pass keeps as a residual
+            # (a frozen anchor's weights, duplicated); indexed here and never saved (see
+            # `_partial_stack_policy`), the backward re-indexes the original stack instead.
+            def body(carry, layer):
+                layer_params = jax.tree.map(
+                    lambda p: jax.lax.dynamic_index_in_dim(p, layer, 0, keepdims=False), params)
+                return block.apply({"params": layer_params}, carry, ctx, is_global[layer])
 
-        if cfg.remat_policy != "none":
-            body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat_policy],
-                                  prevent_cse=False)
-        h, _ = jax.lax.scan(body, h, (params, is_global[start:stop]), unroll=cfg.scan_unroll)
+            xs = jnp.arange(start, stop, dtype=jnp.int32)
+            policy = _partial_stack_policy(cfg.remat_policy)
+        if policy is not None:
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        h, _ = jax.lax.scan(body, h, xs, unroll=cfg.scan_unroll)
         return h
 
     def head(self, h: Array) -> Array:
