@@ -406,17 +406,10 @@ def residual_bytes(residuals) -> int:
                if not where.startswith(("from a constant", "from a literal")))
 
 
-def traced_residuals(mode: str, anchor_cfg: TransformerConfig,
-                     augment_cfg: TransformerConfig, *, batch: int, length: int, mesh,
-                     rules, top: int = 5, loss_chunk: int | None = None) -> dict[str, Any]:
-    """Saved-activation bytes of `mode`'s loss from a trace alone: nothing placed or compiled.
-
-    The trainer's setup runs under `jax.eval_shape` (its weight placement is traced, not
-    executed), and the loss's vjp is traced with abstract parameters, frozen trees and batch;
-    the residuals are the vjp's saved values that are not inputs. It is what the program
-    asks to keep between forward and backward, before XLA's buffer assignment (which may
-    fuse some away), so it estimates activation memory; it does not measure it.
-    """
+def abstract_setup(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig, *,
+                   mesh, rules, loss_chunk: int | None = None):
+    """(the trainer's `_Setup` for `mode`, its frozen trees as ShapeDtypeStructs with their
+    shardings): the setup runs under `jax.eval_shape`, so no weight is created or placed."""
     holder = {}
 
     def setup():
@@ -431,10 +424,58 @@ def traced_residuals(mode: str, anchor_cfg: TransformerConfig,
 
     frozen = jax.eval_shape(setup)
     s = holder.pop("s")
+    s.frozen = frozen
+    return s, frozen
+
+
+def abstract_batch(batch: int, length: int, sharding=None) -> dict[str, jax.ShapeDtypeStruct]:
+    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sharding)
+    return {"decoder_input_tokens": tokens, "decoder_target_tokens": tokens,
+            "decoder_loss_weights": jax.ShapeDtypeStruct((batch, length), jnp.float32,
+                                                         sharding=sharding)}
+
+
+def compiled_memory(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig,
+                    *, batch: int, length: int, mesh, rules,
+                    loss_chunk: int | None = None) -> dict[str, Any]:
+    """The jitted training step compiled for this backend from shapes alone (no weights are
+    created): XLA's `memory_analysis()` of the whole step in GiB: `argument_gib` (state,
+    frozen weights, batch), `output_gib`, `temp_gib` (activations and scratch during the
+    step), `alias_gib` (donated state reused for the output) and `total_gib` = argument +
+    output + temp - alias, the step's footprint. Compiled on a CPU it is the CPU backend's
+    buffer assignment: an estimate for a GPU, whose fusions and attention kernels differ."""
+    s, _ = abstract_setup(mode, anchor_cfg, augment_cfg, mesh=mesh, rules=rules,
+                          loss_chunk=loss_chunk)
+    opt_cfg = OptimizerConfig()
+    prog = trainer.build_program(s, make_optimizer(opt_cfg, 1000), schedule(opt_cfg, 1000),
+                                 opt_cfg.grad_accum_steps, mesh, rules)
+    data = abstract_batch(batch, length, prog.batch_sharding)
+    start = time.perf_counter()
+    compiled = prog.train_step.lower(prog.abstract_state, s.frozen, data).compile()
+    mem = compiled.memory_analysis()
+    out = {"compile_s": round(time.perf_counter() - start, 2)}
+    for key in ("argument", "output", "temp", "alias"):
+        out[f"{key}_gib"] = _gib(getattr(mem, f"{key}_size_in_bytes"))
+    out["total_gib"] = _gib(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                            + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+    return out
+
+
+def traced_residuals(mode: str, anchor_cfg: TransformerConfig,
+                     augment_cfg: TransformerConfig, *, batch: int, length: int, mesh,
+                     rules, top: int = 5, loss_chunk: int | None = None) -> dict[str, Any]:
+    """Saved-activation bytes of `mode`'s loss from a trace alone: nothing placed or compiled.
+
+    The trainer's setup runs under `jax.eval_shape` (its weight placement is traced, not
+    executed), and the loss's vjp is traced with abstract parameters, frozen trees and batch;
+    the residuals are the vjp's saved values that are not inputs. It is what the program
+    asks to keep between forward and backward, before XLA's buffer assignment (which may
+    fuse some away), so it estimates activation memory; it does not measure it.
+    """
+    s, frozen = abstract_setup(mode, anchor_cfg, augment_cfg, mesh=mesh, rules=rules,
+                               loss_chunk=loss_chunk)
     params = nn.unbox(s.abstract_params)
-    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    data = {"decoder_input_tokens": tokens, "decoder_target_tokens": tokens,
-            "decoder_loss_weights": jax.ShapeDtypeStruct((batch, length), jnp.float32)}
+    data = abstract_batch(batch, length)
 
     def vjp(params, frozen, data):
         loss = s.loss()
@@ -664,6 +705,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trace_only", action="store_true",
                    help="only trace: saved-activation GiB per mode (`traced_residuals`); "
                         "nothing is placed or compiled, so any shape runs on a CPU")
+    p.add_argument("--compile_only", action="store_true",
+                   help="only compile the step from shapes (`compiled_memory`): XLA's memory "
+                        "analysis per mode; no weights are created, so any shape compiles on "
+                        "a CPU")
     args = p.parse_args(argv)
     if args.tiny:
         args.shape = "tiny"
@@ -695,7 +740,21 @@ def main(argv=None) -> list[dict[str, Any]]:
     results = []
     for mode in args.modes:
         try:
-            if args.trace_only:
+            if args.compile_only:
+                anchor_cfg, augment_cfg = model_configs(
+                    args.shape, dtype=args.dtype, attention_impl=args.attention_impl,
+                    remat=args.remat)
+                with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
+                    rec = {"bench": "train_step", "compile_only": True,
+                           "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+                           "shape": args.shape, "mode": mode, "dtype": args.dtype,
+                           "attention_impl": args.attention_impl, "remat": args.remat,
+                           "loss_chunk": args.loss_chunk, "batch": args.batch,
+                           "length": args.length,
+                           **compiled_memory(mode, anchor_cfg, augment_cfg, batch=args.batch,
+                                             length=args.length, mesh=mesh, rules=rules,
+                                             loss_chunk=args.loss_chunk)}
+            elif args.trace_only:
                 anchor_cfg, augment_cfg = model_configs(
                     args.shape, dtype=args.dtype, attention_impl=args.attention_impl,
                     remat=args.remat)
