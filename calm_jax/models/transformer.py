@@ -60,9 +60,9 @@ class Block(nn.Module):
         return nn.with_logical_constraint(h, L.ACT_BLE), cache
 
 
-# Layout and cast operations: as cheap to redo in the backward pass as to read back.
+# Indexing and layout operations: as cheap to redo in the backward pass as to read back.
 _VIEW_PRIMITIVES = frozenset({"dynamic_slice", "squeeze", "reshape", "transpose",
-                              "broadcast_in_dim", "convert_element_type"})
+                              "broadcast_in_dim"})
 
 
 def _save_all_but_views(prim, *_, **__) -> bool:
@@ -73,9 +73,10 @@ def _partial_stack_policy(remat_policy: str):
     """Checkpoint policy of a partial-stack scan: `remat_policy`'s, never saving one layer's
     weights indexed out of the stack (the backward pass indexes them again).
 
-    For "none" it saves every value except the outputs of layout and cast operations (the
-    indexing, and any reshape or cast of the weights after it); their inputs are saved or
-    are inputs already. "dots" and "full" never save such values.
+    For "none" it saves every value except the outputs of indexing and layout operations
+    (the weights' indexing, and any reshape of them after it); their inputs are saved or are
+    inputs already. Frozen weights are placed in the compute dtype, so no cast of them is
+    left to save. "dots" and "full" never save such values.
     """
     if remat_policy == "none":
         return _save_all_but_views
