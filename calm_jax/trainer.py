@@ -61,12 +61,30 @@ class ModelSpec:
     the given config's runtime fields (compute dtype, attention implementation, remat policy)
     win. Without a checkpoint the model is randomly initialised: for a frozen augmenting model
     that is the paper's "CALM with random mA" ablation.
+
+    `dtype`, `attention_impl`, `remat_policy` and `scan_unroll`, when set, replace those
+    runtime fields of the resolved config (a stored model's included), e.g. in gin:
+    `anchor/trainer.ModelSpec.remat_policy = "full"`.
     """
 
     config: TransformerConfig | None = None
     checkpoint: str | None = None
+    dtype: str | None = None
+    attention_impl: str | None = None
+    remat_policy: str | None = None
+    scan_unroll: int | None = None
 
     def resolve(self, field: str) -> TransformerConfig:
+        cfg = self._resolve(field)
+        runtime = {k: getattr(self, k) for k in RUNTIME_FIELDS if getattr(self, k) is not None}
+        if not runtime:
+            return cfg
+        try:
+            return cfg.replace(**runtime)
+        except ValueError as e:
+            raise ValueError(f"{field}.{e}") from None
+
+    def _resolve(self, field: str) -> TransformerConfig:
         if self.checkpoint is None:
             if self.config is None:
                 raise ValueError(f"{field}: expected a config or a checkpoint, got neither")

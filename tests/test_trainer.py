@@ -317,3 +317,16 @@ def test_bad_loss_chunk_is_refused_before_anything_runs(tmp_path):
                           anchor=trainer.ModelSpec(config=CFG), dataset=DATA, loss_chunk=bad,
                           **FAST)
     assert not os.path.exists(tmp_path / "p")
+
+
+def test_model_spec_runtime_fields_override_a_stored_model(exports):
+    spec = trainer.ModelSpec(checkpoint=exports["anchor"], remat_policy="full",
+                             attention_impl="xla", dtype="bfloat16")
+    cfg = spec.resolve("anchor")
+    assert (cfg.remat_policy, cfg.attention_impl, cfg.dtype) == ("full", "xla", "bfloat16")
+    # Everything else is the stored architecture.
+    assert cfg.replace(remat_policy=CFG.remat_policy, attention_impl=CFG.attention_impl,
+                       dtype=CFG.dtype) == CFG
+    assert trainer.ModelSpec(checkpoint=exports["anchor"]).resolve("anchor") == CFG
+    with pytest.raises(ValueError, match=r"anchor\.remat_policy: expected one of .*got 'some'"):
+        trainer.ModelSpec(checkpoint=exports["anchor"], remat_policy="some").resolve("anchor")

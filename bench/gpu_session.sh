@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The GPU measurements of the performance issue, most important first, in one device call.
+#
+#   bench/gpu_session.sh [PART] [BUDGET_S]      # PART 1 (default) or 2; BUDGET_S default 540
+#
+# Every run is one `python3 bench/...` invocation with its own time limit, cut to what is left
+# of BUDGET_S (a run that cannot get 60 s is skipped and says so), so the script ends inside
+# one device call (10 min) whatever hangs. JSON lines go to $OUT/<name>.jsonl (OUT defaults to
+# bench/out), stderr to $OUT/<name>.err, one status line per run to stdout and
+# $OUT/session.log. Needs only what the GPU image has: jax (CUDA), flax, optax; no gin, no
+# TensorFlow. Record what comes back in bench/RESULTS.md with the device, command and date.
+#
+# Part 1: the issue's targets at their best configuration (cuDNN attention where it applies,
+#   "auto"; remat full and a chunked loss for large and xl), the fine-tune step beside each
+#   composed one, and composed vs anchor-alone decoding.
+# Part 2: what each optimisation is worth: XLA vs cuDNN attention, remat none/dots/full,
+#   loss_chunk on/off, decoding at batch 1 and 64, and XLA's flop count of the small step.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PART=${1:-1}
+BUDGET=${2:-540}
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.95}
+END=$((SECONDS + BUDGET))
+
+run() {  # run NAME LIMIT_S SCRIPT ARGS...
+  local name=$1 limit=$2
+  shift 2
+  local left=$((END - SECONDS - 5))
+  ((left < limit)) && limit=$left
+  if ((limit < 60)); then
+    echo "skipped (budget): $name $*" | tee -a "$OUT/session.log"
+    return
+  fi
+  local start=$SECONDS
+  timeout "$limit" python3 "$@" >>"$OUT/$name.jsonl" 2>>"$OUT/$name.err"
+  echo "rc=$? ${limit}s-limit $((SECONDS - start))s: $name $*" | tee -a "$OUT/session.log"
+}
+
+{ date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import jax; print('jax', jax.__version__, jax.devices())"; } \
+  >"$OUT/device.txt" 2>&1
+cat "$OUT/device.txt"
+
+case "$PART" in
+1)
+  run small 150 bench/train_step.py --shape small --no_hlo_flops
+  run small 150 bench/train_step.py --shape small --remat full --loss_chunk 512 --no_hlo_flops
+  run decode 120 bench/decode.py --batches 8
+  run large 180 bench/train_step.py --shape large --remat full --loss_chunk 512 --no_hlo_flops
+  run xl 180 bench/train_step.py --shape xl --modes compose --remat full --loss_chunk 512 \
+    --no_hlo_flops --steps 3 --warmup 1
+  ;;
+2)
+  run small 150 bench/train_step.py --shape small --attention_impl xla --no_hlo_flops
+  run small 150 bench/train_step.py --shape small --remat dots --loss_chunk 512 --no_hlo_flops
+  run large 180 bench/train_step.py --shape large --remat dots --loss_chunk 512 --no_hlo_flops
+  run large 180 bench/train_step.py --shape large --remat full --no_hlo_flops
+  run decode 120 bench/decode.py --batches 1,64
+  run small 150 bench/train_step.py --shape small --modes compose --steps 3
+  ;;
+*)
+  echo "PART: expected 1 or 2, got $PART" >&2
+  exit 2
+  ;;
+esac
