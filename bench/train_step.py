@@ -84,10 +84,8 @@ are 64-dim (attention width 1024 = d / 2), not d / heads = 128.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
-import re
 import sys
 import time
 import warnings
@@ -96,7 +94,6 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import flax.linen as nn  # noqa: E402
 
@@ -106,6 +103,10 @@ from calm_jax import trainer  # noqa: E402
 from calm_jax.composition import ComposedLM, CompositionConfig  # noqa: E402
 from calm_jax.models import TransformerConfig  # noqa: E402
 from calm_jax.optim import OptimizerConfig, make_optimizer, schedule  # noqa: E402
+from bench.step_analysis import (  # noqa: E402
+    _flops, _gib, compiled_memory, frozen_kernel_grad_dots, kernel_sets,
+    largest_residuals, residual_bytes, saved_residuals, traced_residuals)
+from bench.step_analysis import dot_output_shapes  # noqa: E402,F401 (tests use it from here)
 
 H100_PEAK_FLOPS = 989e12  # dense bf16, SXM; the issue's denominator for "ideal MFU"
 MODES = ("compose", "finetune")
@@ -223,38 +224,6 @@ class Built:
         self.__dict__.update(kw)
 
 
-def _kernel_shapes(tree: Any, stacked) -> set[tuple[int, ...]]:
-    """Shapes of the kernels (leaves of ndim >= 2 per layer) of `tree`.
-
-    `stacked(keys)` says whether a leaf at that key path has a leading layer (or connection)
-    axis; both the per-layer shape and the stacked one are returned (XLA may compute a
-    stacked gradient in one product).
-    """
-    out = set()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        shape = tuple(leaf.shape)
-        if stacked(keys):
-            if len(shape) >= 3:
-                out.update({shape, shape[1:]})
-        elif len(shape) >= 2:
-            out.add(shape)
-    return out
-
-
-def kernel_sets(anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig
-                ) -> tuple[set[tuple[int, ...]], set[tuple[int, ...]]]:
-    """(frozen, trained) kernel shapes of the composed model: anchor and augmenting kernels
-    (frozen in the composed step) and composition kernels (trained)."""
-    composed = ComposedLM(anchor_cfg, {"augment": augment_cfg})
-    abstract = jax.eval_shape(lambda: nn.unbox(composed.init(jax.random.key(0))))
-    in_layers = lambda keys: "layers" in keys  # noqa: E731
-    frozen = (_kernel_shapes(abstract["anchor"], in_layers)
-              | _kernel_shapes(abstract["augments"], in_layers))
-    trained = _kernel_shapes(abstract["composition"], lambda keys: True)
-    return frozen, trained
-
-
 def build(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig, *,
           batch: int, length: int, mesh, rules, seed: int = 0,
           optimizer: OptimizerConfig | None = None, loss_chunk: int | None = None) -> Built:
@@ -303,217 +272,6 @@ def build(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConf
                  expected_flops_per_token=expected_flops_per_token(mode, anchor_cfg,
                                                                    augment_cfg),
                  n=n, tokens=batch * length)
-
-
-# Evidence from the compiled HLO -------------------------------------------------------------
-
-_SHAPE = r"(?:pred|s8|s16|s32|s64|u8|u32|f16|bf16|f32|f64)\[([0-9,]*)\]"
-# `x = f32[a,b]{..} dot(` on CPU/GPU; cuBLAS calls are `custom-call`s returning a tuple whose
-# first element is the product: `x = (bf16[a,b]{..}, s8[..]{..}) custom-call(.., "__cublas$gemm"`.
-_DOT = re.compile(r"=\s*\(?" + _SHAPE + r"(?:\{[^}]*\})?[^=]*?\s(dot|custom-call)\((.*)$")
-
-
-def _forms(shape: tuple[int, ...]) -> set[tuple[int, ...]]:
-    """Every merge of adjacent axes of `shape`, sizes of 1 dropped and sorted (a dot may
-    compute a [d, heads, head_dim] gradient as [d, heads*head_dim], in either orientation)."""
-    out = set()
-    for cuts in itertools.product((False, True), repeat=max(len(shape) - 1, 0)):
-        dims, cur = [], shape[0]
-        for size, cut in zip(shape[1:], cuts):
-            if cut:
-                dims.append(cur)
-                cur = size
-            else:
-                cur *= size
-        dims.append(cur)
-        dims = tuple(sorted(d for d in dims if d != 1))
-        if len(dims) >= 2:
-            out.add(dims)
-    return out
-
-
-def dot_output_shapes(hlo_text: str) -> list[tuple[int, ...]]:
-    """Output shapes of the matrix products in an HLO module's text (fusion bodies included)."""
-    shapes = []
-    for line in hlo_text.splitlines():
-        m = _DOT.search(line)
-        if m is None:
-            continue
-        if m.group(2) == "custom-call" and not re.search(r"gemm|matmul", m.group(3)):
-            continue
-        shapes.append(tuple(int(x) for x in m.group(1).split(",") if x))
-    return shapes
-
-
-def frozen_kernel_grad_dots(hlo_text: str, frozen_kernels: set, trained_kernels: set,
-                            token_dims: tuple[int, ...]) -> dict[str, Any]:
-    """Counts matrix products whose output looks like a frozen kernel's weight gradient.
-
-    A weight gradient contracts the tokens away, so products whose output keeps a token
-    dimension (length, batch * length) are activations and are skipped. A frozen kernel shape
-    that coincides (in some merged form) with a trained kernel or has a token-sized axis cannot
-    be told apart; those forms are listed under `uncheckable` and not counted.
-    """
-    frozen = set().union(*[_forms(s) for s in frozen_kernels]) if frozen_kernels else set()
-    trained = set().union(*[_forms(s) for s in trained_kernels]) if trained_kernels else set()
-    uncheckable = {f for f in frozen if f in trained or any(t in f for t in token_dims)}
-    checkable = frozen - uncheckable
-    hits = []
-    for shape in dot_output_shapes(hlo_text):
-        if any(t in shape for t in token_dims):
-            continue
-        key = tuple(sorted(d for d in shape if d != 1))
-        if key in checkable:
-            hits.append(shape)
-    return {"count": len(hits), "examples": sorted(set(hits))[:8],
-            "checked_forms": len(checkable), "uncheckable": sorted(uncheckable)}
-
-
-def saved_residuals(built: Built) -> list[tuple[tuple[int, ...], str, int, str]]:
-    """What the loss's forward keeps for its backward: (shape, dtype, bytes, origin) per array.
-
-    Differentiated with respect to the trained parameters only (frozen trees and the batch are
-    closed over, as in the step). Closed-over inputs themselves (weights, tokens: "from a
-    constant") are listed too; `residual_bytes` leaves them out. Uses jax's
-    `saved_residuals` (what `jax.ad_checkpoint.print_saved_residuals` prints); returns [] where
-    this jax version lacks it.
-    """
-    try:
-        from jax._src.ad_checkpoint import saved_residuals as _saved
-    except ImportError:
-        return []
-
-    def loss(params):
-        return built.loss(params, built.frozen, built.batch)[0]
-
-    out = []
-    try:
-        found = _saved(loss, built.state["params"])
-    except TypeError:  # a private function: its signature may change between jax versions
-        return []
-    for aval, origin in found:
-        shape = tuple(getattr(aval, "shape", ()))
-        dtype = str(getattr(aval, "dtype", "?"))
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
-        where = re.sub(r"\S*/calm_jax/", "", origin)
-        out.append((shape, dtype, size, where))
-    return out
-
-
-def residual_bytes(residuals) -> int:
-    """Bytes of saved activations (closed-over inputs and literals excluded)."""
-    return sum(size for _, _, size, where in residuals
-               if not where.startswith(("from a constant", "from a literal")))
-
-
-def abstract_setup(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig, *,
-                   mesh, rules, loss_chunk: int | None = None):
-    """(the trainer's `_Setup` for `mode`, its frozen trees as ShapeDtypeStructs with their
-    shardings): the setup runs under `jax.eval_shape`, so no weight is created or placed."""
-    holder = {}
-
-    def setup():
-        holder["s"] = s = trainer._setup(
-            "compose" if mode == "compose" else "pretrain",
-            anchor=trainer.ModelSpec(config=anchor_cfg),
-            augments={"augment": trainer.ModelSpec(config=augment_cfg)}
-            if mode == "compose" else {},
-            composition=CompositionConfig(), lora=lora_lib.LoraConfig(), mesh=mesh,
-            rules=rules, rng=jax.random.key(0), loss_chunk=loss_chunk)
-        return s.frozen
-
-    frozen = jax.eval_shape(setup)
-    s = holder.pop("s")
-    s.frozen = frozen
-    return s, frozen
-
-
-def abstract_batch(batch: int, length: int, sharding=None) -> dict[str, jax.ShapeDtypeStruct]:
-    tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=sharding)
-    return {"decoder_input_tokens": tokens, "decoder_target_tokens": tokens,
-            "decoder_loss_weights": jax.ShapeDtypeStruct((batch, length), jnp.float32,
-                                                         sharding=sharding)}
-
-
-def compiled_memory(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig,
-                    *, batch: int, length: int, mesh, rules,
-                    loss_chunk: int | None = None) -> dict[str, Any]:
-    """The jitted training step compiled for this backend from shapes alone (no weights are
-    created): XLA's `memory_analysis()` of the whole step in GiB: `argument_gib` (state,
-    frozen weights, batch), `output_gib`, `temp_gib` (activations and scratch during the
-    step), `alias_gib` (donated state reused for the output) and `total_gib` = argument +
-    output + temp - alias, the step's footprint. Compiled on a CPU it is the CPU backend's
-    buffer assignment: an estimate for a GPU, whose fusions and attention kernels differ."""
-    s, _ = abstract_setup(mode, anchor_cfg, augment_cfg, mesh=mesh, rules=rules,
-                          loss_chunk=loss_chunk)
-    opt_cfg = OptimizerConfig()
-    prog = trainer.build_program(s, make_optimizer(opt_cfg, 1000), schedule(opt_cfg, 1000),
-                                 opt_cfg.grad_accum_steps, mesh, rules)
-    data = abstract_batch(batch, length, prog.batch_sharding)
-    start = time.perf_counter()
-    compiled = prog.train_step.lower(prog.abstract_state, s.frozen, data).compile()
-    mem = compiled.memory_analysis()
-    out = {"compile_s": round(time.perf_counter() - start, 2)}
-    for key in ("argument", "output", "temp", "alias"):
-        out[f"{key}_gib"] = _gib(getattr(mem, f"{key}_size_in_bytes"))
-    out["total_gib"] = _gib(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                            + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
-    return out
-
-
-def traced_residuals(mode: str, anchor_cfg: TransformerConfig,
-                     augment_cfg: TransformerConfig, *, batch: int, length: int, mesh,
-                     rules, top: int = 5, loss_chunk: int | None = None) -> dict[str, Any]:
-    """Saved-activation bytes of `mode`'s loss from a trace alone: nothing placed or compiled.
-
-    The trainer's setup runs under `jax.eval_shape` (its weight placement is traced, not
-    executed), and the loss's vjp is traced with abstract parameters, frozen trees and batch;
-    the residuals are the vjp's saved values that are not inputs. It is what the program
-    asks to keep between forward and backward, before XLA's buffer assignment (which may
-    fuse some away), so it estimates activation memory; it does not measure it.
-    """
-    s, frozen = abstract_setup(mode, anchor_cfg, augment_cfg, mesh=mesh, rules=rules,
-                               loss_chunk=loss_chunk)
-    params = nn.unbox(s.abstract_params)
-    data = abstract_batch(batch, length)
-
-    def vjp(params, frozen, data):
-        loss = s.loss()
-        return jax.vjp(lambda p: loss(p, frozen, data)[0], params)
-
-    closed, out_shape = jax.make_jaxpr(vjp, return_shape=True)(params, frozen, data)
-    num_res = len(jax.tree.leaves(out_shape[1]))
-    inputs = set(closed.jaxpr.invars)
-    total, shapes = 0, []
-    for v in closed.jaxpr.outvars[len(closed.jaxpr.outvars) - num_res:]:
-        if not hasattr(v, "aval") or hasattr(v, "val") or v in inputs:
-            continue  # literals and inputs (weights, tokens) are not activations
-        size = int(np.prod(v.aval.shape, dtype=np.int64)) * np.dtype(v.aval.dtype).itemsize
-        total += size
-        shapes.append((size, f"{v.aval.dtype}[{','.join(map(str, v.aval.shape))}]"))
-    shapes.sort(reverse=True)
-    return {"residual_gib": _gib(total),
-            "largest": [f"{name} ({size / 2**30:.3f} GiB)" for size, name in shapes[:top]]}
-
-
-def largest_residuals(residuals, top: int = 6) -> list[str]:
-    """The biggest saved activations, identical ones grouped: "3 x bf16[..] (GiB) origin"."""
-    groups: dict[tuple, list[int]] = {}
-    for shape, dtype, size, where in residuals:
-        if where.startswith(("from a constant", "from a literal")):
-            continue
-        key = (dtype, shape, where[:70])
-        groups.setdefault(key, []).append(size)
-    ranked = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:top]
-    return [f"{len(sizes)} x {dtype}[{','.join(map(str, shape))}] "
-            f"({sum(sizes) / 2**30:.3f} GiB) {where}"
-            for (dtype, shape, where), sizes in ranked]
-
-
-def _flops(cost: Any) -> float | None:
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-        cost = cost[0] if cost else None
-    return None if cost is None else float(cost.get("flops", 0.0))
 
 
 def hlo_evidence(shape: str = "tiny", *, dtype: str = "bfloat16", mesh=None,
@@ -593,10 +351,6 @@ def _peak_bytes(device) -> tuple[int | None, int | None]:
     if not stats:
         return None, None
     return stats.get("peak_bytes_in_use"), stats.get("bytes_limit")
-
-
-def _gib(n: float | None) -> float | None:
-    return None if n is None else round(n / 2**30, 3)
 
 
 def measure(mode: str, args, mesh, rules) -> dict[str, Any]:
