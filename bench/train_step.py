@@ -1,9 +1,14 @@
 """One training step: CALM composition vs full fine-tune of the anchor, printed as JSON.
 
     python bench/train_step.py --shape small            # GPU: composed and fine-tune steps
-    python bench/train_step.py --shape large --attention_impl cudnn --remat dots
+    python bench/train_step.py --shape large --remat full --loss_chunk 512
     python bench/train_step.py --tiny                   # under a minute on CPU: checks the script
     python bench/train_step.py --shape xl --remat full --trace_only   # CPU: activation GiB only
+    python bench/train_step.py --shape xl --modes compose --compile_only  # XLA memory analysis
+
+`--attention_impl` (default "auto": cuDNN where it applies on a GPU), `--remat` and
+`--loss_chunk` are the trainer's settings of the same names (TransformerConfig.attention_impl,
+.remat_policy, trainer.train(loss_chunk=...)). Analysis helpers live in `bench/step_analysis.py`.
 
 For each mode (`--modes`, default "compose,finetune", run in that order in one process) the
 script builds the step the way `calm_jax.trainer.train` does (`trainer._setup` for the forward
