@@ -440,6 +440,24 @@ def measure(mode: str, args, mesh, rules) -> dict[str, Any]:
     return rec
 
 
+def analyse(mode: str, args, mesh, rules) -> dict[str, Any]:
+    """`--compile_only` (`compiled_memory`) or `--trace_only` (`traced_residuals`) for `mode`:
+    nothing is placed, so any shape runs on a CPU."""
+    anchor_cfg, augment_cfg = model_configs(args.shape, dtype=args.dtype,
+                                            attention_impl=args.attention_impl,
+                                            remat=args.remat)
+    kind = "compile_only" if args.compile_only else "trace_only"
+    analysis = compiled_memory if args.compile_only else traced_residuals
+    with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
+        return {"bench": "train_step", kind: True, "device": jax.devices()[0].device_kind,
+                "jax": jax.__version__, "shape": args.shape, "mode": mode, "dtype": args.dtype,
+                "attention_impl": args.attention_impl, "remat": args.remat,
+                "loss_chunk": args.loss_chunk, "batch": args.batch, "length": args.length,
+                **analysis(mode, anchor_cfg, augment_cfg, batch=args.batch,
+                           length=args.length, mesh=mesh, rules=rules,
+                           loss_chunk=args.loss_chunk)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="small", choices=sorted(SHAPES))
@@ -478,6 +496,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         p.error(f"--modes: expected a comma-separated subset of {MODES}, got {args.modes}")
+    if args.trace_only and args.compile_only:
+        p.error("--trace_only, --compile_only: expected at most one, got both")
     if args.loss_chunk is not None and args.loss_chunk <= 0:
         p.error(f"--loss_chunk: expected a positive integer, got {args.loss_chunk}")
     for name in ("steps", "batch", "length", "num_devices"):
@@ -499,34 +519,8 @@ def main(argv=None) -> list[dict[str, Any]]:
     results = []
     for mode in args.modes:
         try:
-            if args.compile_only:
-                anchor_cfg, augment_cfg = model_configs(
-                    args.shape, dtype=args.dtype, attention_impl=args.attention_impl,
-                    remat=args.remat)
-                with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
-                    rec = {"bench": "train_step", "compile_only": True,
-                           "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                           "shape": args.shape, "mode": mode, "dtype": args.dtype,
-                           "attention_impl": args.attention_impl, "remat": args.remat,
-                           "loss_chunk": args.loss_chunk, "batch": args.batch,
-                           "length": args.length,
-                           **compiled_memory(mode, anchor_cfg, augment_cfg, batch=args.batch,
-                                             length=args.length, mesh=mesh, rules=rules,
-                                             loss_chunk=args.loss_chunk)}
-            elif args.trace_only:
-                anchor_cfg, augment_cfg = model_configs(
-                    args.shape, dtype=args.dtype, attention_impl=args.attention_impl,
-                    remat=args.remat)
-                with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
-                    rec = {"bench": "train_step", "trace_only": True,
-                           "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-                           "shape": args.shape, "mode": mode, "dtype": args.dtype,
-                           "attention_impl": args.attention_impl, "remat": args.remat,
-                           "loss_chunk": args.loss_chunk, "batch": args.batch,
-                           "length": args.length,
-                           **traced_residuals(mode, anchor_cfg, augment_cfg, batch=args.batch,
-                                              length=args.length, mesh=mesh, rules=rules,
-                                              loss_chunk=args.loss_chunk)}
+            if args.compile_only or args.trace_only:
+                rec = analyse(mode, args, mesh, rules)
             else:
                 rec = measure(mode, args, mesh, rules)
         except Exception as e:  # e.g. out of memory: report it and go on
