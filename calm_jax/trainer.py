@@ -120,7 +120,8 @@ class _Setup:
     export_params: Callable[[Any], Any] = lambda params: params  # the exported model's tree
     # (params, frozen, batch) -> (last residual stream [batch, length, embed], head_fn: a
     # chunk of it -> logits): `forward` split before the output layer, for `loss_chunk`.
-    final_states: Callable[[Any, Any, Mapping[str, jax.Array]], tuple[jax.Array, Callable]] | None = None
+    final_states: Callable[[Any, Any, Mapping[str, jax.Array]],
+                           tuple[jax.Array, Callable]] | None = None
 
     def loss(self) -> Callable[[Any, Any, Mapping[str, jax.Array]], tuple[jax.Array, dict]]:
         """(params, frozen, batch) -> (loss sum to differentiate, metric sums)."""
@@ -336,8 +337,6 @@ def _multi_token_setup(model: Decoder, boxed, init_decoder, mt: mtp_lib.MultiTok
     extra_flops = 6.0 * (mt.depth - 1) * cfg.embed_dim * cfg.vocab_size
     return _Setup(forward, {"decoder": boxed, "multi_token": boxed_heads}, init, {}, {},
                   flops_per_token + extra_flops, cfg, loss_fn=loss_fn,
-                  final_states=lambda params, frozen, batch: _decoder_final_states(
-                      model, params["decoder"], batch),
                   export_params=lambda params: params["decoder"])
 
 
