@@ -362,9 +362,9 @@ _KERNEL_PROBE = textwrap.dedent(
     """
     import json, os, socket, sys
     sys.path.insert(0, sys.argv[1])
-    from calm_jax import sandbox
+    from calm_jax import sandbox_kernel
     workdir, outside = sys.argv[2], sys.argv[3]
-    report = {"applied": sandbox._apply_kernel_guards({"workdir": workdir, "disk_bytes": 16 * 2**20})}
+    report = {"applied": sandbox_kernel.apply_kernel_guards({"workdir": workdir, "disk_bytes": 16 * 2**20})}
 
     def attempt(name, action):
         try:
