@@ -3,7 +3,9 @@
     python bench/decode.py                # the "small" shape (GPU): batch 1, 8, 64
     python bench/decode.py --tiny         # seconds on CPU (batch 1, 8), to check the script
 
-For each model and batch size: random prompts of `--prompt_len` tokens, `--new_tokens` greedy
+For each model, layout (`--layouts`, default both: "per_layer", the weights split by
+`decoding.unstack_params` once beforehand and one cache array per layer; "stacked", the scanned
+layers) and batch size: random prompts of `--prompt_len` tokens, `--new_tokens` greedy
 tokens with no early stop (no EOS). `generate_s` is one whole `calm_jax.decoding.generate`
 call (prefill + decode loop, one jitted program), `prefill_s` one `prefill` call on the same
 prompts; the first call of each (compilation) is excluded and reported as `compile_s`, every
@@ -12,6 +14,12 @@ timing is the median of `--repeats` calls ending in `block_until_ready`.
   new_tokens_per_s     = batch * new_tokens / generate_s
   decode_tokens_per_s  = batch * (new_tokens - 1) / (generate_s - prefill_s)   (decode loop only;
                          null when timing noise makes the difference non-positive)
+
+`step_copies` (per model and layout, from one decode step compiled at the first batch size, not
+timed): the dynamic-slice / slice / copy / transpose instructions of the compiled step whose
+output is at least as large as the smallest per-layer kernel or cache array, and the MiB they
+write (each instruction once: one inside the layer loop's body stands for every layer). These are
+the per-layer copies of weights and cache slots that the per-layer layout avoids.
 
 Default shape (the issue's "small" setting): anchor d=1024, 12 layers, 16 heads; augmenting
 model d=512, 8 layers, 8 heads (default connections: its layers 4, 8 into anchor layers 6, 12);
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -56,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default="bfloat16", help="compute and parameter dtype")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
+    p.add_argument("--layouts", default=",".join(decoding.LAYOUTS),
+                   help="comma-separated decoding layouts (per_layer, stacked)")
     args = p.parse_args(argv)
     if args.tiny:
         args.anchor_dim, args.anchor_layers, args.anchor_heads = 64, 2, 4
@@ -73,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--batches: expected comma-separated integers, got {args.batches!r}")
     if any(b <= 0 for b in args.batches):
         p.error(f"--batches: expected positive sizes, got {args.batches}")
+    args.layouts = args.layouts.split(",")
+    bad = [x for x in args.layouts if x not in decoding.LAYOUTS]
+    if bad:
+        p.error(f"--layouts: expected names among {list(decoding.LAYOUTS)}, got {bad}")
     return args
 
 
@@ -96,14 +111,63 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def measure(name: str, model, params, batch: int, args) -> dict:
+_COPY = re.compile(r"=\s*(\w+)\[([\d,]*)\](?:\{[^}]*\})?\s+"
+                   r"(dynamic-slice|slice|copy|transpose)\(")
+
+
+def large_copies(hlo_text: str, min_elements: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(op, dtype, shape) of every copying instruction in compiled HLO text with at least
+    `min_elements` output elements."""
+    out = []
+    for m in _COPY.finditer(hlo_text):
+        shape = tuple(int(x) for x in m.group(2).split(",") if x)
+        if int(np.prod(shape)) >= min_elements:
+            out.append((m.group(3), m.group(1), shape))
+    return out
+
+
+def layer_array_elements(model, params, batch: int, cache_len: int) -> int:
+    """The fewest elements of any one layer's block kernel or KV-cache array in the model."""
+    sizes = []
+    for _, cfg, tree in decoding.decoder_parts(model, params):
+        sizes += [int(np.prod(x.shape[1:])) for path, x in
+                  jax.tree_util.tree_leaves_with_path(tree["layers"])
+                  if getattr(path[-1], "key", None) == "kernel"]  # not norm scales or biases
+        sizes.append(batch * cache_len * cfg.kv_heads * cfg.dims_per_head)
+    return min(sizes)
+
+
+def step_copies(model, params, batch: int, args, layout: str) -> dict:
+    """The large copies in one compiled decode step (see the module docstring)."""
+    cache_len = args.prompt_len + args.new_tokens
+    prompts = jax.ShapeDtypeStruct((batch, args.prompt_len), jax.numpy.int32)
+    lengths = jax.ShapeDtypeStruct((batch,), jax.numpy.int32)
+    run = decoding.unstack_params(model, params) if layout == "per_layer" else params
+    _, cache = jax.eval_shape(
+        lambda p, t, n: decoding.prefill(model, p, t, n, cache_len=cache_len), run, prompts,
+        lengths)
+    hlo = decoding.decode_step.lower(model, run, cache, jax.ShapeDtypeStruct(
+        (batch,), jax.numpy.int32)).compile().as_text()
+    copies = large_copies(hlo, layer_array_elements(model, params, batch, cache_len))
+    nbytes = sum(np.prod(s) * jax.numpy.dtype(_DTYPES.get(d, d)).itemsize for _, d, s in copies)
+    return {"count": len(copies), "mib": round(float(nbytes) / 2**20, 3),
+            "largest": [f"{op} {d}{list(s)}" for op, d, s in sorted(
+                copies, key=lambda c: -int(np.prod(c[2])))[:4]]}
+
+
+_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "s32": "int32"}
+
+
+def measure(name: str, model, params, batch: int, args, layout: str) -> dict:
+    """Timings of one model in one layout (`params` already in that layout)."""
     rng = np.random.default_rng(batch)
     prompts = rng.integers(3, args.vocab, (batch, args.prompt_len), dtype=np.int32)
     lengths = np.full((batch,), args.prompt_len, np.int32)
     n = args.new_tokens
 
     def run_generate():
-        return decoding.generate(model, params, prompts, lengths=lengths, max_new_tokens=n)
+        return decoding.generate(model, params, prompts, lengths=lengths, max_new_tokens=n,
+                                 layout=layout)
 
     def run_prefill():
         return decoding.prefill(model, params, prompts, lengths,
@@ -113,7 +177,7 @@ def measure(name: str, model, params, batch: int, args) -> dict:
     _, prefill_s = timed(run_prefill, args.repeats)
     decode_s = generate_s - prefill_s  # not positive when timer noise exceeds the decode time
     return {
-        "model": name, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": n,
+        "model": name, "layout": layout, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": n,
         "compile_s": round(compile_s, 3), "generate_s": round(generate_s, 5),
         "prefill_s": round(prefill_s, 5),
         "new_tokens_per_s": round(batch * n / generate_s, 1),
@@ -128,11 +192,16 @@ def main(argv=None) -> dict:
     augment_cfg = model_config(args.augment_dim, args.augment_layers, args.augment_heads, args)
     composed = ComposedLM(anchor_cfg, {"augment": augment_cfg})
     params = jax.jit(lambda key: nn.unbox(composed.init(key)))(jax.random.key(0))
-    anchor = Decoder(anchor_cfg)
-    results = []
-    for batch in args.batches:
-        results.append(measure("anchor", anchor, params["anchor"], batch, args))
-        results.append(measure("composed", composed, params, batch, args))
+    models = {"anchor": (Decoder(anchor_cfg), params["anchor"]), "composed": (composed, params)}
+    results, copies = [], {}
+    for layout in args.layouts:
+        for name, (model, stacked) in models.items():
+            copies.setdefault(name, {})[layout] = step_copies(model, stacked, args.batches[0],
+                                                              args, layout)
+            run = decoding.unstack_params(model, stacked) if layout == "per_layer" else stacked
+            for batch in args.batches:
+                results.append(measure(name, model, run, batch, args, layout))
+            del run
     report = {
         "bench": "decode",
         "device": str(jax.devices()[0].device_kind),
@@ -149,6 +218,7 @@ def main(argv=None) -> dict:
         "connections": {k: [f"augment {a} -> anchor {b}" for a, b in v]
                         for k, v in composed.connections.items()},
         "composition_params": composed.num_composition_params(),
+        "step_copies": copies,
         "results": results,
     }
     print(json.dumps(report, indent=1))

@@ -278,8 +278,10 @@ class ComposedCache:
       augments: {name: KVCache} over augmenting layers 1 .. deepest connected one; empty once
         the memory is fixed (`augment_sees="prompt"` after `end_prompt`).
       memory: {name: {'key', 'value'}} [n, batch, mem_len, heads, head_dim], connection i's
-        projected keys/values of every slot so far; empty for `kind="fusion"`, whose update
-        only reads the current token's projected state.
+        projected keys/values of every slot so far (with per-layer caches, a tuple of n
+        [batch, heads, mem_len, head_dim] arrays, laid out like a per-layer `KVCache` so that no
+        step copies or transposes connection i's memory); empty for `kind="fusion"`, whose update only reads the current
+        token's projected state.
     """
 
     anchor: KVCache
@@ -496,11 +498,13 @@ class ComposedLM:
     # Cached decoding ----------------------------------------------------------------------------
 
     def init_cache(self, batch: int, cache_len: int, start: Array | None = None, *,
-                   prompt_len: int | None = None) -> ComposedCache:
+                   prompt_len: int | None = None, per_layer: bool = False) -> ComposedCache:
         """An empty `ComposedCache` of `cache_len` slots; `start` [batch] are the left pads.
 
         With `augment_sees="prompt"`, `prompt_len` (the padded prompt width) is required: the
-        augmenting caches and the memory then hold `prompt_len` slots only.
+        augmenting caches and the memory then hold `prompt_len` slots only. `per_layer`: every
+        `KVCache` holds one array per layer and the memory one per connection (the unrolled
+        decoding layout, see `calm_jax.models.attention.KVCache`).
         """
         if self.config.augment_sees == "prompt":
             if prompt_len is None or not 0 < prompt_len <= cache_len:
@@ -512,13 +516,16 @@ class ComposedLM:
         augments, memory = {}, {}
         for name, cfg in self.augment_configs.items():
             deepest = max(a for a, _ in self.connections[name])
-            augments[name] = KVCache.zeros(cfg, batch, mem_len, start, num_layers=deepest)
+            augments[name] = KVCache.zeros(cfg, batch, mem_len, start, num_layers=deepest,
+                                           per_layer=per_layer)
             if self.config.kind == "cross_attention":
-                shape = (len(self.connections[name]), batch, mem_len, self.num_heads,
-                         self.head_dim)
-                zeros = jnp.zeros(shape, self.anchor_config.compute_dtype)
-                memory[name] = {"key": zeros, "value": zeros}
-        anchor = KVCache.zeros(self.anchor_config, batch, cache_len, start)
+                n, dtype = len(self.connections[name]), self.anchor_config.compute_dtype
+                h, d = self.num_heads, self.head_dim
+                memory[name] = {
+                    k: (tuple(jnp.zeros((batch, h, mem_len, d), dtype) for _ in range(n))
+                        if per_layer else jnp.zeros((n, batch, mem_len, h, d), dtype))
+                    for k in ("key", "value")}
+        anchor = KVCache.zeros(self.anchor_config, batch, cache_len, start, per_layer=per_layer)
         return ComposedCache(anchor=anchor, augments=augments, memory=memory)
 
     def end_prompt(self, cache: ComposedCache) -> ComposedCache:
@@ -560,15 +567,13 @@ class ComposedLM:
             if self.config.kind == "fusion":
                 memories[name] = new  # position-wise: only the new tokens are read
             else:
-                zero = jnp.zeros((), jnp.int32)
-                memories[name] = {
-                    k: jax.lax.dynamic_update_slice(
-                        cache.memory[name][k], new[k].astype(cache.memory[name][k].dtype),
-                        (zero, zero, index, zero, zero))
-                    for k in ("key", "value")}
-        mask = None
+                memories[name] = {k: _write_memory(cache.memory[name][k], new[k], index)
+                                  for k in ("key", "value")}
+        mask, views = None, memories
         if self.config.kind == "cross_attention":
-            mem_len = next(iter(memories.values()))["key"].shape[2]
+            views = {name: {k: _memory_view(v) for k, v in mem.items()}
+                     for name, mem in memories.items()}
+            mem_len = next(iter(views.values()))["key"][0].shape[1]
             mask = cache_mask(start, index, t, mem_len)
 
         anchor_vars = {"params": params["anchor"]}
@@ -580,7 +585,7 @@ class ComposedLM:
                                                 method=Decoder.run_layers_cached)
             return h
 
-        h = self._anchor_layers(params, h, run_segment, memories, mask, ctx.positions)
+        h = self._anchor_layers(params, h, run_segment, views, mask, ctx.positions)
         if logits == "last":
             h = h[:, -1:]
         out = self.anchor.apply(anchor_vars, h, method=Decoder.head)
@@ -589,7 +594,34 @@ class ComposedLM:
         if self.config.kind == "fusion":
             memories = {}
         else:
-            memories = {name: {k: nn.with_logical_constraint(v, MEMORY_AXES)
-                               for k, v in mem.items()} for name, mem in memories.items()}
+            memories = {name: {k: _constrain_memory(v) for k, v in mem.items()}
+                        for name, mem in memories.items()}
         anchor_cache = anchor_cache.replace(index=index + t).constrain()
         return out, ComposedCache(anchor=anchor_cache, augments=augments, memory=memories)
+
+
+def _write_memory(memory: Array | tuple[Array, ...], new: Array, index: Array):
+    """Writes new [n, batch, T, heads, head_dim] at slots index .. index+T-1 of a stacked
+    memory [n, batch, mem_len, heads, head_dim] or of each [batch, heads, mem_len, head_dim]
+    array of a per-connection tuple."""
+    zero = jnp.zeros((), jnp.int32)
+    if isinstance(memory, tuple):
+        return tuple(jax.lax.dynamic_update_slice(
+            m, jnp.swapaxes(x, 1, 2).astype(m.dtype), (zero, zero, index, zero))
+            for m, x in zip(memory, new))
+    return jax.lax.dynamic_update_slice(memory, new.astype(memory.dtype),
+                                        (zero, zero, index, zero, zero))
+
+
+def _memory_view(memory: Array | tuple[Array, ...]):
+    """What `Bridge.__call__` indexes: memory[i] [batch, mem_len, heads, head_dim]."""
+    if isinstance(memory, tuple):
+        return tuple(jnp.swapaxes(m, 1, 2) for m in memory)
+    return memory
+
+
+def _constrain_memory(memory: Array | tuple[Array, ...]):
+    if isinstance(memory, tuple):  # [batch, heads, mem_len, head_dim]
+        axes = tuple(MEMORY_AXES[i] for i in (1, 3, 2, 4))
+        return tuple(nn.with_logical_constraint(m, axes) for m in memory)
+    return nn.with_logical_constraint(memory, MEMORY_AXES)

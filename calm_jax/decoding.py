@@ -22,6 +22,15 @@ token per row. `generate` runs prefill, then a `lax.while_loop` of decode steps 
 inside one jit, stopping early once every row has emitted `eos_id`. The cache holds
 prompt_len + max_new_tokens slots, which must not exceed any model's `max_len`.
 
+Layout. `generate` decodes in the per-layer layout by default (`layout="per_layer"`): block
+weights split into one array per layer (`unstack_params`) and one KV-cache array per layer (and
+one memory array per CALM connection), with the layer loop unrolled, so a decode step reads each
+weight and cache slot once; indexing stacked [layers, ...] arrays inside the layer loop makes XLA
+copy every layer's weights and cache slots at every step. Passing `unstack_params(model, params)`
+instead of the stacked tree saves the one split per call (and its second copy of the weights).
+`layout="stacked"` keeps the scanned loop, whose program does not grow with depth (compile time
+for very deep models). `prefill` and `decode_step` follow the layout of the parameters given.
+
 Sampling (`SamplingConfig`): temperature 0 is greedy (argmax); otherwise logits are divided by
 the temperature, restricted to the `top_k` largest (0: off) and to the smallest set whose
 probability reaches `top_p` (1.0: off), then sampled with `jax.random.categorical`. Step i uses
@@ -43,7 +52,7 @@ from flax import struct
 from calm_jax.composition import ComposedCache, ComposedLM
 from calm_jax.models.attention import KVCache
 from calm_jax.models.config import TransformerConfig
-from calm_jax.models.transformer import Decoder
+from calm_jax.models.transformer import Decoder, layers_unstacked, unstack_layers
 
 Array = jax.Array
 Model = Union[Decoder, ComposedLM]
@@ -116,6 +125,40 @@ def _plain_params(model: Model, params: Any) -> Any:
     if isinstance(model, Decoder) and isinstance(params, dict) and set(params) == {"params"}:
         params = params["params"]
     return params
+
+
+LAYOUTS = ("per_layer", "stacked")
+
+
+def decoder_parts(model: Model, params: Any) -> list[tuple[str, TransformerConfig, Any]]:
+    """(field, config, plain params tree) of every Decoder in the model: the model itself, or a
+    ComposedLM's anchor and augmenting models."""
+    params = _plain_params(model, params)
+    trees = ([params] if isinstance(model, Decoder) else
+             [params["anchor"]] + [params["augments"][name] for name in model.augment_configs])
+    return [(field, cfg, tree) for (field, cfg), tree in zip(_configs(model), trees)]
+
+
+def unstack_params(model: Model, params: Any) -> Any:
+    """The model's parameters in the per-layer decoding layout: every Decoder's stacked block
+    weights split into per-layer arrays (`calm_jax.models.transformer.unstack_layers`); the
+    composition is unchanged. Pass the result to `generate` / `prefill` / `decode_step` in place
+    of the stacked tree (do it once: it copies the weights)."""
+    params = _plain_params(model, params)
+    if isinstance(model, Decoder):
+        return unstack_layers(params)
+    return {**params, "anchor": unstack_layers(params["anchor"]),
+            "augments": {name: unstack_layers(p) for name, p in params["augments"].items()}}
+
+
+def params_layout(model: Model, params: Any) -> str:
+    """"per_layer" or "stacked": the layout of the parameters (every Decoder's alike)."""
+    layouts = {field: "per_layer" if layers_unstacked(tree) else "stacked"
+               for field, _, tree in decoder_parts(model, params)}
+    if len(set(layouts.values())) > 1:
+        raise ValueError(f"params: expected every model's block weights in one layout "
+                         f"(all stacked, or all split by unstack_params), got {layouts}")
+    return next(iter(layouts.values()))
 
 
 def _extend(model: Model, params: Any, tokens: Array, cache: Cache) -> tuple[Array, Cache]:
@@ -220,16 +263,19 @@ def prefill(model: Model, params: Any, tokens: Array, lengths: Array, *,
             cache_len: int) -> tuple[Array, Cache]:
     """Runs left-padded prompts tokens [batch, prompt_len] (see `pad_prompts`) with lengths
     [batch] through the model; returns (logits [batch, vocab] float32 of each row's last prompt
-    token, cache of `cache_len` slots with `index == prompt_len`)."""
+    token, cache of `cache_len` slots with `index == prompt_len`). The cache is per-layer when
+    the parameters are (`unstack_params`), else stacked."""
     batch, prompt_len = tokens.shape
     _check_cache_len(model, prompt_len, cache_len)
     params = _plain_params(model, params)
+    per_layer = params_layout(model, params) == "per_layer"
     start = prompt_len - jnp.asarray(lengths, jnp.int32)
     if isinstance(model, ComposedLM):
-        cache = model.init_cache(batch, cache_len, start, prompt_len=prompt_len)
+        cache = model.init_cache(batch, cache_len, start, prompt_len=prompt_len,
+                                 per_layer=per_layer)
         logits, cache = model.extend(params, tokens, cache)
         return logits, model.end_prompt(cache)
-    cache = KVCache.zeros(model.config, batch, cache_len, start)
+    cache = KVCache.zeros(model.config, batch, cache_len, start, per_layer=per_layer)
     return _extend(model, params, tokens, cache)
 
 
@@ -266,12 +312,14 @@ def sample_tokens(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling",
-                                             "return_logits"))
+                                             "return_logits", "layout"))
 def _generate(model: Model, params: Any, tokens: Array, lengths: Array, rng: Array,
               eos_id: Array, pad_id: Array, *, max_new_tokens: int, sampling: SamplingConfig,
-              return_logits: bool) -> DecodeResult:
+              return_logits: bool, layout: str) -> DecodeResult:
     """`generate` on left-padded prompts; eos_id (-1: none) and pad_id are traced scalars, so
     changing them does not recompile."""
+    if layout == "per_layer" and params_layout(model, params) == "stacked":
+        params = unstack_params(model, params)  # once, outside the decode loop
     batch, prompt_len = tokens.shape
     logits, cache = prefill(model, params, tokens, lengths,
                             cache_len=prompt_len + max_new_tokens)
@@ -318,7 +366,7 @@ def _check_token_id(name: str, value: Any, vocab: int, allow_none: bool) -> None
 def generate(model: Model, params: Any, prompts: Any, *, max_new_tokens: int,
              lengths: Any = None, sampling: SamplingConfig = SamplingConfig(),
              eos_id: int | None = None, pad_id: int = 0, rng: Array | None = None,
-             return_logits: bool = False) -> DecodeResult:
+             return_logits: bool = False, layout: str = "per_layer") -> DecodeResult:
     """Generates `max_new_tokens` tokens per prompt with a KV cache, in one jitted loop.
 
     Args:
@@ -332,6 +380,9 @@ def generate(model: Model, params: Any, prompts: Any, *, max_new_tokens: int,
       pad_id: fills prompts' padding and every row's output after its EOS.
       rng: a `jax.random.key`; required unless sampling is greedy.
       return_logits: also return every step's logits [batch, max_new_tokens, vocab].
+      layout: "per_layer" (default; split stacked weights once per call unless `params` already
+        come from `unstack_params`) or "stacked" (scanned layers; needs stacked `params`). See
+        the module docstring.
 
     Returns:
       DecodeResult(tokens [batch, max_new_tokens], lengths [batch], logits or None).
@@ -347,6 +398,12 @@ def generate(model: Model, params: Any, prompts: Any, *, max_new_tokens: int,
                          f"got {sampling.top_k}")
     _check_token_id("eos_id", eos_id, vocab, allow_none=True)
     _check_token_id("pad_id", pad_id, vocab, allow_none=False)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+    params = _plain_params(model, params)  # outside the jit: one program for either form
+    if layout == "stacked" and params_layout(model, params) == "per_layer":
+        raise ValueError("layout: expected 'per_layer' for parameters split by unstack_params, "
+                         "got 'stacked'")
     if rng is None:
         if not sampling.greedy:
             raise ValueError("rng: expected a jax.random.key when sampling.temperature > 0, "
@@ -354,8 +411,7 @@ def generate(model: Model, params: Any, prompts: Any, *, max_new_tokens: int,
         rng = jax.random.key(0)
     tokens, lengths = pad_prompts(prompts, lengths, pad_id=pad_id, vocab_size=vocab)
     _check_lengths(model, tokens.shape[1], int(max_new_tokens))
-    params = _plain_params(model, params)  # outside the jit: one program for either form
     return _generate(model, params, jnp.asarray(tokens), jnp.asarray(lengths), rng,
                      jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
                      max_new_tokens=int(max_new_tokens), sampling=sampling,
-                     return_logits=bool(return_logits))
+                     return_logits=bool(return_logits), layout=layout)

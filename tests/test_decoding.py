@@ -1,7 +1,8 @@
 """Cached decoding: at every step the cached logits equal the uncached forward of the same prefix
 (Llama-, GPT-2- and Gemma-style models; composed models in both `augment_sees` modes and the
 fusion kind; ragged batches), greedy equals an uncached loop, cache layout, EOS, sampling, a
-decode program that does not grow with depth, and errors.
+decode program that does not grow with depth (stacked layout), the per-layer layout's equality
+with it and absence of per-layer copies, and errors.
 
 Parameters are drawn with numpy (`random_params`) rather than a jitted flax init: compiling the
 init programs would cost more CPU time than the tests themselves.
@@ -202,6 +203,72 @@ def test_composed_cache_layout(augment_sees):
         assert cache.memory["code"]["key"].shape == (1, 3, 7, 4, 16)
 
 
+@pytest.mark.parametrize("which", ["gemma", "all", "prompt"])
+def test_stacked_and_per_layer_layouts_decode_alike(which):
+    """The per-layer layout (generate's default; or weights split beforehand) gives the tokens
+    and logits of the scanned, stacked layout."""
+    model, params = build(which)
+    run = functools.partial(generate, model, prompts=PROMPTS, max_new_tokens=STEPS,
+                            return_logits=True)
+    stacked = run(params, layout="stacked")
+    for per_layer in (run(params), run(decoding.unstack_params(model, params))):
+        np.testing.assert_array_equal(per_layer.tokens, stacked.tokens)
+        assert_logits_close(np.asarray(per_layer.logits), np.asarray(stacked.logits))
+
+
+def test_per_layer_cache_and_weights_layout():
+    model, params = composed("all")
+    split = decoding.unstack_params(model, params)
+    assert decoding.params_layout(model, split) == "per_layer"
+    assert decoding.params_layout(model, params) == "stacked"
+    stacked_up = params["anchor"]["layers"]["mlp"]["up"]["kernel"]
+    per_layer_up = split["anchor"]["layers"]["mlp"]["up"]["kernel"].arrays
+    assert len(per_layer_up) == stacked_up.shape[0]
+    for i, w in enumerate(per_layer_up):
+        np.testing.assert_array_equal(w, stacked_up[i])
+    # only the models' blocks are split: the composition keeps its arrays
+    assert all(a is b for a, b in zip(jax.tree.leaves(split["composition"]),
+                                      jax.tree.leaves(params["composition"])))
+    tokens, lengths = pad_prompts(PROMPTS)
+    _, cache = jax.eval_shape(functools.partial(prefill, model, cache_len=12), split, tokens,
+                              lengths)
+    cfg = model.anchor_config
+    assert cache.anchor.per_layer and cache.anchor.num_layers == cfg.num_layers
+    assert cache.anchor.length == 12
+    # one [batch, kv_heads, slots, head_dim] array per layer (heads first; see KVCache)
+    assert {x.shape for x in cache.anchor.k + cache.anchor.v} == {
+        (3, cfg.kv_heads, 12, cfg.dims_per_head)}
+    assert {n: len(c.k) for n, c in cache.augments.items()} == {"kv": 8, "code": 4}
+    assert [m.shape for m in cache.memory["kv"]["key"]] == [(3, 4, 12, 16)] * 2
+    assert [m.shape for m in cache.memory["code"]["value"]] == [(3, 4, 12, 16)]
+
+
+def test_per_layer_decode_step_copies_no_weights_or_cache_slots():
+    """Compiled decode steps: with stacked weights and cache, each layer's weights and cache
+    slots are copied out of the stacks (dynamic-slice) at every step; in the per-layer layout
+    no instruction copies anything of a layer kernel's or cache array's size. (Models with
+    kv_heads >= 2: with one KV head XLA's CPU backend transposes each layer's keys for its dot
+    whatever the layout. The composition's tiny heads keep its per-connection weight slices,
+    copied at each step outside `generate`'s loop, below the size looked for.)"""
+    from bench.decode import large_copies, layer_array_elements
+
+    tiny_heads = CompositionConfig(num_heads=1, head_dim=4)
+    two = ComposedLM(FAMILIES["llama"], {"aug": FAMILIES["gpt2"].replace(num_layers=4)},
+                     tiny_heads)
+    tokens, lengths = pad_prompts(PROMPTS)
+    for model, params in (plain("llama"),
+                          (two, random_params(lambda: nn.unbox(two.init(jax.random.key(0)))))):
+        counts = {}
+        for layout, run in (("stacked", params),
+                            ("per_layer", decoding.unstack_params(model, params))):
+            _, cache = prefill(model, run, tokens, lengths, cache_len=12)
+            hlo = decode_step.lower(model, run, cache, jnp.zeros((3,), jnp.int32)).compile()
+            copies = large_copies(hlo.as_text(), layer_array_elements(model, params, 3, 12))
+            counts[layout] = {op for op, _, _ in copies}, len(copies)
+        assert "dynamic-slice" in counts["stacked"][0], counts
+        assert counts["per_layer"] == (set(), 0), counts
+
+
 def test_right_padded_array_prompts_equal_token_lists():
     model, params = plain("llama")
     right = np.zeros((3, 7), np.int32)
@@ -329,7 +396,26 @@ def test_bad_prefill_and_cache_arguments_raise():
     with pytest.raises(ValueError, match=r"model: expected a calm_jax Decoder or ComposedLM, "
                                          r"got str"):
         generate("gpt2", params, PROMPTS, max_new_tokens=2)
-    prompt_model, _ = composed("prompt")
+    with pytest.raises(ValueError, match=r"layout: expected one of \('per_layer', "
+                                         r"'stacked'\), got 'rolled'"):
+        generate(model, params, PROMPTS, max_new_tokens=2, layout="rolled")
+    split = decoding.unstack_params(model, params)
+    with pytest.raises(ValueError, match=r"layout: expected 'per_layer' for parameters split "
+                                         r"by unstack_params, got 'stacked'"):
+        generate(model, split, PROMPTS, max_new_tokens=2, layout="stacked")
+    with pytest.raises(ValueError, match=r"params\['layers'\]: expected stacked \[layers, "
+                                         r"...\] arrays for a forward pass"):
+        model.apply({"params": split}, jnp.asarray(tokens))
+    with pytest.raises(ValueError, match=r"cache: expected a per-layer KVCache"):
+        model.apply({"params": split}, jnp.asarray(tokens),
+                    decoding.KVCache.zeros(model.config, 3, 8), method=Decoder.extend)
+    prompt_model, prompt_params = composed("prompt")
+    mixed = {**prompt_params, "anchor": decoding.unstack_params(
+        Decoder(prompt_model.anchor_config), prompt_params["anchor"])}
+    with pytest.raises(ValueError, match=r"params: expected every model's block weights in "
+                                         r"one layout .*'anchor': 'per_layer', "
+                                         r"\"augments\['code'\]\": 'stacked'"):
+        generate(prompt_model, mixed, PROMPTS, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"prompt_len: expected an integer in \[1, "
                                          r"cache_len=8\] with composition.augment_sees="
                                          r"'prompt', got None"):

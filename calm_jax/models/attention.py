@@ -6,9 +6,9 @@ mark one packed example) and by each token's index in the stream. With no segmen
 sliding window the mask is plain causal and is not materialised (`is_causal=True`), which lets
 cuDNN use its fused causal kernel.
 
-For decoding, `KVCache` holds every layer's keys and values (stacked like the parameters) and
-`SelfAttention`, given a cache, appends to it; see the section at the
-end of this module.
+For decoding, `KVCache` holds every layer's keys and values (stacked like the parameters, or one
+array per layer) and `SelfAttention`, given a cache, appends to it; see the section at the end of
+this module.
 """
 
 from __future__ import annotations
@@ -135,8 +135,9 @@ class SelfAttention(nn.Module):
     """Causal multi-head self-attention with grouped-query heads, RoPE and optional QK-norm.
 
     With a `cache` (decoding), this layer's keys and values for the new tokens are written into
-    the stacked KV cache at layer `layer` (a traced int) and attention reads that layer's slots
-    (always the XLA implementation with an explicit mask). The parameters are the same.
+    the KV cache at layer `layer` (`KVCache.append`: an int, or a traced int for a stacked cache)
+    and attention reads that layer's slots (always the XLA implementation with an explicit
+    mask). The parameters are the same.
     """
 
     config: TransformerConfig
@@ -144,7 +145,7 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Array, ctx: AttentionContext | CacheContext, is_global: Array,
                  cache: KVCache | None = None,
-                 layer: Array | None = None) -> tuple[Array, KVCache | None]:
+                 layer: int | Array | None = None) -> tuple[Array, KVCache | None]:
         """x [batch, length, embed] -> ([batch, length, embed], updated cache or None).
 
         `is_global` is a traced bool (sliding-window layers use the local mask and RoPE base).
@@ -168,13 +169,8 @@ class SelfAttention(nn.Module):
             q, key = L.apply_rope(q, sin, cos), L.apply_rope(key, sin, cos)
         impl, is_causal = cfg.attention_impl, True
         if cache is not None:
-            zero = jnp.zeros((), jnp.int32)
-            where = (jnp.asarray(layer, jnp.int32), zero, ctx.index, zero, zero)
-            cache = cache.replace(
-                k=jax.lax.dynamic_update_slice(cache.k, key[None].astype(cache.k.dtype), where),
-                v=jax.lax.dynamic_update_slice(cache.v, val[None].astype(cache.v.dtype), where))
-            key = jax.lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False).astype(q.dtype)
-            val = jax.lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False).astype(q.dtype)
+            cache, key, val = cache.append(layer, ctx.index, key, val)
+            key, val = key.astype(q.dtype), val.astype(q.dtype)
             impl, is_causal = "xla", False  # the cache mask already encodes causality
         mask = ctx.mask
         if ctx.local_mask is not None:
@@ -190,12 +186,22 @@ class SelfAttention(nn.Module):
 
 # Cached decoding ------------------------------------------------------------------------------
 #
-# A KV cache holds the post-RoPE keys and values of every layer, stacked like the parameters:
-# [layers, batch, cache_len, kv_heads, head_dim]. Rows are LEFT-padded: row b's real tokens fill
-# slots start[b] .. index-1, so the next token of every row is written at the same slot `index`
-# and its position in its own sequence is `index - start[b]`. The stack is carried through the
-# scan over layers and each layer writes its slice in place (`lax.dynamic_update_slice`), so a
-# decode step writes O(new tokens) and never copies the cache.
+# A KV cache holds the post-RoPE keys and values of every layer. Rows are LEFT-padded: row b's
+# real tokens fill slots start[b] .. index-1, so the next token of every row is written at the
+# same slot `index` and its position in its own sequence is `index - start[b]`. Two layouts:
+#
+# * stacked (default): k, v [layers, batch, cache_len, kv_heads, head_dim], like the stacked
+#   parameters. The stack is carried through the scan over layers and each layer writes its
+#   slice in place (`lax.dynamic_update_slice`), so the decode program does not grow with depth.
+#   Reading layer l's keys indexes the stack at a traced layer, which XLA materialises as a
+#   copy of that layer's slots every step (as it does for each layer's weights).
+# * per layer (`per_layer=True`): k, v are tuples of one [batch, kv_heads, cache_len, head_dim]
+#   array per layer (heads before slots: attention's two products then read the cache as it
+#   lies, where [.., cache_len, kv_heads, ..] makes XLA transpose a copy of it every step). The
+#   layer loop is unrolled (`Decoder.run_layers_cached`), each layer updates and reads its own
+#   buffers, and with per-layer weights (`unstack_layers`) a decode step reads every weight and
+#   every cache slot once, with no per-layer copies; the program grows with depth. This is the
+#   layout `calm_jax.decoding.generate` uses by default.
 
 KV_CACHE_AXES = ("layers", "activation_batch", "activation_length", "kv_heads", "head_dim")
 
@@ -205,43 +211,85 @@ class KVCache:
     """Keys and values of one decoder, and where its rows stand.
 
     Attributes:
-      k, v: [layers, batch, cache_len, kv_heads, head_dim], in the compute dtype.
+      k, v: [layers, batch, cache_len, kv_heads, head_dim] (stacked), or tuples of one
+        [batch, kv_heads, cache_len, head_dim] array per layer (per layer); compute dtype.
       start: [batch] int32, first real slot of each row (the number of left pads).
       index: [] int32, the slot the next token is written to (slots < index are filled).
     """
 
-    k: Array
-    v: Array
+    k: Array | tuple[Array, ...]
+    v: Array | tuple[Array, ...]
     start: Array
     index: Array
 
     @classmethod
     def zeros(cls, cfg: TransformerConfig, batch: int, cache_len: int, start: Array | None = None,
-              *, num_layers: int | None = None) -> "KVCache":
-        """An empty cache of `cache_len` slots for `num_layers` (default: all) layers."""
+              *, num_layers: int | None = None, per_layer: bool = False) -> "KVCache":
+        """An empty cache of `cache_len` slots for `num_layers` (default: all) layers, stacked
+        or (`per_layer`) one array per layer."""
         num_layers = cfg.num_layers if num_layers is None else num_layers
         if not 0 < num_layers <= cfg.num_layers:
             raise ValueError(f"num_layers: expected a value in [1, {cfg.num_layers}], "
                              f"got {num_layers}")
         if cache_len <= 0:
             raise ValueError(f"cache_len: expected a positive integer, got {cache_len}")
-        shape = (num_layers, batch, cache_len, cfg.kv_heads, cfg.dims_per_head)
+        shape = (batch, cache_len, cfg.kv_heads, cfg.dims_per_head)
         start = jnp.zeros((batch,), jnp.int32) if start is None else start
         start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (batch,))
-        return cls(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype),
-                   start=start, index=jnp.zeros((), jnp.int32))
+        if per_layer:
+            heads_first = (batch, cfg.kv_heads, cache_len, cfg.dims_per_head)
+            k = tuple(jnp.zeros(heads_first, cfg.compute_dtype) for _ in range(num_layers))
+            v = tuple(jnp.zeros(heads_first, cfg.compute_dtype) for _ in range(num_layers))
+        else:
+            k = jnp.zeros((num_layers,) + shape, cfg.compute_dtype)
+            v = jnp.zeros((num_layers,) + shape, cfg.compute_dtype)
+        return cls(k=k, v=v, start=start, index=jnp.zeros((), jnp.int32))
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether k and v hold one array per layer (else one stacked array)."""
+        return isinstance(self.k, tuple)
 
     @property
     def num_layers(self) -> int:
-        return self.k.shape[0]
+        return len(self.k) if self.per_layer else self.k.shape[0]
 
     @property
     def length(self) -> int:
         """Number of slots (`cache_len`)."""
-        return self.k.shape[2]
+        return self.k[0].shape[2] if self.per_layer else self.k.shape[2]
+
+    def append(self, layer: int | Array, index: Array, key: Array,
+               value: Array) -> tuple["KVCache", Array, Array]:
+        """Writes key, value [batch, T, kv_heads, head_dim] of `layer` at slots index ..
+        index+T-1; returns (cache, that layer's keys, values [batch, cache_len, kv_heads,
+        head_dim], in either layout).
+
+        `layer` is a Python int for a per-layer cache, an int or traced int32 when stacked.
+        """
+        zero = jnp.zeros((), jnp.int32)
+        if self.per_layer:
+            def write(arrays, new):  # arrays[layer]: [batch, kv_heads, cache_len, head_dim]
+                new = jnp.swapaxes(new, 1, 2).astype(arrays[layer].dtype)
+                updated = jax.lax.dynamic_update_slice(arrays[layer], new,
+                                                       (zero, zero, index, zero))
+                return arrays[:layer] + (updated,) + arrays[layer + 1:], jnp.swapaxes(
+                    updated, 1, 2)
+
+            (k, key), (v, value) = write(self.k, key), write(self.v, value)
+            return self.replace(k=k, v=v), key, value
+        where = (jnp.asarray(layer, jnp.int32), zero, index, zero, zero)
+        k = jax.lax.dynamic_update_slice(self.k, key[None].astype(self.k.dtype), where)
+        v = jax.lax.dynamic_update_slice(self.v, value[None].astype(self.v.dtype), where)
+        return (self.replace(k=k, v=v), jax.lax.dynamic_index_in_dim(k, layer, 0, False),
+                jax.lax.dynamic_index_in_dim(v, layer, 0, False))
 
     def constrain(self) -> "KVCache":
         """Applies the logical sharding `KV_CACHE_AXES` to k and v (a no-op without rules)."""
+        if self.per_layer:
+            axes = tuple(KV_CACHE_AXES[i] for i in (1, 3, 2, 4))  # [batch, heads, slots, dim]
+            return self.replace(k=tuple(nn.with_logical_constraint(x, axes) for x in self.k),
+                                v=tuple(nn.with_logical_constraint(x, axes) for x in self.v))
         return self.replace(k=nn.with_logical_constraint(self.k, KV_CACHE_AXES),
                             v=nn.with_logical_constraint(self.v, KV_CACHE_AXES))
 

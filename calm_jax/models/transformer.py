@@ -6,8 +6,10 @@ The forward is split into `embed` -> `run_layers(start, stop)` -> `head`, which 
 add its cross-attention between two layers of the anchor, and lets `hidden_states` stop after the
 last layer it needs.
 
-Cached decoding (`Decoder.extend`) appends tokens to a stacked `KVCache` with the same pieces:
-`embed` -> `run_layers_cached(start, stop)` -> `head`, scanning the cache alongside the layers.
+Cached decoding (`Decoder.extend`) appends tokens to a `KVCache` with the same pieces:
+`embed` -> `run_layers_cached(start, stop)` -> `head`. With a stacked cache it scans the cache
+alongside the layers; with a per-layer cache (and, for speed, per-layer weights from
+`unstack_layers`) it unrolls the layer loop, so no layer's weights or cache slots are copied.
 
 Layer numbering: 1-indexed, as in the paper. `states[k]` is the residual stream after block k
 (before the final norm); `states[0]` is the embedding output. See `calm_jax.models.config`.
@@ -15,11 +17,12 @@ Layer numbering: 1-indexed, as in the paper. `states[k]` is the residual stream 
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from flax import struct
 
 from calm_jax.models.config import TransformerConfig
 from calm_jax.models import layers as L
@@ -45,7 +48,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, h: Array, ctx: AttentionContext | CacheContext, is_global: Array,
                  cache: KVCache | None = None,
-                 layer: Array | None = None) -> tuple[Array, KVCache | None]:
+                 layer: int | Array | None = None) -> tuple[Array, KVCache | None]:
         """h [batch, length, embed] -> (h, cache or None); the tuple form suits `nn.scan`."""
         cfg = self.config
         a, cache = SelfAttention(cfg, name="attn")(L.make_norm(cfg, "attn_norm")(h), ctx,
@@ -81,6 +84,52 @@ def _partial_stack_policy(remat_policy: str):
     if remat_policy == "none":
         return _save_all_but_views
     return REMAT_POLICIES[remat_policy]
+
+
+@struct.dataclass
+class LayerList:
+    """One array per layer in place of a stacked [layers, ...] block parameter: the decoding
+    layout made by `unstack_layers`. A decode step then reads each layer's weights where they
+    lie; indexing a stack inside the layer loop makes XLA copy that layer's slice every step."""
+
+    arrays: tuple[Array, ...]
+
+
+def _is_layer_list(x: Any) -> bool:
+    return isinstance(x, LayerList)
+
+
+def unstack_layers(params: Any) -> Any:
+    """A Decoder's parameters (its `params` tree) with every stacked block parameter split into
+    a `LayerList`; other entries are unchanged, and already split ones are kept. For cached
+    decoding with a per-layer `KVCache` (`calm_jax.decoding.unstack_params` does it for any
+    model); the training forward takes the stacked tree."""
+    params = nn.unbox(params)
+    if not isinstance(params, Mapping) or "layers" not in params:
+        raise ValueError(f"params: expected a Decoder's parameter tree with a 'layers' entry, "
+                         f"got {type(params).__name__} with keys "
+                         f"{sorted(params) if isinstance(params, Mapping) else None}")
+
+    def split(x):
+        return x if _is_layer_list(x) else LayerList(tuple(x[i] for i in range(x.shape[0])))
+
+    return {**params, "layers": jax.tree.map(split, params["layers"], is_leaf=_is_layer_list)}
+
+
+def layers_unstacked(params: Any) -> bool:
+    """Whether a parameter tree holds per-layer (`LayerList`) block parameters."""
+    return any(_is_layer_list(x) for x in jax.tree.leaves(params, is_leaf=_is_layer_list))
+
+
+def _index_layer(params: Any, layer: int | Array) -> Any:
+    """One layer's block parameters: taken from a `LayerList` (`layer` a Python int), else
+    indexed out of the stack."""
+    def pick(p):
+        if _is_layer_list(p):
+            return p.arrays[layer]
+        return jax.lax.dynamic_index_in_dim(p, layer, 0, keepdims=False)
+
+    return jax.tree.map(pick, params, is_leaf=_is_layer_list)
 
 
 class Decoder(nn.Module):
@@ -149,6 +198,10 @@ class Decoder(nn.Module):
         if start == stop:
             return h
         params = nn.unbox(self.layers.variables["params"])
+        if layers_unstacked(params):
+            raise ValueError("params['layers']: expected stacked [layers, ...] arrays for a "
+                             "forward pass (per-layer weights from unstack_layers are for "
+                             "cached decoding), got per-layer LayerLists")
         block = Block(cfg, parent=None)  # unbound: applied to one layer's weights at a time
         if (start, stop) == (0, cfg.num_layers):
             # The whole stack: the scan reads each layer's weights as its `xs`.
@@ -165,9 +218,8 @@ class Decoder(nn.Module):
             # (a frozen anchor's weights, duplicated); indexed here and never saved (see
             # `_partial_stack_policy`), the backward re-indexes the original stack instead.
             def body(carry, layer):
-                layer_params = jax.tree.map(
-                    lambda p: jax.lax.dynamic_index_in_dim(p, layer, 0, keepdims=False), params)
-                return block.apply({"params": layer_params}, carry, ctx, is_global[layer])
+                return block.apply({"params": _index_layer(params, layer)}, carry, ctx,
+                                   is_global[layer])
 
             xs = jnp.arange(start, stop, dtype=jnp.int32)
             policy = _partial_stack_policy(cfg.remat_policy)
@@ -194,9 +246,12 @@ class Decoder(nn.Module):
                           stop: int) -> tuple[Array, KVCache]:
         """Blocks start+1 .. stop on h [batch, T, embed], appending to `cache`.
 
-        One `lax.scan` over the layers; the stacked cache [layers, ...] is carried and layer l
-        writes its keys/values into cache layer l in place. `cache.index` is not advanced (the
-        caller, e.g. `extend`, does so once all layers have run).
+        A stacked cache: one `lax.scan` over the layers; the stacked cache [layers, ...] is
+        carried and layer l writes its keys/values into cache layer l in place (weights must be
+        stacked too). A per-layer cache: the loop is unrolled, layer l updating its own cache
+        arrays and reading its weights from a `LayerList` (or, with stacked weights, a static
+        slice of the stack). `cache.index` is not advanced (the caller, e.g. `extend`, does so
+        once all layers have run).
         """
         cfg = self.config
         if not 0 <= start <= stop <= cache.num_layers:
@@ -209,13 +264,20 @@ class Decoder(nn.Module):
         params = nn.unbox(self.layers.variables["params"])
         is_global = jnp.asarray(cfg.layer_is_global())
         block = Block(cfg, parent=None)  # unbound: applied to one layer's slice at a time
+        if cache.per_layer:
+            for layer in range(start, stop):
+                h, cache = block.apply({"params": _index_layer(params, layer)}, h, ctx,
+                                       is_global[layer], cache, layer)
+            return h, cache
+        if layers_unstacked(params):
+            raise ValueError("cache: expected a per-layer KVCache (KVCache.zeros(..., "
+                             "per_layer=True)) with per-layer weights (unstack_layers), got a "
+                             "stacked cache")
 
         def body(carry, layer):
             h, cache = carry
-            layer_params = jax.tree.map(
-                lambda p: jax.lax.dynamic_index_in_dim(p, layer, 0, keepdims=False), params)
-            h, cache = block.apply({"params": layer_params}, h, ctx, is_global[layer], cache,
-                                   layer)
+            h, cache = block.apply({"params": _index_layer(params, layer)}, h, ctx,
+                                   is_global[layer], cache, layer)
             return (h, cache), None
 
         layers = jnp.arange(start, stop, dtype=jnp.int32)
