@@ -177,7 +177,8 @@ def measure(name: str, model, params, batch: int, args, layout: str) -> dict:
     _, prefill_s = timed(run_prefill, args.repeats)
     decode_s = generate_s - prefill_s  # not positive when timer noise exceeds the decode time
     return {
-        "model": name, "layout": layout, "batch": batch, "prompt_len": args.prompt_len, "new_tokens": n,
+        "model": name, "layout": layout, "batch": batch, "prompt_len": args.prompt_len,
+        "new_tokens": n,
         "compile_s": round(compile_s, 3), "generate_s": round(generate_s, 5),
         "prefill_s": round(prefill_s, 5),
         "new_tokens_per_s": round(batch * n / generate_s, 1),

@@ -279,9 +279,9 @@ class ComposedCache:
         the memory is fixed (`augment_sees="prompt"` after `end_prompt`).
       memory: {name: {'key', 'value'}} [n, batch, mem_len, heads, head_dim], connection i's
         projected keys/values of every slot so far (with per-layer caches, a tuple of n
-        [batch, heads, mem_len, head_dim] arrays, laid out like a per-layer `KVCache` so that no
-        step copies or transposes connection i's memory); empty for `kind="fusion"`, whose update only reads the current
-        token's projected state.
+        [batch, heads, mem_len, head_dim] arrays, laid out like a per-layer `KVCache`, so that
+        no step copies connection i's memory out of a stack); empty for `kind="fusion"`, whose
+        update only reads the current token's projected state.
     """
 
     anchor: KVCache

@@ -190,15 +190,18 @@ class SelfAttention(nn.Module):
 # real tokens fill slots start[b] .. index-1, so the next token of every row is written at the
 # same slot `index` and its position in its own sequence is `index - start[b]`. Two layouts:
 #
-# * stacked (default): k, v [layers, batch, cache_len, kv_heads, head_dim], like the stacked
-#   parameters. The stack is carried through the scan over layers and each layer writes its
-#   slice in place (`lax.dynamic_update_slice`), so the decode program does not grow with depth.
-#   Reading layer l's keys indexes the stack at a traced layer, which XLA materialises as a
-#   copy of that layer's slots every step (as it does for each layer's weights).
+# * stacked (`KVCache.zeros`'s default): k, v [layers, batch, cache_len, kv_heads, head_dim],
+#   like the stacked parameters. The stack is carried through the scan over layers and each
+#   layer writes its slice in place (`lax.dynamic_update_slice`), so the decode program does
+#   not grow with depth. Reading layer l's keys indexes the stack at a traced layer, which XLA
+#   materialises as a copy of that layer's slots every step (as it does for each layer's
+#   weights).
 # * per layer (`per_layer=True`): k, v are tuples of one [batch, kv_heads, cache_len, head_dim]
-#   array per layer (heads before slots: attention's two products then read the cache as it
-#   lies, where [.., cache_len, kv_heads, ..] makes XLA transpose a copy of it every step). The
-#   layer loop is unrolled (`Decoder.run_layers_cached`), each layer updates and reads its own
+#   array per layer. Heads come before slots so that attention's two products can read the
+#   cache as it lies: with [.., cache_len, kv_heads, ..] XLA's CPU backend transposes a copy of
+#   every layer's keys and values at every step (with this order it does not, for batch and
+#   kv_heads above 1; bench/decode.py's `step_copies` shows it for any backend). The layer
+#   loop is unrolled (`Decoder.run_layers_cached`), each layer updates and reads its own
 #   buffers, and with per-layer weights (`unstack_layers`) a decode step reads every weight and
 #   every cache slot once, with no per-layer copies; the program grows with depth. This is the
 #   layout `calm_jax.decoding.generate` uses by default.
@@ -233,16 +236,14 @@ class KVCache:
                              f"got {num_layers}")
         if cache_len <= 0:
             raise ValueError(f"cache_len: expected a positive integer, got {cache_len}")
-        shape = (batch, cache_len, cfg.kv_heads, cfg.dims_per_head)
         start = jnp.zeros((batch,), jnp.int32) if start is None else start
         start = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (batch,))
+        kv, dim, dtype = cfg.kv_heads, cfg.dims_per_head, cfg.compute_dtype
         if per_layer:
-            heads_first = (batch, cfg.kv_heads, cache_len, cfg.dims_per_head)
-            k = tuple(jnp.zeros(heads_first, cfg.compute_dtype) for _ in range(num_layers))
-            v = tuple(jnp.zeros(heads_first, cfg.compute_dtype) for _ in range(num_layers))
+            k, v = (tuple(jnp.zeros((batch, kv, cache_len, dim), dtype) for _ in range(num_layers))
+                    for _ in range(2))
         else:
-            k = jnp.zeros((num_layers,) + shape, cfg.compute_dtype)
-            v = jnp.zeros((num_layers,) + shape, cfg.compute_dtype)
+            k, v = (jnp.zeros((num_layers, batch, cache_len, kv, dim), dtype) for _ in range(2))
         return cls(k=k, v=v, start=start, index=jnp.zeros((), jnp.int32))
 
     @property
