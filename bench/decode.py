@@ -137,25 +137,25 @@ def layer_array_elements(model, params, batch: int, cache_len: int) -> int:
     return min(sizes)
 
 
-def step_copies(model, params, batch: int, args, layout: str) -> dict:
-    """The large copies in one compiled decode step (see the module docstring)."""
+_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "s32": "int32"}
+
+
+def step_copies(model, stacked, run, batch: int, args) -> dict:
+    """The large copies in one compiled decode step of `run` (the parameters in the layout
+    measured; `stacked`, the same in the stacked layout, gives the layer arrays' sizes)."""
     cache_len = args.prompt_len + args.new_tokens
     prompts = jax.ShapeDtypeStruct((batch, args.prompt_len), jax.numpy.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jax.numpy.int32)
-    run = decoding.unstack_params(model, params) if layout == "per_layer" else params
     _, cache = jax.eval_shape(
         lambda p, t, n: decoding.prefill(model, p, t, n, cache_len=cache_len), run, prompts,
         lengths)
     hlo = decoding.decode_step.lower(model, run, cache, jax.ShapeDtypeStruct(
         (batch,), jax.numpy.int32)).compile().as_text()
-    copies = large_copies(hlo, layer_array_elements(model, params, batch, cache_len))
+    copies = large_copies(hlo, layer_array_elements(model, stacked, batch, cache_len))
     nbytes = sum(np.prod(s) * jax.numpy.dtype(_DTYPES.get(d, d)).itemsize for _, d, s in copies)
     return {"count": len(copies), "mib": round(float(nbytes) / 2**20, 3),
             "largest": [f"{op} {d}{list(s)}" for op, d, s in sorted(
                 copies, key=lambda c: -int(np.prod(c[2])))[:4]]}
-
-
-_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "s32": "int32"}
 
 
 def measure(name: str, model, params, batch: int, args, layout: str) -> dict:
@@ -197,9 +197,9 @@ def main(argv=None) -> dict:
     results, copies = [], {}
     for layout in args.layouts:
         for name, (model, stacked) in models.items():
-            copies.setdefault(name, {})[layout] = step_copies(model, stacked, args.batches[0],
-                                                              args, layout)
             run = decoding.unstack_params(model, stacked) if layout == "per_layer" else stacked
+            copies.setdefault(name, {})[layout] = step_copies(model, stacked, run,
+                                                              args.batches[0], args)
             for batch in args.batches:
                 results.append(measure(name, model, run, batch, args, layout))
             del run
