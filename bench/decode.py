@@ -18,8 +18,9 @@ timing is the median of `--repeats` calls ending in `block_until_ready`.
 `step_copies` (per model and layout, from one decode step compiled at the first batch size, not
 timed): the dynamic-slice / slice / copy / transpose instructions of the compiled step whose
 output is at least as large as the smallest per-layer kernel or cache array, and the MiB they
-write (each instruction once: one inside the layer loop's body stands for every layer). These are
-the per-layer copies of weights and cache slots that the per-layer layout avoids.
+write (each instruction once: one inside the layer loop's body stands for every layer); for the
+composed model, one connection's composition matrix counts as a layer array. These are the
+per-layer copies of weights and cache slots that the per-layer layout avoids.
 
 Default shape (the issue's "small" setting): anchor d=1024, 12 layers, 16 heads; augmenting
 model d=512, 8 layers, 8 heads (default connections: its layers 4, 8 into anchor layers 6, 12);
@@ -127,13 +128,17 @@ def large_copies(hlo_text: str, min_elements: int) -> list[tuple[str, str, tuple
 
 
 def layer_array_elements(model, params, batch: int, cache_len: int) -> int:
-    """The fewest elements of any one layer's block kernel or KV-cache array in the model."""
+    """The fewest elements of any one layer's block kernel or KV-cache array in the model, or
+    of one connection's composition matrix (stacked `params`)."""
     sizes = []
     for _, cfg, tree in decoding.decoder_parts(model, params):
         sizes += [int(np.prod(x.shape[1:])) for path, x in
                   jax.tree_util.tree_leaves_with_path(tree["layers"])
                   if getattr(path[-1], "key", None) == "kernel"]  # not norm scales or biases
         sizes.append(batch * cache_len * cfg.kv_heads * cfg.dims_per_head)
+    if isinstance(model, ComposedLM):  # [connections, ...] matrices, not norm scales or biases
+        sizes += [int(np.prod(x.shape[1:])) for x in
+                  jax.tree_util.tree_leaves(nn.unbox(params["composition"])) if x.ndim >= 3]
     return min(sizes)
 
 

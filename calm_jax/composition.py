@@ -41,6 +41,9 @@ With `augment_sees="prompt"` the memory covers the prompt only and is fixed afte
 Parameters are `{'anchor': ..., 'augments': {name: ...}, 'composition': {name: ...}}`; each
 composition leaf has a leading `connections` axis. The augmenting forwards run under
 `stop_gradient`, and the training loss is differentiated with respect to `composition` only.
+For cached decoding `unstack_connections` splits each leaf into one array per connection (a
+`LayerList`, like the Decoders' per-layer layout): `extend` then reads connection i's weights
+where they lie, where indexing the stack would copy them at every step.
 """
 
 from __future__ import annotations
@@ -57,7 +60,8 @@ from calm_jax.models.config import TransformerConfig
 from calm_jax.models.attention import attention_mask, attend
 from calm_jax.models.attention import KVCache, cache_mask, make_cache_context
 from calm_jax.models import layers as L
-from calm_jax.models.transformer import REMAT_POLICIES, Decoder
+from calm_jax.models.transformer import REMAT_POLICIES, Decoder, LayerList
+from calm_jax.models.transformer import layers_unstacked, unstack_leaves
 
 Array = jax.Array
 Connections = tuple[tuple[int, int], ...]
@@ -269,6 +273,21 @@ class Bridge(nn.Module):
 MEMORY_AXES = ("connections", "activation_batch", "activation_length", "heads", "head_dim")
 
 
+def unstack_connections(composition: Mapping[str, Any]) -> dict[str, Any]:
+    """The composition parameters {name: tree} with every stacked [connections, ...] leaf split
+    into a `LayerList` of per-connection arrays (already split ones are kept): the decoding
+    layout `ComposedLM.extend` reads without copying a connection's weights out of the stack.
+    Training (`apply`) takes the stacked tree."""
+    return {name: unstack_leaves(tree) for name, tree in nn.unbox(composition).items()}
+
+
+def _connection_params(tree: Any, i: int) -> Any:
+    """Connection i's parameters from per-connection arrays, as a one-connection Bridge's
+    (leading axis 1: a reshape, no copy)."""
+    return jax.tree.map(lambda p: p.arrays[i][None], tree,
+                        is_leaf=lambda x: isinstance(x, LayerList))
+
+
 @struct.dataclass
 class ComposedCache:
     """Decoding state of a `ComposedLM` (rows left-padded, as in `KVCache`).
@@ -341,12 +360,15 @@ class ComposedLM:
         self.anchor = Decoder(anchor)
         self.augments = {name: Decoder(cfg) for name, cfg in self.augment_configs.items()}
         self.bridges = {name: self._bridge(name) for name in self.augment_configs}
+        # The same parameters one connection at a time (the per-connection decoding layout).
+        self._single_bridges = {name: self._bridge(name, 1) for name in self.augment_configs}
 
-    def _bridge(self, name: str) -> Bridge:
+    def _bridge(self, name: str, num_connections: int | None = None) -> Bridge:
         c = self.config
+        n = len(self.connections[name]) if num_connections is None else num_connections
         return Bridge(anchor_dim=self.anchor_config.embed_dim,
                       augment_dim=self.augment_configs[name].embed_dim,
-                      num_connections=len(self.connections[name]), num_heads=self.num_heads,
+                      num_connections=n, num_heads=self.num_heads,
                       head_dim=self.head_dim, kind=c.kind, normalize_inputs=c.normalize_inputs,
                       proj_bias=c.proj_bias, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
                       attention_impl=self.anchor_config.attention_impl,
@@ -399,6 +421,10 @@ class ComposedLM:
     def memories(self, params: Mapping[str, Any], tokens: Array, positions: Array,
                  segment_ids: Array | None) -> dict[str, dict[str, Array]]:
         """Runs every augmenting model (no gradient) and projects its selected states."""
+        if layers_unstacked(params["composition"]):
+            raise ValueError("params['composition']: expected stacked [connections, ...] "
+                             "arrays (the training layout), got per-connection LayerLists "
+                             "(unstack_connections: cached decoding only)")
         out = {}
         for name, model in self.augments.items():
             frozen = jax.lax.stop_gradient(params["augments"][name])
@@ -474,15 +500,21 @@ class ComposedLM:
 
         `run_segment(h, start, stop)` applies anchor layers start+1 .. stop. Connections that
         share an anchor layer read the same state and their updates are summed. Each update is
-        rematerialised with the anchor's `remat_policy` (`_remat`).
+        rematerialised with the anchor's `remat_policy` (`_remat`). Per-connection composition
+        parameters (`unstack_connections`) are applied one connection at a time, with connection
+        i's memory, so no weight is indexed out of a stack.
         """
         def update(name: str, i: int, h: Array) -> Array:
-            def apply(composition, h, memory, mask, positions):
-                return self.bridges[name].apply({"params": composition}, i, h, memory, mask,
-                                                positions)
+            tree, memory = params["composition"][name], memories[name]
+            bridge, index = self.bridges[name], i
+            if layers_unstacked(tree):
+                tree, memory = _connection_params(tree, i), {k: (v[i],) for k, v in memory.items()}
+                bridge, index = self._single_bridges[name], 0
 
-            return self._remat(apply)(params["composition"][name], h, memories[name], mask,
-                                      positions)
+            def apply(composition, h, memory, mask, positions):
+                return bridge.apply({"params": composition}, index, h, memory, mask, positions)
+
+            return self._remat(apply)(tree, h, memory, mask, positions)
 
         done = 0
         for layer, conns in self._at_layer:
@@ -536,6 +568,21 @@ class ComposedLM:
             return cache.replace(augments={})
         return cache
 
+    def _new_memory(self, name: str, tree: Any, states: Mapping[int, Array],
+                    positions: Array) -> dict[str, Any]:
+        """`Bridge.memory` of the new tokens' augmenting states {layer: [batch, T, D_aug]}:
+        {k: [n, batch, T, ...]} from stacked parameters, or {k: (per connection [batch, T, ...],
+        ...)} from per-connection ones, each projected by its own weights."""
+        layers = [a for a, _ in self.connections[name]]
+        if not layers_unstacked(tree):
+            stacked = jnp.stack([states[a] for a in layers])
+            return self.bridges[name].apply({"params": tree}, stacked, positions,
+                                            method=Bridge.memory)
+        single = self._single_bridges[name]
+        news = [single.apply({"params": _connection_params(tree, i)}, states[a][None], positions,
+                             method=Bridge.memory) for i, a in enumerate(layers)]
+        return {k: tuple(n[k][0] for n in news) for k in news[0]}
+
     def extend(self, params: Mapping[str, Any], tokens: Array, cache: ComposedCache, *,
                logits: str = "last") -> tuple[Array, ComposedCache]:
         """Appends tokens [batch, T] to both models; returns (logits, cache).
@@ -561,9 +608,7 @@ class ComposedLM:
             _, states, augments[name] = model.apply(
                 {"params": params["augments"][name]}, tokens, cache.augments[name],
                 return_states=layers, logits=None, method=Decoder.extend)
-            new = self.bridges[name].apply({"params": params["composition"][name]},
-                                           jnp.stack([states[a] for a in layers]),
-                                           ctx.positions, method=Bridge.memory)
+            new = self._new_memory(name, params["composition"][name], states, ctx.positions)
             if self.config.kind == "fusion":
                 memories[name] = new  # position-wise: only the new tokens are read
             else:
@@ -600,15 +645,18 @@ class ComposedLM:
         return out, ComposedCache(anchor=anchor_cache, augments=augments, memory=memories)
 
 
-def _write_memory(memory: Array | tuple[Array, ...], new: Array, index: Array):
-    """Writes new [n, batch, T, heads, head_dim] at slots index .. index+T-1 of a stacked
-    memory [n, batch, mem_len, heads, head_dim] or of each [batch, heads, mem_len, head_dim]
-    array of a per-connection tuple."""
+def _write_memory(memory: Array | tuple[Array, ...], new: Array | tuple[Array, ...],
+                  index: Array):
+    """Writes new [n, batch, T, heads, head_dim] (or n such [batch, T, heads, head_dim]) at slots
+    index .. index+T-1 of a stacked memory [n, batch, mem_len, heads, head_dim] or of each
+    [batch, heads, mem_len, head_dim] array of a per-connection tuple."""
     zero = jnp.zeros((), jnp.int32)
     if isinstance(memory, tuple):
         return tuple(jax.lax.dynamic_update_slice(
             m, jnp.swapaxes(x, 1, 2).astype(m.dtype), (zero, zero, index, zero))
             for m, x in zip(memory, new))
+    if isinstance(new, tuple):  # per-connection projections into a stacked memory
+        new = jnp.stack(new)
     return jax.lax.dynamic_update_slice(memory, new.astype(memory.dtype),
                                         (zero, zero, index, zero, zero))
 

@@ -23,10 +23,11 @@ inside one jit, stopping early once every row has emitted `eos_id`. The cache ho
 prompt_len + max_new_tokens slots, which must not exceed any model's `max_len`.
 
 Layout. `generate` decodes in the per-layer layout by default (`layout="per_layer"`): block
-weights split into one array per layer (`unstack_params`) and one KV-cache array per layer (and
-one memory array per CALM connection), with the layer loop unrolled, so a decode step reads each
-weight and cache slot once; indexing stacked [layers, ...] arrays inside the layer loop makes XLA
-copy every layer's weights and cache slots at every step. Passing `unstack_params(model, params)`
+weights split into one array per layer and CALM's composition weights into one per connection
+(`unstack_params`), one KV-cache array per layer and one memory array per connection, with the
+layer loop unrolled, so a decode step reads each weight and cache slot once; indexing stacked
+[layers, ...] or [connections, ...] arrays inside the loop makes XLA copy every layer's (and
+connection's) weights and cache slots at every step. Passing `unstack_params(model, params)`
 instead of the stacked tree saves the one split per call (and its second copy of the weights).
 `layout="stacked"` keeps the scanned loop, whose program does not grow with depth (compile time
 for very deep models). `prefill` and `decode_step` follow the layout of the parameters given.
@@ -49,7 +50,7 @@ import numpy as np
 import flax.linen as nn
 from flax import struct
 
-from calm_jax.composition import ComposedCache, ComposedLM
+from calm_jax.composition import ComposedCache, ComposedLM, unstack_connections
 from calm_jax.models.attention import KVCache
 from calm_jax.models.config import TransformerConfig
 from calm_jax.models.transformer import Decoder, layers_unstacked, unstack_layers
@@ -141,23 +142,30 @@ def decoder_parts(model: Model, params: Any) -> list[tuple[str, TransformerConfi
 
 def unstack_params(model: Model, params: Any) -> Any:
     """The model's parameters in the per-layer decoding layout: every Decoder's stacked block
-    weights split into per-layer arrays (`calm_jax.models.transformer.unstack_layers`); the
-    composition is unchanged. Pass the result to `generate` / `prefill` / `decode_step` in place
-    of the stacked tree (do it once: it copies the weights)."""
+    weights split into per-layer arrays (`calm_jax.models.transformer.unstack_layers`) and the
+    composition's into per-connection ones (`calm_jax.composition.unstack_connections`). Pass
+    the result to `generate` / `prefill` / `decode_step` in place of the stacked tree (do it
+    once: it copies the weights)."""
     params = _plain_params(model, params)
     if isinstance(model, Decoder):
         return unstack_layers(params)
     return {**params, "anchor": unstack_layers(params["anchor"]),
-            "augments": {name: unstack_layers(p) for name, p in params["augments"].items()}}
+            "augments": {name: unstack_layers(p) for name, p in params["augments"].items()},
+            "composition": unstack_connections(params["composition"])}
 
 
 def params_layout(model: Model, params: Any) -> str:
-    """"per_layer" or "stacked": the layout of the parameters (every Decoder's alike)."""
+    """"per_layer" or "stacked": the layout of the parameters (every Decoder's and the
+    composition's alike)."""
     layouts = {field: "per_layer" if layers_unstacked(tree) else "stacked"
                for field, _, tree in decoder_parts(model, params)}
+    if isinstance(model, ComposedLM):
+        composition = _plain_params(model, params)["composition"]
+        layouts["composition"] = "per_layer" if layers_unstacked(composition) else "stacked"
     if len(set(layouts.values())) > 1:
-        raise ValueError(f"params: expected every model's block weights in one layout "
-                         f"(all stacked, or all split by unstack_params), got {layouts}")
+        raise ValueError(f"params: expected every model's block weights and the composition "
+                         f"in one layout (all stacked, or all split by unstack_params), "
+                         f"got {layouts}")
     return next(iter(layouts.values()))
 
 

@@ -203,7 +203,7 @@ def test_composed_cache_layout(augment_sees):
         assert cache.memory["code"]["key"].shape == (1, 3, 7, 4, 16)
 
 
-@pytest.mark.parametrize("which", ["gemma", "all", "prompt"])
+@pytest.mark.parametrize("which", ["gemma", "all", "prompt", "all:fusion"])
 def test_stacked_and_per_layer_layouts_decode_alike(which):
     """The per-layer layout (generate's default; or weights split beforehand) gives the tokens
     and logits of the scanned, stacked layout."""
@@ -226,9 +226,22 @@ def test_per_layer_cache_and_weights_layout():
     assert len(per_layer_up) == stacked_up.shape[0]
     for i, w in enumerate(per_layer_up):
         np.testing.assert_array_equal(w, stacked_up[i])
-    # only the models' blocks are split: the composition keeps its arrays
-    assert all(a is b for a, b in zip(jax.tree.leaves(split["composition"]),
-                                      jax.tree.leaves(params["composition"])))
+    # the composition's [connections, ...] leaves are split per connection
+    for name, tree in params["composition"].items():
+        for key, stacked in tree.items():
+            arrays = split["composition"][name][key].arrays
+            assert len(arrays) == len(model.connections[name]) == stacked.shape[0]
+            for i, w in enumerate(arrays):
+                np.testing.assert_array_equal(w, stacked[i])
+    with pytest.raises(ValueError, match=r"params\['composition'\]: expected stacked "
+                                         r"\[connections, \.\.\.\] arrays \(the training "
+                                         r"layout\), got per-connection LayerLists"):
+        model.apply({**params, "composition": split["composition"]}, jnp.asarray([PROMPTS[1]]))
+    with pytest.raises(ValueError, match=r"params: expected every model's block weights "
+                                         r"and the composition in one layout .*'anchor': "
+                                         r"'stacked'.*'composition': 'per_layer'"):
+        generate(model, {**params, "composition": split["composition"]}, PROMPTS,
+                 max_new_tokens=2)
     tokens, lengths = pad_prompts(PROMPTS)
     _, cache = jax.eval_shape(functools.partial(prefill, model, cache_len=12), split, tokens,
                               lengths)
@@ -245,16 +258,15 @@ def test_per_layer_cache_and_weights_layout():
 
 def test_per_layer_decode_step_copies_no_weights_or_cache_slots():
     """Compiled decode steps: with stacked weights and cache, each layer's weights and cache
-    slots are copied out of the stacks (dynamic-slice) at every step; in the per-layer layout
-    no instruction copies anything of a layer kernel's or cache array's size. (Models with
-    kv_heads >= 2: with one KV head XLA's CPU backend transposes each layer's keys for its dot
-    whatever the layout. The composition's tiny heads keep its per-connection weight slices,
-    copied at each step outside `generate`'s loop, below the size looked for.)"""
+    slots are copied out of the stacks (dynamic-slice) at every step, and each connection's
+    composition matrices (slice); in the per-layer layout no instruction copies anything of a
+    layer kernel's, cache array's or connection matrix's size. (Models with kv_heads >= 2:
+    with one KV head XLA's CPU backend transposes each layer's keys for its dot whatever the
+    layout.)"""
     from bench.decode import large_copies, layer_array_elements
 
-    tiny_heads = CompositionConfig(num_heads=1, head_dim=4)
-    two = ComposedLM(FAMILIES["llama"], {"aug": FAMILIES["gpt2"].replace(num_layers=4)},
-                     tiny_heads)
+    two = ComposedLM(FAMILIES["llama"], {"aug": FAMILIES["gpt2"].replace(num_layers=8)})
+    assert len(two.connections["aug"]) == 2
     tokens, lengths = pad_prompts(PROMPTS)
     for model, params in (plain("llama"),
                           (two, random_params(lambda: nn.unbox(two.init(jax.random.key(0)))))):
@@ -266,6 +278,8 @@ def test_per_layer_decode_step_copies_no_weights_or_cache_slots():
             copies = large_copies(hlo.as_text(), layer_array_elements(model, params, 3, 12))
             counts[layout] = {op for op, _, _ in copies}, len(copies)
         assert "dynamic-slice" in counts["stacked"][0], counts
+        if model is two:
+            assert "slice" in counts["stacked"][0], counts  # composition weights, connection i
         assert counts["per_layer"] == (set(), 0), counts
 
 
@@ -412,9 +426,9 @@ def test_bad_prefill_and_cache_arguments_raise():
     prompt_model, prompt_params = composed("prompt")
     mixed = {**prompt_params, "anchor": decoding.unstack_params(
         Decoder(prompt_model.anchor_config), prompt_params["anchor"])}
-    with pytest.raises(ValueError, match=r"params: expected every model's block weights in "
-                                         r"one layout .*'anchor': 'per_layer', "
-                                         r"\"augments\['code'\]\": 'stacked'"):
+    with pytest.raises(ValueError, match=r"params: expected every model's block weights "
+                                         r"and the composition in one layout .*'anchor': "
+                                         r"'per_layer', \"augments\['code'\]\": 'stacked'"):
         generate(prompt_model, mixed, PROMPTS, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"prompt_len: expected an integer in \[1, "
                                          r"cache_len=8\] with composition.augment_sees="

@@ -110,10 +110,16 @@ def unstack_layers(params: Any) -> Any:
                          f"got {type(params).__name__} with keys "
                          f"{sorted(params) if isinstance(params, Mapping) else None}")
 
+    return {**params, "layers": unstack_leaves(params["layers"])}
+
+
+def unstack_leaves(tree: Any) -> Any:
+    """Every stacked leaf of `tree` split along its leading axis into a `LayerList` (already
+    split ones are kept)."""
     def split(x):
         return x if _is_layer_list(x) else LayerList(tuple(x[i] for i in range(x.shape[0])))
 
-    return {**params, "layers": jax.tree.map(split, params["layers"], is_leaf=_is_layer_list)}
+    return jax.tree.map(split, tree, is_leaf=_is_layer_list)
 
 
 def layers_unstacked(params: Any) -> bool:
