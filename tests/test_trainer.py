@@ -295,7 +295,7 @@ def test_loss_chunk_gives_the_same_loss_and_gradients(exports, mode, depth):
             params = s.init_params(jax.random.key(1))
             if mode == "compose":  # the zero-initialised output projection: no gradient path
                 params = jax.tree.map(lambda x: x + 0.01, params)
-            (loss, metrics), grads = jax.value_and_grad(s.loss(), has_aux=True)(
+            (loss, metrics), grads = jax.jit(jax.value_and_grad(s.loss(), has_aux=True))(
                 params, s.frozen, batch)
             results.append((loss, metrics, grads))
     (loss, metrics, grads), (loss_c, metrics_c, grads_c) = results
