@@ -37,6 +37,29 @@ def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path):
     assert all(0.0 <= v <= 100.0 for v in probe["heldin"] + probe["heldout"])
     assert "| heldout |" in table
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Six steps teach neither model its own skill, and the report says so.
+    assert "**Warning**: mA reached" in table and "**Warning**: mB reached" in table
+
+
+def test_reports_warn_when_a_pretrained_model_missed_its_own_skill(tmp_path):
+    def accuracy(mb_numeric):
+        return {"mA": {"kv_substitution": 98.0, "numeric_arithmetic": 0.0, "kv_arithmetic": 0.0},
+                "mB": {"kv_substitution": 0.0, "numeric_arithmetic": mb_numeric,
+                       "kv_arithmetic": 0.0},
+                "CALM": {"kv_substitution": 84.0, "numeric_arithmetic": 9.2,
+                         "kv_arithmetic": 7.8}}
+
+    # A run whose mB stayed on its loss plateau (measured: 10.2%, CALM 7.8% on held-out keys).
+    results = {"accuracy": accuracy(10.2), "ablations": {"CALM": 7.8}, "stages": {},
+               "seconds": 1.0}
+    kvx.write_reports(str(tmp_path), results)
+    table = (tmp_path / "results.md").read_text()
+    assert "**Warning**: mB reached 10.2% on numeric_arithmetic" in table
+    assert "mA reached" not in table
+    assert kvx.pretraining_warnings(accuracy(10.2), threshold=5.0) == []
+    results["accuracy"] = accuracy(100.0)
+    kvx.write_reports(str(tmp_path), results)
+    assert "Warning" not in (tmp_path / "results.md").read_text()
 
 
 def test_bad_experiment_settings_raise_before_training(tmp_path):
