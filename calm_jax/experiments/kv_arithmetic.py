@@ -386,7 +386,8 @@ def _plot(run_dir: str, results: dict) -> None:
         curves.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=stage)
     curves.set(xlabel="step", ylabel="training loss (target tokens)", yscale="log",
                title="Training curves")
-    curves.legend()
+    if curves.lines:  # no stage logs (a report rewritten from results alone): no legend
+        curves.legend()
     acc = results["accuracy"]
     names = list(PAPER_TABLE1)
     width = 0.25
