@@ -1,6 +1,7 @@
 """The key-value experiment's pipeline end to end: plumbing at a smoke-test scale, and a CI-scale
 reproduction in which CALM must answer what neither model can."""
 
+import dataclasses
 import json
 import os
 
@@ -15,11 +16,21 @@ def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path):
     model = TransformerConfig.tiny(vocab_size=384, embed_dim=32, num_layers=2, num_heads=2,
                                    num_kv_heads=2, mlp_dim=64, max_len=32)
     stage = kvx.Stage(steps=6, batch_size=16, learning_rate=3e-3, warmup_steps=0)
+    # mA's check passes at once; six steps cannot teach mB arithmetic, so it trains twice.
     results = kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
                       kv_config="tiny", length=32, connections=((1, 1), (2, 2)),
-                      pretrain_augment=stage, pretrain_anchor=stage, compose=stage,
-                      ablations=("fusion",), eval_examples=16)
-    assert set(results["stages"]) == {"mA", "mB", "calm", "fusion"}
+                      pretrain_augment=dataclasses.replace(stage, min_skill=0.0, attempts=3),
+                      pretrain_anchor=dataclasses.replace(stage, min_skill=90.0, attempts=2),
+                      compose=stage, ablations=("fusion",), eval_examples=16, seed=5)
+    assert set(results["stages"]) == {"mA", "mB", "mB_attempt2", "calm", "fusion"}
+    pre = results["pretraining"]
+    assert [(a["stage"], a["seed"]) for a in pre["mA"]["attempts"]] == [("mA", 5)]
+    assert [(a["stage"], a["seed"]) for a in pre["mB"]["attempts"]] == [("mB", 6),
+                                                                        ("mB_attempt2", 1006)]
+    assert all(a["skill"] < 90.0 for a in pre["mB"]["attempts"])
+    best = max(pre["mB"]["attempts"], key=lambda a: a["skill"])
+    assert pre["mB"]["chosen"] == best["stage"]  # none passed: the best one is composed
+    assert os.path.exists(tmp_path / "mB_attempt2" / "export" / "config.json")
     for model_name in ("mA", "mB", "CALM"):
         accuracy = results["accuracy"][model_name]
         assert set(accuracy) == set(kvx.PAPER_TABLE1)
@@ -39,6 +50,7 @@ def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path):
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Six steps teach neither model its own skill, and the report says so.
     assert "**Warning**: mA reached" in table and "**Warning**: mB reached" in table
+    assert "| mB | mB_attempt2 | 1006 |" in table
 
 
 def test_reports_warn_when_a_pretrained_model_missed_its_own_skill(tmp_path):
@@ -75,7 +87,17 @@ def test_bad_experiment_settings_raise_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"length: expected at least \d+ \(the longest kv_"):
         kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
                 kv_config="tiny", length=12)
+    with pytest.raises(ValueError, match="compose: expected min_skill=None and attempts=1"):
+        kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
+                compose=kvx.Stage(min_skill=90.0))
     assert not os.listdir(tmp_path)
+    with pytest.raises(ValueError, match="Stage.min_skill: expected a percentage when attempts"):
+        kvx.Stage(attempts=2)
+    with pytest.raises(ValueError, match=r"Stage.min_skill: expected None or a percentage in "
+                                         r"\[0, 100\], got 150"):
+        kvx.Stage(min_skill=150, attempts=2)
+    with pytest.raises(ValueError, match="Stage.attempts: expected an integer >= 1, got 0"):
+        kvx.Stage(attempts=0)
 
 
 def test_value_probe_reads_a_value_that_is_written_into_the_states(monkeypatch):

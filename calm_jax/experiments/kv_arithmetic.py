@@ -65,15 +65,39 @@ ABLATIONS = ("lora", "finetune", "random_mA", "fusion")
 OWN_SKILL = {"mA": "kv_substitution", "mB": "numeric_arithmetic"}
 
 
+# Training prompts greedy-decoded to check a pretrained model's own skill (`Stage.min_skill`).
+SKILL_CHECK_EXAMPLES = 256
+SEED_STRIDE = 1000  # attempt k of a pretraining stage trains with its seed + k * SEED_STRIDE
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
-    """Steps, batch and learning rate of one training stage."""
+    """Steps, batch and learning rate of one training stage.
+
+    Pretraining stages only: with `min_skill` set, the model's exact match (%) on its own skill
+    (`OWN_SKILL`) is measured right after training, by greedy decoding of the first
+    `SKILL_CHECK_EXAMPLES` training prompts (the evaluation sets are not used to choose a model),
+    and a model below it is trained again from scratch with the next seed, up to `attempts`
+    trainings in all. The pipeline goes on with the first model that passes, else the best one.
+    """
 
     steps: int = 1000
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup_steps: int = 50
     multi_token: int = 1  # pretraining stages: tokens predicted per position (multi_token.py)
+    min_skill: float | None = None
+    attempts: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.attempts, int) or self.attempts < 1:
+            raise ValueError(f"Stage.attempts: expected an integer >= 1, got {self.attempts!r}")
+        if self.min_skill is not None and not 0.0 <= self.min_skill <= 100.0:
+            raise ValueError(f"Stage.min_skill: expected None or a percentage in [0, 100], "
+                             f"got {self.min_skill!r}")
+        if self.attempts > 1 and self.min_skill is None:
+            raise ValueError(f"Stage.min_skill: expected a percentage when attempts > 1 (what a "
+                             f"retry must reach), got None (attempts={self.attempts})")
 
 
 def _features(parts: Sequence[tuple[str, str]], length: int, config: str) -> dict:
@@ -110,6 +134,56 @@ def _train_stage(name: str, run_dir: str, stage: Stage, **kw) -> dict:
                         checkpoint=ckpt.CheckpointConfig(save_every=0, use_async=False), **kw)
     return {"params": out["params"], "frozen": out["frozen"],
             "seconds": time.time() - t}
+
+
+def own_skill(name: str, model: TransformerConfig, params, kv_config: str, length: int) -> float:
+    """Exact match (%) of pretrained model `name` ("mA" or "mB") on its own skill (`OWN_SKILL`),
+    over the first `SKILL_CHECK_EXAMPLES` prompts of that skill's training split."""
+    cfg = kv.CONFIGS[kv_config]
+    skill = OWN_SKILL[name]
+    examples = kv.get_examples(skill, "train", cfg)[:SKILL_CHECK_EXAMPLES]
+    max_new = 1 + max(len(kv.encode_text(e["targets"])) for e in examples)
+    predictions = greedy_decode(Decoder(model), params, examples, length=length, max_new=max_new,
+                                batch_size=min(256, len(examples)))
+    return score(skill, predictions, examples, cfg)
+
+
+def _pretrain(name: str, run_dir: str, stage: Stage, model: TransformerConfig,
+              dataset: DatasetConfig, seed: int, kv_config: str, length: int,
+              partitioning: PartitioningConfig | None) -> dict:
+    """Pretrains `name` in `run_dir/name` (attempt k >= 2 in `run_dir/name_attemptk`, with seed
+    + (k - 1) * SEED_STRIDE) until one passes `stage.min_skill`; see `Stage`.
+
+    Returns {'stage': the chosen attempt's directory name, 'params', 'trained': {directory name:
+    `_train_stage` result}, 'attempts': [{'stage', 'seed', 'skill'}]}.
+    """
+    trained, attempts = {}, []
+    for k in range(stage.attempts):
+        stage_name = name if k == 0 else f"{name}_attempt{k + 1}"
+        attempt_seed = seed + k * SEED_STRIDE
+        out = _train_stage(stage_name, run_dir, stage, mode="pretrain",
+                           anchor=trainer.ModelSpec(config=model), seed=attempt_seed,
+                           dataset=dataset, partitioning=partitioning)
+        trained[stage_name] = out
+        if stage.min_skill is None:
+            attempts.append({"stage": stage_name, "seed": attempt_seed, "skill": None})
+            break
+        skill = own_skill(name, model, out["params"], kv_config, length)
+        attempts.append({"stage": stage_name, "seed": attempt_seed, "skill": skill})
+        if skill >= stage.min_skill:
+            log.info("%s (seed %d): %.1f%% on %s (training prompts), at least %g%%", stage_name,
+                     attempt_seed, skill, OWN_SKILL[name], stage.min_skill)
+            break
+        left = stage.attempts - k - 1
+        log.warning("%s (seed %d): %.1f%% on %s (training prompts), below %g%%; %s", stage_name,
+                    attempt_seed, skill, OWN_SKILL[name], stage.min_skill,
+                    f"training it again with seed {attempt_seed + SEED_STRIDE}" if left
+                    else "no attempts left, going on with the best one")
+    last = attempts[-1]
+    passed = last["skill"] is None or last["skill"] >= stage.min_skill
+    chosen = last if passed else max(attempts, key=lambda a: a["skill"])
+    return {"stage": chosen["stage"], "params": trained[chosen["stage"]]["params"],
+            "trained": trained, "attempts": attempts}
 
 
 def greedy_decode(model, params, examples: Sequence[Mapping[str, str]], *, length: int,
@@ -222,6 +296,9 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     if compose.multi_token != 1:
         raise ValueError(f"compose.multi_token: expected 1 (extra heads are a pretraining loss), "
                          f"got {compose.multi_token}")
+    if compose.min_skill is not None or compose.attempts != 1:
+        raise ValueError(f"compose: expected min_skill=None and attempts=1 (a pretraining check), "
+                         f"got min_skill={compose.min_skill!r}, attempts={compose.attempts!r}")
     for stage_name, stage in (("pretrain_augment", pretrain_augment),
                               ("pretrain_anchor", pretrain_anchor)):
         if not isinstance(stage.multi_token, int) or stage.multi_token < 1:
@@ -245,14 +322,19 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     results: dict[str, Any] = {"stages": {}, "accuracy": {}, "ablations": {}}
 
     stages = {}
-    stages["mA"] = _train_stage("mA", run_dir, pretrain_augment, mode="pretrain",
-                                anchor=trainer.ModelSpec(config=augment_model), seed=seed,
-                                dataset=ma_ds, partitioning=partitioning)
-    stages["mB"] = _train_stage("mB", run_dir, pretrain_anchor, mode="pretrain",
-                                anchor=trainer.ModelSpec(config=anchor_model), seed=seed + 1,
-                                dataset=mb_ds, partitioning=partitioning)
-    ma_spec = trainer.ModelSpec(checkpoint=os.path.join(run_dir, "mA", "export"))
-    mb_spec = trainer.ModelSpec(checkpoint=os.path.join(run_dir, "mB", "export"))
+    pretrained = {
+        name: _pretrain(name, run_dir, stage, cfg, ds, stage_seed, kv_config, length, partitioning)
+        for name, stage, cfg, ds, stage_seed in (
+            ("mA", pretrain_augment, augment_model, ma_ds, seed),
+            ("mB", pretrain_anchor, anchor_model, mb_ds, seed + 1))}
+    for p in pretrained.values():
+        stages.update(p["trained"])
+    results["pretraining"] = {name: {"chosen": p["stage"], "attempts": p["attempts"]}
+                              for name, p in pretrained.items()}
+    ma_spec = trainer.ModelSpec(checkpoint=os.path.join(run_dir, pretrained["mA"]["stage"],
+                                                        "export"))
+    mb_spec = trainer.ModelSpec(checkpoint=os.path.join(run_dir, pretrained["mB"]["stage"],
+                                                        "export"))
     common = dict(anchor=mb_spec, dataset=dc, seed=seed + 2, partitioning=partitioning)
     stages["calm"] = _train_stage("calm", run_dir, compose, mode="compose",
                                   augments={"mA": ma_spec}, composition=composition, **common)
@@ -281,7 +363,7 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
             for e, p in zip(examples[:3], predictions)]
         return score(eval_set, predictions, examples, cfg)
 
-    ma_params, mb_params = stages["mA"]["params"], stages["mB"]["params"]
+    ma_params, mb_params = pretrained["mA"]["params"], pretrained["mB"]["params"]
     calm_model = ComposedLM(anchor_model, {"mA": augment_model}, composition)
     frozen = {"anchor": mb_params, "augments": {"mA": ma_params}}
     models = {
@@ -335,7 +417,7 @@ def pretraining_warnings(accuracy: Mapping[str, Mapping[str, float]], *,
     """
     return [f"{model} reached {accuracy[model][skill]:.1f}% on {skill}, its own skill (below "
             f"{threshold:g}%): CALM's rows are bounded by it. Train {model} longer "
-            f"(its Stage.steps) or with another seed."
+            f"(its Stage.steps) or with other seeds (Stage.min_skill and Stage.attempts)."
             for model, skill in OWN_SKILL.items() if accuracy[model][skill] < threshold]
 
 
@@ -353,6 +435,16 @@ def write_reports(run_dir: str, results: dict) -> None:
     warnings = pretraining_warnings(acc)
     if warnings:
         lines += [""] + [f"**Warning**: {w}" for w in warnings]
+    checked = {name: p for name, p in results.get("pretraining", {}).items()
+               if any(a["skill"] is not None for a in p["attempts"])}
+    if checked:
+        lines += ["", f"Pretraining checks (`Stage.min_skill`): exact match (%) on each model's "
+                  f"own skill over the first {SKILL_CHECK_EXAMPLES} training prompts, per "
+                  f"training attempt.", "",
+                  "| model | stage | seed | own skill | used |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {a['stage']} | {a['seed']} | {a['skill']:.1f} | "
+                  f"{'yes' if a['stage'] == p['chosen'] else 'no'} |"
+                  for name, p in checked.items() for a in p["attempts"]]
     if len(results["ablations"]) > 1:
         lines += ["", "Ablations on KV-Arithmetic (held-out keys):", "",
                   "| Variant | accuracy |", "|---|---|"]
