@@ -411,9 +411,10 @@ def pretraining_warnings(accuracy: Mapping[str, Mapping[str, float]], *,
                          threshold: float = 90.0) -> list[str]:
     """One line per pretrained model whose exact match on its own skill is below `threshold`.
 
-    mB's arithmetic is learnt in a late, abrupt drop of its loss whose step varies with the seed
-    (README, "The key-value experiment"); a run whose mB missed it has nothing for CALM to
-    compose, and its CALM row says more about mB than about the composition.
+    Trained on the next-token loss alone, mB learnt its arithmetic in a late, abrupt drop of
+    its loss whose step varied with the seed (README, "The key-value experiment"); a run whose
+    mB missed it has nothing for CALM to compose, and its CALM row says more about mB than
+    about the composition. `Stage.min_skill` retrains such a model; this reports what is left.
     """
     return [f"{model} reached {accuracy[model][skill]:.1f}% on {skill}, its own skill (below "
             f"{threshold:g}%): CALM's rows are bounded by it. Train {model} longer "
