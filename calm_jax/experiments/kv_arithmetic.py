@@ -67,7 +67,7 @@ OWN_SKILL = {"mA": "kv_substitution", "mB": "numeric_arithmetic"}
 
 # Training prompts greedy-decoded to check a pretrained model's own skill (`Stage.min_skill`).
 SKILL_CHECK_EXAMPLES = 256
-SEED_STRIDE = 1000  # attempt k of a pretraining stage trains with its seed + k * SEED_STRIDE
+SEED_STRIDE = 1000  # the k-th retry of a pretraining stage trains with its seed + k * SEED_STRIDE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +144,7 @@ def own_skill(name: str, model: TransformerConfig, params, kv_config: str, lengt
     examples = kv.get_examples(skill, "train", cfg)[:SKILL_CHECK_EXAMPLES]
     max_new = 1 + max(len(kv.encode_text(e["targets"])) for e in examples)
     predictions = greedy_decode(Decoder(model), params, examples, length=length, max_new=max_new,
-                                batch_size=min(256, len(examples)))
+                                batch_size=len(examples))
     return score(skill, predictions, examples, cfg)
 
 
