@@ -217,6 +217,58 @@ def test_gin_includes_resolve_with_a_runs_folder_in_the_working_directory(tmp_pa
     assert gin.query_parameter("%MODE") == "pretrain"
 
 
+GIN_REQUIRED = ["MODEL_DIR = '/tmp/x'", "ANCHOR_CHECKPOINT = 'a'", "AUGMENT_CHECKPOINT = 'b'"]
+
+
+@pytest.mark.parametrize("files, bindings, mesh_shape, composition", [
+    ([], [], (-1, 1, 1), {}),
+    (["partitioning/data_parallel.gin"], [], (-1, 1, 1), {}),
+    (["partitioning/fsdp.gin"], [], (1, -1, 1), {}),
+    (["partitioning/fsdp_tensor.gin"], [], (1, -1, 2), {}),
+    (["partitioning/fsdp_tensor.gin"], ["TENSOR_PARALLEL = 4"], (1, -1, 4), {}),
+    (["composition/fusion.gin"], [], (-1, 1, 1), {"kind": "fusion"}),
+    (["composition/encoder.gin"], [], (-1, 1, 1), {"augment_sees": "prompt"}),
+    (["composition/rope.gin", "composition/encoder.gin"], [], (-1, 1, 1),
+     {"rope_theta": 10000.0, "augment_sees": "prompt"}),
+])
+def test_gin_partitioning_and_composition_files(files, bindings, mesh_shape, composition):
+    """The files under gin/partitioning and gin/composition, added after an experiment, set what
+    their comments say and leave the rest of the experiment's composition as it was."""
+    import gin
+
+    from calm_jax import composition as composition_lib
+    from calm_jax import partitioning
+    from calm_jax import train as train_cli
+
+    train_cli.parse_gin(["experiments/compose_kv.gin", *files], GIN_REQUIRED + bindings)
+    assert gin.get_configurable(partitioning.PartitioningConfig)().mesh_shape == mesh_shape
+    expected = composition_lib.CompositionConfig(**composition)  # compose_kv: the paper's CALM
+    assert gin.get_configurable(composition_lib.CompositionConfig)() == expected
+    assert gin.query_parameter("calm_jax.trainer.train.composition").selector == (
+        "composition.CompositionConfig")
+
+
+def test_gin_fsdp_tensor_and_fusion_files_train_on_their_mesh(tmp_path, exports):
+    import gin
+
+    from calm_jax import composition as composition_lib
+    from calm_jax import partitioning
+    from calm_jax import train as train_cli
+
+    train_cli.parse_gin(["experiments/compose_kv.gin", "partitioning/fsdp_tensor.gin",
+                         "composition/fusion.gin"], GIN_REQUIRED)
+    result = _compose(tmp_path / "fusion", exports, num_steps=2,
+                      partitioning=gin.get_configurable(partitioning.PartitioningConfig)(),
+                      composition=gin.get_configurable(composition_lib.CompositionConfig)())
+    params = result["state"]["params"]["kv"]
+    assert {"gate", "value", "out"} <= set(params) and "query" not in params  # fusion
+    specs = {name: leaf.sharding.spec for name, leaf in params.items()}
+    for leaf in params.values():
+        assert dict(leaf.sharding.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert any("tensor" in jax.tree.leaves(tuple(spec)) for spec in specs.values()), specs
+    assert all(np.isfinite(m["loss"]) for _, m in result["history"])
+
+
 def test_multi_token_pretraining_trains_extra_heads_and_exports_the_plain_decoder(tmp_path):
     from calm_jax import multi_token
 
