@@ -5,9 +5,12 @@ import dataclasses
 import json
 import os
 
+import pytest
+
 from calm_jax.experiments import kv_arithmetic as kvx
 from calm_jax.models import TransformerConfig
 from calm_jax.partitioning import PartitioningConfig
+from tasks import kv_arithmetic as kv
 
 TINY_STEPS = {"mA": 1500, "mB": 1500, "calm": 800}
 
@@ -74,10 +77,28 @@ def test_reports_warn_when_a_pretrained_model_missed_its_own_skill(tmp_path):
     assert "Warning" not in (tmp_path / "results.md").read_text()
 
 
+def test_scratchpad_errors_tell_a_wrong_substitution_from_a_wrong_sum():
+    cfg = kv.CONFIGS["laptop_scratchpad"]  # 3-digit operands, answers reversed to 4 digits
+    kv_examples = [{"inputs": "bako+tilu=", "targets": "123+045=8610"}] * 4
+    predictions = ["123+045=8610",   # right
+                   "123+046=9610",   # wrong number written, its sum right: substitution
+                   "123+045=9610",   # right numbers, wrong sum: arithmetic
+                   "123+046=8610x"]  # wrong number and a sum of nothing written: other
+    errors = kvx.scratchpad_errors(predictions, kv_examples, cfg)
+    assert errors == {"correct": 25.0, "substitution": 25.0, "arithmetic": 25.0, "other": 25.0}
+    assert errors["correct"] == kvx.score("kv_arithmetic", predictions, kv_examples, cfg)
+    # Numeric-Arithmetic: the target is the bare answer, the numbers are the prompt's.
+    numeric = [{"inputs": "989-058=", "targets": "1390"}] * 4
+    predictions = ["989-058=1390", "1390",           # restated or not: right either way
+                   "+89-058=1290",                   # a letter for a digit: other
+                   "889-058=1380"]                   # 889 - 58 = 831: substitution
+    assert kvx.scratchpad_errors(predictions, numeric, cfg) == {
+        "correct": 50.0, "substitution": 25.0, "arithmetic": 0.0, "other": 25.0}
+    assert kvx.scratchpad_errors(predictions, numeric, kv.CONFIGS["laptop_2op"]) is None
+
+
 def test_bad_experiment_settings_raise_before_training(tmp_path):
     model = TransformerConfig.tiny(vocab_size=384)
-    import pytest
-
     with pytest.raises(ValueError, match="ablations: expected a subset of"):
         kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
                 ablations=("dropout",))
@@ -102,7 +123,6 @@ def test_bad_experiment_settings_raise_before_training(tmp_path):
 
 def test_value_probe_reads_a_value_that_is_written_into_the_states(monkeypatch):
     """The probe must find a value where one is linearly present, and not where none is."""
-    from tasks import kv_arithmetic as kv
 
     model = TransformerConfig.tiny(vocab_size=384, embed_dim=32, num_layers=1, num_heads=2,
                                    num_kv_heads=2, mlp_dim=64, max_len=32)
@@ -134,7 +154,6 @@ def test_value_probe_reads_a_value_that_is_written_into_the_states(monkeypatch):
 
 
 def test_each_stage_gets_the_shortest_length_that_holds_its_data():
-    from tasks import kv_arithmetic as kv
 
     stage = kvx.Stage(batch_size=8)
     numeric = kvx._dataset([("numeric_arithmetic", "train")], stage, 48, "laptop_2op")
@@ -167,3 +186,8 @@ def test_tiny_reproduction_composes_what_neither_model_can(tmp_path):
     assert acc["mB"]["numeric_arithmetic"] >= 50.0  # ... mB the arithmetic ...
     assert acc["mB"]["kv_arithmetic"] == 0.0 and acc["mA"]["kv_arithmetic"] == 0.0
     assert acc["CALM"]["kv_arithmetic"] >= 10.0  # ... and CALM both, on keys it never saw
+    errors = results["errors"]["CALM"]  # every arithmetic answer has one kind
+    for key in ("numeric_arithmetic", "kv_arithmetic"):
+        assert errors[key]["correct"] == pytest.approx(acc["CALM"][key])
+        assert sum(errors[key].values()) == pytest.approx(100.0)
+    assert "| CALM | kv_arithmetic |" in (tmp_path / "results.md").read_text()

@@ -236,6 +236,49 @@ def score(eval_set: str, predictions: Sequence[str], examples: Sequence[Mapping[
     return 100.0 * hits / len(examples)
 
 
+ERROR_KINDS = ("correct", "substitution", "arithmetic", "other")
+
+
+def scratchpad_errors(predictions: Sequence[str], examples: Sequence[Mapping[str, str]],
+                      config: kv.KVConfig) -> dict[str, float] | None:
+    """Where wrong answers on an arithmetic row went wrong (% of the examples, by kind).
+
+    With a scratchpad a model writes the numbers, `=`, then their sum, so a wrong answer is
+    `substitution` (the numbers written are not the expression's, but the answer is right for
+    the numbers written: the arithmetic was sound), `arithmetic` (the right numbers, a wrong
+    sum) or `other` (both wrong, or nothing parseable). The expression's numbers are the target's
+    substitution, or the prompt itself on Numeric-Arithmetic (whose target is the bare answer).
+    None without a scratchpad.
+    """
+    if not config.scratchpad:
+        return None
+    counts = dict.fromkeys(ERROR_KINDS, 0)
+    for p, e in zip(predictions, examples, strict=True):
+        expected, answer = kv.split_target(e["targets"], config)
+        if expected is None:
+            expected = e["inputs"].removesuffix(kv.PROMPT_SUFFIX)
+        written, written_answer = kv.split_target(p, config)
+        if written_answer == answer:
+            kind = "correct"
+        elif written == expected:
+            kind = "arithmetic"
+        else:
+            kind = "substitution" if _sum_of(written, config) == written_answer else "other"
+        counts[kind] += 1
+    return {k: 100.0 * v / len(examples) for k, v in counts.items()}
+
+
+def _sum_of(expression: str | None, config: kv.KVConfig) -> str | None:
+    """The answer text for a written numeric expression; None if it is not one."""
+    try:
+        operands, ops = kv.split_expression(expression or "")
+        if not all(o.isdigit() for o in operands):
+            return None
+        return kv.format_answer(kv.evaluate([int(o) for o in operands], ops), config)
+    except ValueError:
+        return None
+
+
 def value_probe(model: TransformerConfig, params, config: str, *, num_examples: int = 2000,
                 ridge: float = 0.1) -> dict[str, list[float]]:
     """Does mA hold key values where the anchor can read them? Accuracy (%) per mA layer.
@@ -353,7 +396,7 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     cfg = kv.CONFIGS[kv_config]
     evals = {k: kv.get_examples(d, s, cfg)[:eval_examples] for k, (d, s) in EVAL_SETS.items()}
     max_new = 1 + max(len(kv.encode_text(e["targets"])) for ex in evals.values() for e in ex)
-    results["samples"] = {}
+    results["samples"], results["errors"] = {}, {}
 
     def decode(model, params, examples, eval_set, name):
         """Accuracy of one model on one set; its first generations go into results."""
@@ -361,6 +404,10 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
         results["samples"].setdefault(name, {})[eval_set] = [
             {"inputs": e["inputs"], "target": e["targets"], "generated": p}
             for e, p in zip(examples[:3], predictions)]
+        errors = (scratchpad_errors(predictions, examples, cfg)
+                  if eval_set != "kv_substitution" else None)
+        if errors is not None:
+            results["errors"].setdefault(name, {})[eval_set] = errors
         return score(eval_set, predictions, examples, cfg)
 
     ma_params, mb_params = pretrained["mA"]["params"], pretrained["mB"]["params"]
@@ -450,6 +497,14 @@ def write_reports(run_dir: str, results: dict) -> None:
         lines += ["", "Ablations on KV-Arithmetic (held-out keys):", "",
                   "| Variant | accuracy |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in results["ablations"].items()]
+    if results.get("errors"):
+        lines += ["", "Arithmetic answers by kind (% of the examples; `scratchpad_errors`): "
+                  "`substitution` = wrong numbers written, right sum of them; `arithmetic` = "
+                  "right numbers, wrong sum; `other` = both or unparseable.", "",
+                  "| model | dataset | " + " | ".join(ERROR_KINDS) + " |",
+                  "|---|---" + "|---" * len(ERROR_KINDS) + "|"]
+        lines += [f"| {name} | {key} | " + " | ".join(f"{row[k]:.1f}" for k in ERROR_KINDS)
+                  + " |" for name, rows in results["errors"].items() for key, row in rows.items()]
     if "value_probe" in results:
         probe = results["value_probe"]
         lines += ["", "Linear probe of mA's states at a key's last letter for the last digit of "
