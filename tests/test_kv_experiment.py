@@ -123,7 +123,6 @@ def test_bad_experiment_settings_raise_before_training(tmp_path):
 
 def test_value_probe_reads_a_value_that_is_written_into_the_states(monkeypatch):
     """The probe must find a value where one is linearly present, and not where none is."""
-
     model = TransformerConfig.tiny(vocab_size=384, embed_dim=32, num_layers=1, num_heads=2,
                                    num_kv_heads=2, mlp_dim=64, max_len=32)
     table = kv.make_key_table(kv.LAPTOP_2OP)  # 102 held-in keys: every digit occurs
@@ -154,7 +153,6 @@ def test_value_probe_reads_a_value_that_is_written_into_the_states(monkeypatch):
 
 
 def test_each_stage_gets_the_shortest_length_that_holds_its_data():
-
     stage = kvx.Stage(batch_size=8)
     numeric = kvx._dataset([("numeric_arithmetic", "train")], stage, 48, "laptop_2op")
     keys = kvx._dataset([("kv_arithmetic_heldin", "train")], stage, 48, "laptop_2op")
