@@ -4,8 +4,12 @@ reproduction in which CALM must answer what neither model can."""
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
+from conftest import FAST_COMPILE_FLAG
 
 from calm_jax.experiments import kv_arithmetic as kvx
 from calm_jax.models import TransformerConfig
@@ -24,7 +28,8 @@ def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path):
                       kv_config="tiny", length=32, connections=((1, 1), (2, 2)),
                       pretrain_augment=dataclasses.replace(stage, min_skill=0.0, attempts=3),
                       pretrain_anchor=dataclasses.replace(stage, min_skill=90.0, attempts=2),
-                      compose=stage, ablations=("fusion",), eval_examples=16, seed=5)
+                      compose=stage, ablations=("fusion",), compose_numeric=0.2,
+                      eval_examples=16, seed=5)
     assert set(results["stages"]) == {"mA", "mB", "mB_attempt2", "calm", "fusion"}
     pre = results["pretraining"]
     assert [(a["stage"], a["seed"]) for a in pre["mA"]["attempts"]] == [("mA", 5)]
@@ -54,6 +59,12 @@ def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path):
     # Six steps teach neither model its own skill, and the report says so.
     assert "**Warning**: mA reached" in table and "**Warning**: mB reached" in table
     assert "| mB | mB_attempt2 | 1006 |" in table
+    # A fifth of the composition data is Numeric-Arithmetic (mB's own), and the report says so.
+    kv_rows = len(kv.get_examples("kv_arithmetic_heldin", "train", kv.CONFIGS["tiny"]))
+    rows = {"kv_arithmetic_heldin": kv_rows, "numeric_arithmetic": round(kv_rows / 4)}
+    assert results["config"]["compose_rows"] == rows
+    assert (f"{rows['kv_arithmetic_heldin']} KV-Arithmetic examples over held-in keys and "
+            f"{rows['numeric_arithmetic']} Numeric-Arithmetic ones") in table
 
 
 def test_reports_warn_when_a_pretrained_model_missed_its_own_skill(tmp_path):
@@ -111,6 +122,16 @@ def test_bad_experiment_settings_raise_before_training(tmp_path):
     with pytest.raises(ValueError, match="compose: expected min_skill=None and attempts=1"):
         kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
                 compose=kvx.Stage(min_skill=90.0))
+    with pytest.raises(ValueError, match=r"compose_numeric: expected a fraction in \[0, 1\), "
+                                         r"got 1.0"):
+        kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
+                compose_numeric=1.0)
+    # Laptop config: 100000 numeric examples beside 8000 on keys, at most 92.6% of the data.
+    with pytest.raises(ValueError, match=r"compose_numeric: expected at most 0.926 \(100000 "
+                                         r"Numeric-Arithmetic training examples beside 8000 "
+                                         r"KV-Arithmetic ones\), got 0.95"):
+        kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
+                kv_config="laptop_scratchpad", compose_numeric=0.95)
     assert not os.listdir(tmp_path)
     with pytest.raises(ValueError, match="Stage.min_skill: expected a percentage when attempts"):
         kvx.Stage(attempts=2)
@@ -165,20 +186,52 @@ def test_each_stage_gets_the_shortest_length_that_holds_its_data():
     assert longest == 13
 
 
-def test_tiny_reproduction_composes_what_neither_model_can(tmp_path):
-    """The whole pipeline at CI scale (tasks.kv_arithmetic.TINY_SCRATCHPAD: 96 keys, 19 of them
-    held in, two-digit values): CALM answers KV-Arithmetic over held-out keys, which mB cannot
-    (it never saw a key) and mA cannot (it substitutes but does no arithmetic)."""
+def test_composition_data_mixes_in_the_first_numeric_examples():
+    """`compose_numeric`'s data: every KV-Arithmetic row, then the first n numeric rows."""
+    assert kvx.numeric_rows(0.2, 8000) == 2000 and kvx.numeric_rows(0.0, 8000) == 0
+    stage = kvx.Stage(batch_size=8)
+    mixed = kvx._dataset([("kv_arithmetic_heldin", "train"), ("numeric_arithmetic", "train", 300)],
+                         stage, 48, "laptop_2op")
+    assert mixed.length == 24  # the keys' length: the numeric rows are shorter
+    rows = mixed.arrays_fn()
+    keys = kv.numpy_features("kv_arithmetic_heldin", "train", 24, "laptop_2op")
+    numeric = kv.numpy_features("numeric_arithmetic", "train", 24, "laptop_2op")
+    n_keys = len(keys["decoder_input_tokens"])
+    for name, array in rows.items():
+        assert len(array) == n_keys + 300
+        np.testing.assert_array_equal(array[:n_keys], keys[name])
+        np.testing.assert_array_equal(array[n_keys:], numeric[name][:300])
+
+
+def _tiny_reproduction(run_dir: str) -> dict:
     model = TransformerConfig(vocab_size=384, embed_dim=48, num_layers=4, num_heads=4,
                               mlp_dim=144, max_len=32, norm="rmsnorm", activation="silu",
                               gated_mlp=True, position="rope")
     stage = lambda steps: kvx.Stage(steps=steps, batch_size=32, learning_rate=3e-3)  # noqa: E731
-    results = kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
-                      kv_config="tiny_scratchpad", length=32, connections=((2, 3), (4, 4)),
-                      rope_theta=10000.0, pretrain_augment=stage(TINY_STEPS["mA"]),
-                      pretrain_anchor=stage(TINY_STEPS["mB"]), compose=stage(TINY_STEPS["calm"]),
-                      ablations=(), eval_examples=60,
-                      partitioning=PartitioningConfig(num_devices=1))
+    return kvx.run(run_dir=run_dir, augment_model=model, anchor_model=model,
+                   kv_config="tiny_scratchpad", length=32, connections=((2, 3), (4, 4)),
+                   rope_theta=10000.0, pretrain_augment=stage(TINY_STEPS["mA"]),
+                   pretrain_anchor=stage(TINY_STEPS["mB"]), compose=stage(TINY_STEPS["calm"]),
+                   ablations=(), eval_examples=60, partitioning=PartitioningConfig(num_devices=1))
+
+
+# The reproduction trains for minutes: it runs in a process of its own with XLA's default CPU
+# optimisation level, not the fast-compiling level 0 of the rest of the suite (conftest.py).
+DEFAULT_LEVEL_ENV = {**os.environ, "XLA_FLAGS": " ".join(
+    f for f in os.environ.get("XLA_FLAGS", "").split() if f != FAST_COMPILE_FLAG)}
+
+
+def test_tiny_reproduction_composes_what_neither_model_can(tmp_path):
+    """The whole pipeline at CI scale (tasks.kv_arithmetic.TINY_SCRATCHPAD: 96 keys, 19 of them
+    held in, two-digit values): CALM answers KV-Arithmetic over held-out keys, which mB cannot
+    (it never saw a key) and mA cannot (it substitutes but does no arithmetic)."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_kv_experiment as t; "
+            "t._tiny_reproduction(sys.argv[2])")
+    proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__), str(tmp_path)],
+                          env=DEFAULT_LEVEL_ENV, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
     acc = results["accuracy"]
     assert acc["mA"]["kv_substitution"] >= 50.0  # mA learned the keys ...
     assert acc["mB"]["numeric_arithmetic"] >= 50.0  # ... mB the arithmetic ...

@@ -100,26 +100,36 @@ class Stage:
                              f"retry must reach), got None (attempts={self.attempts})")
 
 
-def _features(parts: Sequence[tuple[str, str]], length: int, config: str) -> dict:
-    arrays = [kv.numpy_features(d, s, length, config) for d, s in parts]
+def _features(parts: Sequence[tuple[str, str, int | None]], length: int, config: str) -> dict:
+    """Feature rows of each (dataset, split, count) part, its first `count` (None: all)."""
+    arrays = [{k: a[:n] for k, a in kv.numpy_features(d, s, length, config).items()}
+              for d, s, n in parts]
     return {k: np.concatenate([a[k] for a in arrays]) for k in arrays[0]}
 
 
 def _dataset(parts, stage: Stage, length: int, config: str) -> DatasetConfig:
     """The stage's data at the shortest length (a multiple of 8) that holds its longest example.
 
-    Training cost on a CPU is proportional to the padded length, and the three stages' examples
-    differ a lot in length (numbers only vs keys), so each stage gets its own.
+    `parts` are (dataset, split) or (dataset, split, count) pairs of `tasks.kv_arithmetic`;
+    count None (or absent) is the whole split. Training cost on a CPU is proportional to the
+    padded length, and the three stages' examples differ a lot in length (numbers only vs
+    keys), so each stage gets its own.
     """
-    longest = max(kv.max_sequence_length(kv.get_examples(d, s, kv.CONFIGS[config]))
-                  for d, s in parts)
+    parts = tuple((p[0], p[1], p[2] if len(p) > 2 else None) for p in parts)
+    longest = max(kv.max_sequence_length(kv.get_examples(d, s, kv.CONFIGS[config])[:n])
+                  for d, s, n in parts)
     if longest > length:
         raise ValueError(f"length: expected at least {longest} (the longest {parts[0][0]} "
                          f"example), got {length}")
     stage_length = min(length, -(-longest // 8) * 8)
-    return DatasetConfig(arrays_fn=functools.partial(_features, tuple(parts), stage_length,
-                                                     config),
+    return DatasetConfig(arrays_fn=functools.partial(_features, parts, stage_length, config),
                          batch_size=stage.batch_size, length=stage_length)
+
+
+def numeric_rows(fraction: float, kv_rows: int) -> int:
+    """How many Numeric-Arithmetic rows make `fraction` of a composition set that also holds
+    `kv_rows` KV-Arithmetic rows (`run(compose_numeric=...)`)."""
+    return round(fraction * kv_rows / (1.0 - fraction))
 
 
 def _train_stage(name: str, run_dir: str, stage: Stage, **kw) -> dict:
@@ -324,16 +334,24 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
         partitioning: PartitioningConfig | None = None,
         pretrain_augment: Stage = Stage(), pretrain_anchor: Stage = Stage(),
         compose: Stage = Stage(), ablations: Sequence[str] = ABLATIONS,
-        eval_examples: int = 500, seed: int = 0) -> dict:
+        compose_numeric: float = 0.0, eval_examples: int = 500, seed: int = 0) -> dict:
     """Runs every stage and writes results.json / results.md / results.png into run_dir.
 
     `connections` and `rope_theta` configure CALM's cross-attention (`CompositionConfig`; the
     fusion ablation has no positions); `partitioning` is every stage's mesh (default: all
     devices, data parallel).
+
+    `compose_numeric` is the fraction of the composition data (CALM's and every ablation's)
+    that is Numeric-Arithmetic, mB's own training examples with their bare answers, so that
+    the composition also sees prompts on which it should leave mB alone. 0 (the default) is
+    the paper's data, KV-Arithmetic over held-in keys only.
     """
     bad = [a for a in ablations if a not in ABLATIONS]
     if bad:
         raise ValueError(f"ablations: expected a subset of {ABLATIONS}, got {bad}")
+    if not 0.0 <= compose_numeric < 1.0:
+        raise ValueError(f"compose_numeric: expected a fraction in [0, 1), "
+                         f"got {compose_numeric!r}")
     if kv_config not in kv.CONFIGS:
         raise ValueError(f"kv_config: expected one of {sorted(kv.CONFIGS)}, got {kv_config!r}")
     if compose.multi_token != 1:
@@ -359,7 +377,16 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
                       ("numeric_substitution", "train")],
                      pretrain_augment, length, kv_config)
     mb_ds = _dataset([("numeric_arithmetic", "train")], pretrain_anchor, length, kv_config)
-    dc = _dataset([("kv_arithmetic_heldin", "train")], compose, length, kv_config)
+    kv_rows = len(kv.get_examples("kv_arithmetic_heldin", "train", kv.CONFIGS[kv_config]))
+    num_rows = numeric_rows(compose_numeric, kv_rows)
+    available = len(kv.get_examples("numeric_arithmetic", "train", kv.CONFIGS[kv_config]))
+    if num_rows > available:
+        raise ValueError(f"compose_numeric: expected at most {available / (available + kv_rows):.3f}"
+                         f" ({available} Numeric-Arithmetic training examples beside {kv_rows} "
+                         f"KV-Arithmetic ones), got {compose_numeric!r}")
+    dc = _dataset([("kv_arithmetic_heldin", "train")]
+                  + ([("numeric_arithmetic", "train", num_rows)] if num_rows else []),
+                  compose, length, kv_config)
     os.makedirs(run_dir, exist_ok=True)
     t0 = time.time()
     results: dict[str, Any] = {"stages": {}, "accuracy": {}, "ablations": {}}
@@ -442,6 +469,9 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     results["value_probe"] = value_probe(augment_model, ma_params, kv_config)
     log.info("mA value probe (%% by layer): %s", results["value_probe"])
     results["config"] = {"kv_config": kv_config, "length": length, "eval_examples": eval_examples,
+                         "compose_numeric": compose_numeric,
+                         "compose_rows": {"kv_arithmetic_heldin": kv_rows,
+                                          "numeric_arithmetic": num_rows},
                          "connections": {k: list(v) for k, v in calm_model.connections.items()},
                          "rope_theta": rope_theta,
                          "augment_model": ckpt.config_to_dict(augment_model),
@@ -480,6 +510,12 @@ def write_reports(run_dir: str, results: dict) -> None:
         ours = [acc[m][key] for m in ("mA", "mB", "CALM")]
         lines.append(f"| {key} | " + " | ".join(f"{o:.1f} ({p})" for o, p in zip(ours, paper))
                      + " |")
+    rows = results.get("config", {}).get("compose_rows", {})
+    if rows.get("numeric_arithmetic"):
+        lines += ["", f"Composition data: {rows['kv_arithmetic_heldin']} KV-Arithmetic examples "
+                  f"over held-in keys and {rows['numeric_arithmetic']} Numeric-Arithmetic ones "
+                  f"(`compose_numeric` = {results['config']['compose_numeric']}; the paper's "
+                  f"data has none)."]
     warnings = pretraining_warnings(acc)
     if warnings:
         lines += [""] + [f"**Warning**: {w}" for w in warnings]
