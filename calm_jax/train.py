@@ -46,13 +46,22 @@ def split_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
     return files, bindings, rest
 
 
+class _DropGinPathNotFound(logging.Filter):
+    """Drops the 'Path not found' error gin's package-resource reader logs for every include
+    that is not a Python package resource (each of ours), before the search paths find it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.ERROR and record.msg == "Path not found: %s")
+
+
 def _guard_gin_readers() -> None:
-    """Makes gin's file-existence checks answer False instead of raising.
+    """Makes gin's file-existence checks answer False instead of raising, and quietly.
 
     gin's package-resource reader treats `include 'runs/base.gin'` as resource `base.gin` of a
     Python package `runs`; when the working directory holds a plain `runs/` folder (a
     namespace package, whose spec has no origin) it raises TypeError instead of moving on to
-    the search paths.
+    the search paths. When there is no such package it logs an error (on the root logger) and
+    answers False, and the search paths then find the file: that error is not shown.
     """
     import gin.config
 
@@ -61,10 +70,14 @@ def _guard_gin_readers() -> None:
             return check
 
         def guarded(path):
+            quiet = _DropGinPathNotFound()
+            logging.getLogger().addFilter(quiet)
             try:
                 return check(path)
             except (TypeError, ValueError, ImportError):
                 return False
+            finally:
+                logging.getLogger().removeFilter(quiet)
 
         guarded.calm_jax_guarded = True
         return guarded

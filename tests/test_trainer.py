@@ -220,6 +220,22 @@ def test_gin_includes_resolve_with_a_runs_folder_in_the_working_directory(tmp_pa
 GIN_REQUIRED = ["MODEL_DIR = '/tmp/x'", "ANCHOR_CHECKPOINT = 'a'", "AUGMENT_CHECKPOINT = 'b'"]
 
 
+def test_gin_includes_log_no_errors_and_a_missing_file_still_fails(caplog):
+    """gin's resource reader logs 'Path not found' for each include before the search paths
+    find it; parse_gin shows none of those, and still fails on an include that exists nowhere."""
+    import logging
+
+    from calm_jax import train as train_cli
+
+    with caplog.at_level(logging.INFO):
+        train_cli.parse_gin(["experiments/compose_kv.gin"], GIN_REQUIRED)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "gin-config opened resource file" not in caplog.text  # found on the search path
+    with pytest.raises(IOError, match="no_such_file.gin"):
+        train_cli.parse_gin(["experiments/compose_kv.gin"],
+                            GIN_REQUIRED + ["include 'no_such_file.gin'"])
+
+
 @pytest.mark.parametrize("files, bindings, mesh_shape, composition", [
     ([], [], (-1, 1, 1), {}),
     (["partitioning/data_parallel.gin"], [], (-1, 1, 1), {}),
