@@ -41,6 +41,9 @@ class LoraConfig:
                              f"got {list(self.targets)}")
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank <= 0):
             raise ValueError(f"lora.rank: expected None or a positive integer, got {self.rank!r}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"lora.alpha: expected None or a positive scale numerator, "
+                             f"got {self.alpha!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
 
 

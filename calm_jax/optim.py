@@ -49,6 +49,20 @@ class OptimizerConfig:
         if not isinstance(self.grad_accum_steps, int) or self.grad_accum_steps < 1:
             raise ValueError(f"optimizer.grad_accum_steps: expected a positive integer, "
                              f"got {self.grad_accum_steps!r}")
+        if not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ValueError(f"optimizer.final_lr_fraction: expected a fraction in [0, 1], "
+                             f"got {self.final_lr_fraction!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"optimizer.weight_decay: expected >= 0, got {self.weight_decay!r}")
+        for name in ("b1", "b2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"optimizer.{name}: expected a value in [0, 1), "
+                                 f"got {getattr(self, name)!r}")
+        if not self.eps > 0:
+            raise ValueError(f"optimizer.eps: expected > 0, got {self.eps!r}")
+        if self.clip_norm is not None and not self.clip_norm >= 0:
+            raise ValueError(f"optimizer.clip_norm: expected None, 0 (off) or a positive norm, "
+                             f"got {self.clip_norm!r}")
 
 
 def schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
