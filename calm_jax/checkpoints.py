@@ -5,7 +5,8 @@ Two kinds of directories:
 * A **model export** (`save_model` / `load_model`): `config.json` (our `TransformerConfig`) and
   `params/` (an orbax checkpoint of the parameter tree). Pretraining runs write one at the end
   (`<model_dir>/export`), the importers in `calm_jax.convert` write the same format, and the
-  trainer loads frozen anchor and augmenting models from it. `fingerprint` identifies its content.
+  trainer loads frozen anchor and augmenting models from it. `params_fingerprint` identifies its
+  content (the architecture and every parameter's bits), wherever and however it is stored.
 * A **training checkpoint** (`Checkpointer`, an orbax `CheckpointManager` under
   `<model_dir>/checkpoints`): the trained parameters, optimizer state and step, plus JSON metadata
   with the data position and the fingerprints of the frozen models the run was trained against.
@@ -21,10 +22,11 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from calm_jax.models.config import TransformerConfig
+from calm_jax.models.config import RUNTIME_FIELDS, TransformerConfig
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -38,16 +40,25 @@ def config_to_dict(cfg: TransformerConfig) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> TransformerConfig:
-    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-    unknown = sorted(set(data) - fields)
+    fields = {f.name: f for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{CONFIG_FILE}: unknown TransformerConfig fields {unknown}")
+    missing = sorted(name for name, f in fields.items() if name not in data
+                     and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)
+    if missing:
+        raise ValueError(f"{CONFIG_FILE}: missing TransformerConfig fields {missing}")
     return TransformerConfig(**data)
 
 
 def save_model(directory: str, cfg: TransformerConfig, params: Any) -> None:
-    """Writes `config.json` and `params/` into `directory` (which must not hold params yet)."""
+    """Writes `config.json` and `params/` into `directory`, which must not hold an export yet
+    (one already there is left as it was)."""
     directory = os.path.abspath(directory)
+    if os.path.exists(os.path.join(directory, PARAMS_DIR)):
+        raise ValueError(f"save_model: {directory} already holds a model export ({PARAMS_DIR}/); "
+                         f"expected a new directory")
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(config_to_dict(cfg), f, indent=2, sort_keys=True)
@@ -99,19 +110,66 @@ def check_tree_matches(stored: Any, target: Any, what: str) -> None:
         raise ValueError(f"{what}: unexpected parameters {extra[:5]} not in the config")
 
 
-def fingerprint(directory: str) -> str:
-    """SHA-256 over the export's files (names and bytes): same weights and config, same print."""
-    digest = hashlib.sha256()
-    root = os.path.abspath(directory)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            digest.update(os.path.relpath(path, root).encode())
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
+_GOLDEN = np.uint32(0x9E3779B9)
+
+
+def _bits_checksums(x: jax.Array) -> jax.Array:
+    """Two 32-bit checksums of an array's bits, [2] uint32, independent of its sharding.
+
+    Integer sums wrap modulo 2**32, so they are exact in any order: every shard sums its own
+    elements and the totals agree wherever the array lives. The first weighs each element by
+    an odd function of its flat index (any change of one element changes it); the second sums
+    a mixing hash of each (bits, index) pair, which catches what the first can miss (two
+    elements swapped, say). A checksum against accidents, not against forgery.
+    """
+    widths = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+    if x.dtype.itemsize not in widths:
+        raise ValueError(f"params_fingerprint: expected parameters of 1, 2 or 4 bytes, got "
+                         f"{x.dtype} {x.shape}")
+    width = widths[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    for axis in range(x.ndim):
+        stride = int(np.prod(x.shape[axis + 1:])) % 2**32  # of the row-major flat index
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * np.uint32(stride)
+    weighted = jnp.sum(bits * (index * np.uint32(2) + np.uint32(1)), dtype=jnp.uint32)
+    h = bits ^ (index * _GOLDEN)
+    h = (h ^ (h >> 16)) * np.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * np.uint32(0xC2B2AE35)
+    mixed = jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
+    return jnp.stack([weighted, mixed])
+
+
+@jax.jit
+def _tree_checksums(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.stack([_bits_checksums(x) for x in leaves]) if leaves else jnp.zeros((0, 2))
+
+
+def params_fingerprint(cfg: TransformerConfig, params: Any) -> str:
+    """SHA-256 over the architecture (the config without its runtime fields) and, for every
+    parameter by path, its shape, dtype and checksums of its bits (`_bits_checksums`).
+
+    Same architecture and weights, same print: wherever and however often they were saved,
+    however they are sharded (the checksums are computed where the arrays live, on every
+    process of a multi-host run alike), and whatever dtype they compute in.
+    """
+    arch = {k: v for k, v in config_to_dict(cfg).items() if k not in RUNTIME_FIELDS}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode())
+    flat = sorted(((jax.tree_util.keystr(p), leaf)
+                   for p, leaf in jax.tree_util.tree_leaves_with_path(params)),
+                  key=lambda item: item[0])
+    sums = _tree_checksums([leaf for _, leaf in flat])
+    # A reduction's result is replicated: every process reads its own copy.
+    sums = np.asarray(sums if sums.is_fully_addressable else sums.addressable_data(0))
+    for (name, leaf), (weighted, mixed) in zip(flat, sums):
+        digest.update(f"{name}|{tuple(leaf.shape)}|{np.dtype(leaf.dtype)}|{int(weighted)}|"
+                      f"{int(mixed)};".encode())
     return digest.hexdigest()
+
+
+def fingerprint(directory: str) -> str:
+    """`params_fingerprint` of the model export in `directory` (read on this host)."""
+    return params_fingerprint(*load_model(directory))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +182,14 @@ class CheckpointConfig:
     keep: int = 3
     use_async: bool = True
     restore_from: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.save_every, int) or self.save_every < 0:
+            raise ValueError(f"checkpoint.save_every: expected steps >= 0 (0: only the final "
+                             f"checkpoint), got {self.save_every!r}")
+        if not isinstance(self.keep, int) or self.keep < 1:
+            raise ValueError(f"checkpoint.keep: expected at least 1 checkpoint kept, "
+                             f"got {self.keep!r}")
 
 
 class Checkpointer:

@@ -42,13 +42,12 @@ from calm_jax import partitioning as part
 from calm_jax.composition import ComposedLM, CompositionConfig
 from calm_jax.losses import chunked_cross_entropy, cross_entropy
 from calm_jax.models import Decoder, TransformerConfig
+from calm_jax.models.config import RUNTIME_FIELDS
 from calm_jax.optim import OptimizerConfig, make_optimizer, schedule
 
 log = logging.getLogger("calm_jax")
 
 MODES = ("pretrain", "compose", "finetune", "lora")
-# Fields that may differ between a stored model and the config a run asks for.
-RUNTIME_FIELDS = ("dtype", "attention_impl", "remat_policy", "scan_unroll")
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12,
               "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12}
 
@@ -150,8 +149,8 @@ def _place_frozen(spec: ModelSpec, cfg: TransformerConfig, mesh, rules, rng, fie
         return cast(init(rng))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           nn.unbox(boxed), shardings)
-    _, params = ckpt.load_model(spec.checkpoint, target=target)
-    fingerprints[field] = ckpt.fingerprint(spec.checkpoint)
+    stored_cfg, params = ckpt.load_model(spec.checkpoint, target=target)
+    fingerprints[field] = ckpt.params_fingerprint(stored_cfg, params)
     return cast(params)
 
 

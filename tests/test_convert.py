@@ -558,6 +558,9 @@ def test_cli_round_trip_gguf_and_errors(tmp_path):
     assert load_tokenizer(str(out)) == Tokenizer.from_gguf(path)
     info = json.loads((out / "conversion.json").read_text())
     assert info["format"] == "gguf" and len(info["fingerprint"]) == 64
+    # The fingerprint a composition checkpoint will record for this model.
+    from calm_jax import checkpoints as ckpt
+    assert info["fingerprint"] == ckpt.fingerprint(str(out))
 
     bad = _run_cli("--source", str(tmp_path / "missing.gguf"), "--format", "gguf", "--out",
                    str(tmp_path / "x"))

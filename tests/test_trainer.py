@@ -74,15 +74,23 @@ def test_pretrain_exports_a_loadable_model(exports):
     assert cfg == CFG and params["layers"]["attn"]["query"]["kernel"].shape[0] == 4
 
 
+def _file_stats(directory):
+    return {os.path.relpath(os.path.join(d, f), directory):
+            (os.stat(os.path.join(d, f)).st_mtime_ns, os.stat(os.path.join(d, f)).st_size)
+            for d, _, names in os.walk(directory) for f in names}
+
+
 def test_compose_trains_only_the_composition_and_leaves_frozen_exports_unchanged(tmp_path,
                                                                                   exports):
     before = {k: ckpt.fingerprint(v) for k, v in exports.items()}
+    files = {k: _file_stats(v) for k, v in exports.items()}
     result = _compose(tmp_path / "calm", exports)
     state = result["state"]
     assert set(state["params"]) == {"kv"}  # the trained tree is the composition alone
     assert all(np.isfinite(m["loss"]) for _, m in result["history"])
     assert np.any(np.asarray(state["params"]["kv"]["out"]))  # W_o left zero: it trained
     assert {k: ckpt.fingerprint(v) for k, v in exports.items()} == before
+    assert {k: _file_stats(v) for k, v in exports.items()} == files  # not even rewritten
     # Optimizer state exists only for trained parameters.
     n_trained = sum(x.size for x in jax.tree.leaves(state["params"]))
     n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
@@ -124,6 +132,11 @@ def test_refuses_to_resume_against_other_frozen_weights(tmp_path, exports):
     with pytest.raises(ValueError, match=r"augments\['kv'\]: the checkpoint in .* was trained "
                                          r"against frozen weights .* refusing to resume"):
         _compose(tmp_path / "calm", other, num_steps=4)
+    # The same weights exported again (other files, other orbax metadata) are the same model.
+    ckpt.save_model(str(tmp_path / "again"), *ckpt.load_model(exports["augment"]))
+    resumed = _compose(tmp_path / "calm", {**exports, "augment": str(tmp_path / "again")},
+                       num_steps=4)
+    assert int(resumed["state"]["step"]) == 4 and resumed["history"][0][0] == 3
 
 
 def test_sharded_2x2x2_equals_one_device(tmp_path, exports):

@@ -8,13 +8,12 @@ Layout of an output directory:
     DIR/conversion.json      source path and format, parameter count, fingerprint
 
 `load_converted(DIR)` is what the trainer uses for frozen anchor / augmenting models. The
-fingerprint (sha256 over the config and every parameter's bytes) lets a composition checkpoint
-record exactly which frozen weights it was trained against.
+fingerprint (`calm_jax.checkpoints.params_fingerprint`: the architecture and every parameter's
+bits) is the one a composition checkpoint records for the frozen weights it was trained against.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from calm_jax import checkpoints as ckpt
-from calm_jax.checkpoints import CONFIG_FILE, PARAMS_DIR, config_from_dict, config_to_dict
+from calm_jax.checkpoints import (CONFIG_FILE, PARAMS_DIR, config_from_dict, config_to_dict,
+                                  params_fingerprint)
 from calm_jax.models.config import TransformerConfig
 from calm_jax.convert import common
 
@@ -32,14 +32,6 @@ __all__ = ["CONFIG_FILE", "PARAMS_DIR", "config_from_dict", "config_to_dict", "l
 
 TOKENIZER_DIR = "tokenizer"
 INFO_FILE = "conversion.json"
-
-
-def params_fingerprint(cfg: TransformerConfig, params: Any) -> str:
-    h = hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode())
-    for path, leaf in sorted(common.flatten(params).items()):
-        h.update(path.encode())
-        h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
-    return h.hexdigest()
 
 
 def save_converted(directory: str, cfg: TransformerConfig, params: Any, *,

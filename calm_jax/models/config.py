@@ -32,6 +32,10 @@ Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
 AttentionImpl = Literal["auto", "xla", "cudnn"]
 RopeScaling = Literal["none", "linear", "llama3"]
 
+# Fields that say how a model computes, not what it computes: a run may set them differently
+# from the stored model (`trainer.ModelSpec`), and a model's fingerprint leaves them out.
+RUNTIME_FIELDS = ("dtype", "attention_impl", "remat_policy", "scan_unroll")
+
 _DTYPES = {
     "float32": jnp.float32,
     "bfloat16": jnp.bfloat16,
