@@ -1,9 +1,10 @@
-"""Metric writers: clu's (TensorBoard events + logging) when TensorFlow is present, else a
-TF-free writer; both also append every record to `<model_dir>/metrics.jsonl`.
+"""Metric writers: clu's (TensorBoard events + logging) when TensorFlow and tensorboard are
+present (the `data` extra), else a TF-free writer; both also append every record to
+`<model_dir>/metrics.jsonl`.
 
-clu's `metric_writers` package imports TensorFlow on import, and the GPU machine has none, so
-the import happens here, lazily, with a fallback: the logging writer plus TensorBoard events
-through `tensorboardX` when that is installed.
+clu's `metric_writers` package imports TensorFlow and tensorboard on import, and the GPU machine
+has neither, so the import happens here, lazily, with a fallback: the logging writer plus
+TensorBoard events through `tensorboardX` when that is installed.
 """
 
 from __future__ import annotations
@@ -35,13 +36,14 @@ class _JsonlWriter:
 class _FallbackWriter:
     """Logging (+ tensorboardX events if available), for machines without TensorFlow."""
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, why: str):
         self._tb = None
         try:
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(model_dir)
         except ImportError:
-            log.info("no TensorFlow or tensorboardX: metrics go to the log and metrics.jsonl")
+            log.info("no TensorBoard writer (clu: %s; no tensorboardX): metrics go to the log "
+                     "and metrics.jsonl", why)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         if self._tb is not None:
@@ -68,11 +70,14 @@ class MetricWriter:
         try:
             from clu import metric_writers
             self._sinks.append(metric_writers.create_default_writer(model_dir))
-        except ImportError:
-            self._sinks.append(_FallbackWriter(model_dir))
+        except ImportError as e:
+            self._sinks.append(_FallbackWriter(model_dir, why=str(e)))
         self._sinks.append(_JsonlWriter(os.path.join(model_dir, "metrics.jsonl")))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        if "step" in scalars:
+            raise ValueError(f"metrics: expected scalar names other than 'step' (metrics.jsonl "
+                             f"keeps the step under that name), got {sorted(scalars)}")
         for sink in self._sinks:
             sink.write_scalars(step, scalars)
 
