@@ -79,6 +79,14 @@ class NumpySource:
         if missing:
             raise ValueError(f"dataset: expected features {list(REQUIRED)}, missing {missing}")
         self.arrays = {k: np.asarray(v) for k, v in arrays.items() if k in REQUIRED + OPTIONAL}
+        shape = self.arrays["decoder_input_tokens"].shape
+        if len(shape) != 2:
+            raise ValueError(f"dataset.decoder_input_tokens: expected [examples, length], "
+                             f"got shape {shape}")
+        for name, array in self.arrays.items():
+            if array.shape != shape:
+                raise ValueError(f"dataset.{name}: expected shape {shape} like "
+                                 f"decoder_input_tokens, got {array.shape}")
         self.num_rows = len(self.arrays["decoder_input_tokens"])
         if self.num_rows < batch_size:
             raise ValueError(f"dataset.batch_size: expected at most the {self.num_rows} "
