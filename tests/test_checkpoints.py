@@ -71,6 +71,15 @@ def test_unknown_config_field_is_named():
         ckpt.config_from_dict(data)
 
 
+def test_missing_config_fields_are_named():
+    data = {k: v for k, v in ckpt.config_to_dict(CFG).items()
+            if k not in ("num_heads", "embed_dim", "norm")}  # norm has a default
+    with pytest.raises(ValueError, match=re.escape(
+            "config.json: missing TransformerConfig fields ['embed_dim', 'num_heads']")):
+        ckpt.config_from_dict(data)
+    assert ckpt.config_from_dict({**data, "num_heads": 2, "embed_dim": 16}) == CFG
+
+
 # Model exports ------------------------------------------------------------------------------------
 
 def test_save_then_load_gives_equal_config_and_arrays(tmp_path):
