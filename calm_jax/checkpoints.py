@@ -132,12 +132,17 @@ def _bits_checksums(x: jax.Array) -> jax.Array:
     for axis in range(x.ndim):
         stride = int(np.prod(x.shape[axis + 1:])) % 2**32  # of the row-major flat index
         index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * np.uint32(stride)
-    weighted = jnp.sum(bits * (index * np.uint32(2) + np.uint32(1)), dtype=jnp.uint32)
+    weighted = bits * (index * np.uint32(2) + np.uint32(1))
     h = bits ^ (index * _GOLDEN)
     h = (h ^ (h >> 16)) * np.uint32(0x85EBCA6B)
     h = (h ^ (h >> 13)) * np.uint32(0xC2B2AE35)
-    mixed = jnp.sum(h ^ (h >> 16), dtype=jnp.uint32)
-    return jnp.stack([weighted, mixed])
+    mixed = h ^ (h >> 16)
+    # One reduction of both sums: XLA fuses the element-wise work into it, where two sums of a
+    # shared input would keep a uint32 copy of the whole array (twice a bf16 weight's size).
+    zero = np.uint32(0)
+    sums = jax.lax.reduce((weighted, mixed), (zero, zero),
+                          lambda a, b: (a[0] + b[0], a[1] + b[1]), tuple(range(x.ndim)))
+    return jnp.stack(sums)
 
 
 @jax.jit
