@@ -75,9 +75,13 @@ def test_pretrain_exports_a_loadable_model(exports):
 
 
 def _file_stats(directory):
-    return {os.path.relpath(os.path.join(d, f), directory):
-            (os.stat(os.path.join(d, f)).st_mtime_ns, os.stat(os.path.join(d, f)).st_size)
-            for d, _, names in os.walk(directory) for f in names}
+    """{relative path: (mtime_ns, size)} of every file below `directory`."""
+    stats = {}
+    for d, _, names in os.walk(directory):
+        for f in names:
+            st = os.stat(os.path.join(d, f))
+            stats[os.path.relpath(os.path.join(d, f), directory)] = (st.st_mtime_ns, st.st_size)
+    return stats
 
 
 def test_compose_trains_only_the_composition_and_leaves_frozen_exports_unchanged(tmp_path,
