@@ -18,6 +18,7 @@ import numpy as np
 import flax.linen as nn
 
 from calm_jax import lora as lora_lib
+from calm_jax import steps as steps_lib
 from calm_jax import trainer
 from calm_jax.composition import ComposedLM, CompositionConfig
 from calm_jax.models import TransformerConfig
@@ -207,8 +208,8 @@ def compiled_memory(mode: str, anchor_cfg: TransformerConfig, augment_cfg: Trans
     s, _ = abstract_setup(mode, anchor_cfg, augment_cfg, mesh=mesh, rules=rules,
                           loss_chunk=loss_chunk)
     opt_cfg = OptimizerConfig()
-    prog = trainer.build_program(s, make_optimizer(opt_cfg, 1000), schedule(opt_cfg, 1000),
-                                 opt_cfg.grad_accum_steps, mesh, rules)
+    prog = steps_lib.build_program(s, make_optimizer(opt_cfg, 1000), schedule(opt_cfg, 1000),
+                                   opt_cfg.grad_accum_steps, mesh, rules)
     data = abstract_batch(batch, length, prog.batch_sharding)
     start = time.perf_counter()
     compiled = prog.train_step.lower(prog.abstract_state, s.frozen, data).compile()

@@ -12,8 +12,8 @@
 
 For each mode (`--modes`, default "compose,finetune", run in that order in one process) the
 script builds the step the way `calm_jax.trainer.train` does (`trainer._setup` for the forward
-and the frozen trees, `trainer.make_train_step`, adamw from `calm_jax.optim`, state sharded and
-DONATED), compiles it once (`.lower().compile()`, timed as `compile_s`), runs `--warmup` steps,
+and the frozen trees, `calm_jax.steps.build_program`, adamw from `calm_jax.optim`, state
+sharded and DONATED), compiles it once (`.lower().compile()`, timed as `compile_s`), runs `--warmup` steps,
 then times `--steps` steps ending in `block_until_ready`, and prints one JSON object:
 
   device, backend, jax, shape, mode, dtype, attention_impl, remat, batch, length,
@@ -104,6 +104,7 @@ import flax.linen as nn  # noqa: E402
 
 from calm_jax import lora as lora_lib  # noqa: E402
 from calm_jax import partitioning as part  # noqa: E402
+from calm_jax import steps as steps_lib  # noqa: E402
 from calm_jax import trainer  # noqa: E402
 from calm_jax.composition import ComposedLM, CompositionConfig  # noqa: E402
 from calm_jax.models import TransformerConfig  # noqa: E402
@@ -253,7 +254,8 @@ def build(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConf
     lr_schedule = schedule(optimizer, total_steps)
 
     # Exactly what trainer.train runs: the same shardings, fresh state and jitted step.
-    prog = trainer.build_program(s, opt, lr_schedule, optimizer.grad_accum_steps, mesh, rules)
+    prog = steps_lib.build_program(s, opt, lr_schedule, optimizer.grad_accum_steps, mesh,
+                                   rules)
     state, step, batch_sharding = prog.init_state(rng_init), prog.train_step, prog.batch_sharding
 
     tokens = np.asarray(jax.random.randint(rng_data, (batch, length + 1), 3,

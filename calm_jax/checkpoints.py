@@ -210,9 +210,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int, *, force: bool = False) -> bool:
+        """Whether `save(step, ..., force=force)` would write a checkpoint."""
+        due = force or bool(self.config.save_every and step % self.config.save_every == 0)
+        return due and step not in self.manager.all_steps()
+
     def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
-        due = force or (self.config.save_every and step % self.config.save_every == 0)
-        if not due or step in self.manager.all_steps():
+        if not self.due(step, force=force):
             return False
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)

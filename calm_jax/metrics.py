@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any, Mapping
 
@@ -22,8 +23,9 @@ class _JsonlWriter:
         self._file = open(path, "a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps({"step": int(step), **{k: float(v) for k, v in
-                                                           scalars.items()}}) + "\n")
+        # Strict JSON, which has no NaN or infinity: a non-finite value is written as null.
+        record = {k: float(v) if math.isfinite(float(v)) else None for k, v in scalars.items()}
+        self._file.write(json.dumps({"step": int(step), **record}, allow_nan=False) + "\n")
         self._file.flush()
 
     def flush(self) -> None:

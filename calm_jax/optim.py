@@ -22,6 +22,11 @@ class OptimizerConfig:
       b1, b2, eps: Adam moments.
       clip_norm: global-norm gradient clipping (None or 0 disables).
       grad_accum_steps: micro-batches per step (a `lax.scan` inside the step).
+      skip_nonfinite: skip an update whose gradients hold a NaN or infinity, up to this many in
+        a row (`optax.apply_if_finite`; the skipped step changes neither the parameters nor the
+        optimizer's moments). 0: off, and the trainer stops at the first non-finite loss it
+        sees. Turning it on or off changes the optimizer state, so a run resumes only with the
+        setting it was saved with.
     """
 
     name: Literal["adamw", "adafactor"] = "adamw"
@@ -35,6 +40,7 @@ class OptimizerConfig:
     eps: float = 1e-8
     clip_norm: float | None = 1.0
     grad_accum_steps: int = 1
+    skip_nonfinite: int = 0
 
     def __post_init__(self):
         if self.name not in ("adamw", "adafactor"):
@@ -60,6 +66,9 @@ class OptimizerConfig:
                                  f"got {getattr(self, name)!r}")
         if not self.eps > 0:
             raise ValueError(f"optimizer.eps: expected > 0, got {self.eps!r}")
+        if not isinstance(self.skip_nonfinite, int) or self.skip_nonfinite < 0:
+            raise ValueError(f"optimizer.skip_nonfinite: expected updates >= 0 (0: off), "
+                             f"got {self.skip_nonfinite!r}")
         if self.clip_norm is not None and not self.clip_norm >= 0:
             raise ValueError(f"optimizer.clip_norm: expected None, 0 (off) or a positive norm, "
                              f"got {self.clip_norm!r}")
@@ -89,4 +98,6 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
         opt = optax.adafactor(lr, weight_decay_rate=config.weight_decay or None)
     if config.clip_norm:
         opt = optax.chain(optax.clip_by_global_norm(config.clip_norm), opt)
+    if config.skip_nonfinite:  # outermost: a skipped update touches no inner state
+        opt = optax.apply_if_finite(opt, config.skip_nonfinite)
     return opt

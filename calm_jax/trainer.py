@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import signal
 import time
@@ -29,7 +30,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import optax
 import flax.linen as nn
 
 from calm_jax import checkpoints as ckpt
@@ -39,6 +39,7 @@ from calm_jax import lora as lora_lib
 from calm_jax import metrics as metrics_lib
 from calm_jax import multi_token as mtp_lib
 from calm_jax import partitioning as part
+from calm_jax import steps as steps_lib
 from calm_jax.composition import ComposedLM, CompositionConfig
 from calm_jax.losses import chunked_cross_entropy, cross_entropy
 from calm_jax.models import Decoder, TransformerConfig
@@ -126,7 +127,7 @@ class _Setup:
         """(params, frozen, batch) -> (loss sum to differentiate, metric sums)."""
         if self.loss_fn is not None:
             return self.loss_fn
-        return functools.partial(_loss_and_metrics, self.forward)
+        return functools.partial(steps_lib.next_token_loss, self.forward)
 
 
 def _abstract_decoder(cfg: TransformerConfig) -> Any:
@@ -339,59 +340,6 @@ def _multi_token_setup(model: Decoder, boxed, init_decoder, mt: mtp_lib.MultiTok
                   export_params=lambda params: params["decoder"])
 
 
-def _loss_and_metrics(forward, params, frozen, batch):
-    logits = forward(params, frozen, batch)
-    m = cross_entropy(logits, batch["decoder_target_tokens"], batch["decoder_loss_weights"])
-    return m["loss_sum"], m
-
-
-def make_train_step(forward, optimizer: optax.GradientTransformation, lr_schedule,
-                    accum_steps: int, loss_fn: Callable | None = None) -> Callable:
-    """(state, frozen, batch) -> (state, metrics); gradients w.r.t. state['params'] only.
-
-    `loss_fn(params, frozen, batch) -> (loss sum, metric sums)` replaces the next-token loss of
-    `forward`'s logits (an auxiliary loss, e.g. multi-token prediction).
-    """
-    if loss_fn is None:
-        loss_fn = functools.partial(_loss_and_metrics, forward)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def step(state, frozen, batch):
-        params = state["params"]
-        if accum_steps == 1:
-            (_, sums), grads = grad_fn(params, frozen, batch)
-        else:
-            # Row j*accum + i goes to micro-batch i: each device keeps its own rows.
-            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum_steps, accum_steps,
-                                                     *x.shape[1:]).swapaxes(0, 1), batch)
-
-            def body(carry, mb):
-                (_, m), g = grad_fn(params, frozen, mb)
-                return jax.tree.map(jnp.add, carry, (g, m)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            zero_m = {k: jnp.zeros((), jnp.float32)
-                      for k in ("loss", "loss_sum", "weight_sum", "correct_sum")}
-            (grads, sums), _ = jax.lax.scan(body, (zeros, zero_m), micro)
-        denom = jnp.maximum(sums["weight_sum"], 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
-        metrics = {"loss": sums["loss_sum"] / denom, "accuracy": sums["correct_sum"] / denom,
-                   "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": lr_schedule(state["step"]), "tokens": sums["weight_sum"]}
-        return new_state, metrics
-
-    return step
-
-
-def make_eval_step(forward) -> Callable:
-    def step(params, frozen, batch):
-        return _loss_and_metrics(forward, params, frozen, batch)[1]
-    return step
-
-
 def _peak_flops(override: float | None) -> float | None:
     if override:
         return override
@@ -435,54 +383,6 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-@dataclasses.dataclass
-class Program:
-    """The jitted, sharded pieces of a run: what `train` and the benchmarks execute."""
-
-    param_shardings: Any
-    state_shardings: Any
-    batch_sharding: Any
-    abstract_state: Any           # ShapeDtypeStructs with shardings (restore target)
-    init_state: Callable[[jax.Array], Any]   # rng -> fresh placed state
-    train_step: Any               # jit: (state, frozen, batch) -> (state, metrics); donates state
-    eval_step: Any                # jit: (params, frozen, batch) -> metric sums
-
-
-def build_program(s: _Setup, opt: optax.GradientTransformation, lr_schedule, accum_steps: int,
-                  mesh, rules) -> Program:
-    """Shardings of the trained params and optimizer state (only param-shaped optimizer leaves
-    are sharded like their parameter), the state initialiser, and the jitted steps."""
-    param_shardings = part.shardings_for(s.abstract_params, mesh, rules)
-    abstract_params = nn.unbox(s.abstract_params)
-    part.check_divisible(abstract_params, param_shardings, "params")
-    abstract_opt = jax.eval_shape(opt.init, abstract_params)
-    repl = part.replicated(mesh)
-    opt_shardings = optax.tree_map_params(
-        opt, lambda leaf, p, sh: sh if leaf.shape == p.shape else repl, abstract_opt,
-        abstract_params, param_shardings, transform_non_params=lambda _: repl)
-    state_shardings = {"step": repl, "params": param_shardings, "opt_state": opt_shardings}
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, s.frozen)
-    batch_sharding = part.batch_sharding(mesh)
-
-    def new_state(params):
-        return {"step": jnp.zeros((), jnp.int32), "params": params,
-                "opt_state": opt.init(params)}
-
-    abstract_state = jax.tree.map(
-        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-        jax.eval_shape(new_state, abstract_params), state_shardings)
-    init_params = jax.jit(s.init_params, out_shardings=param_shardings)
-    place_state = jax.jit(new_state, out_shardings=state_shardings)
-    train_step = jax.jit(make_train_step(s.forward, opt, lr_schedule, accum_steps, s.loss()),
-                         in_shardings=(state_shardings, frozen_shardings, batch_sharding),
-                         out_shardings=(state_shardings, repl), donate_argnums=(0,))
-    eval_step = jax.jit(make_eval_step(s.forward),
-                        in_shardings=(param_shardings, frozen_shardings, batch_sharding),
-                        out_shardings=repl)
-    return Program(param_shardings, state_shardings, batch_sharding, abstract_state,
-                   lambda rng: place_state(init_params(rng)), train_step, eval_step)
 
 
 def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
@@ -553,7 +453,8 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
                    loss_chunk=loss_chunk)
         opt = make_optimizer(optimizer, num_steps)
         lr_schedule = schedule(optimizer, num_steps)
-        prog = build_program(s, opt, lr_schedule, optimizer.grad_accum_steps, mesh, rules)
+        prog = steps_lib.build_program(s, opt, lr_schedule, optimizer.grad_accum_steps, mesh,
+                                       rules)
 
         # Restore: latest in model_dir, else restore_from, else scratch.
         os.makedirs(model_dir, exist_ok=True)
@@ -587,47 +488,56 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
         stopped_early = False
         t_start = t_last = time.time()
         last_step = start
-        with _Preemption() as preemption:
-            step = start
-            while step < num_steps:
-                batch = first if step == start else data_lib.to_global(source.batch(step),
-                                                                       batch_sharding)
-                state, metrics = compiled(state, s.frozen, batch)
-                step += 1
-                if step % log_every == 0 or step == num_steps:
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    now = time.time()
-                    rate = (step - last_step) / max(now - t_last, 1e-9)
-                    metrics.update({"steps_per_sec": rate,
-                                    "tokens_per_sec": rate * tokens_per_step})
-                    if peak:
-                        metrics["mfu"] = (rate * tokens_per_step * s.flops_per_token
-                                          / (peak * jax.device_count()))
-                    t_last, last_step = now, step
-                    writer.write_scalars(step, metrics)
-                    history.append((step, metrics))
-                    eta = (num_steps - step) / max(rate, 1e-9)
-                    log.info("step %d/%d loss %.4f acc %.3f lr %.2e gnorm %.3f %.1f steps/s "
-                             "ETA %s", step, num_steps, metrics["loss"], metrics["accuracy"],
-                             metrics["learning_rate"], metrics["grad_norm"], rate,
-                             _hms(eta))
-                if eval_source is not None and eval_every and (
-                        step % eval_every == 0 or step == num_steps):
-                    ev = _evaluate(eval_step, state["params"], s.frozen, eval_source,
-                                   eval_batches, batch_sharding)
-                    writer.write_scalars(step, ev)
-                    history.append((step, ev))
-                    log.info("step %d eval loss %.4f acc %.3f", step, ev["eval/loss"],
-                             ev["eval/accuracy"])
-                stop = preemption.should_stop(step) or (
-                    stop_after is not None and step - start >= stop_after)
-                checkpointer.save(step, state, {**meta, "data_position": step},
-                                  force=step == num_steps or stop)
-                if stop and step < num_steps:
-                    stopped_early = True
-                    break
-        checkpointer.close()
-        writer.close()
+        skipped = 0
+        try:
+            with _Preemption() as preemption:
+                step = start
+                while step < num_steps:
+                    batch = first if step == start else data_lib.to_global(source.batch(step),
+                                                                           batch_sharding)
+                    state, metrics = compiled(state, s.frozen, batch)
+                    step += 1
+                    stop = preemption.should_stop(step) or (
+                        stop_after is not None and step - start >= stop_after)
+                    save = checkpointer.due(step, force=step == num_steps or stop)
+                    logged = step % log_every == 0 or step == num_steps
+                    if logged or save:  # a state is checked before it is saved
+                        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        if logged:
+                            now = time.time()
+                            rate = (step - last_step) / max(now - t_last, 1e-9)
+                            metrics.update({"steps_per_sec": rate,
+                                            "tokens_per_sec": rate * tokens_per_step})
+                            if peak:
+                                metrics["mfu"] = (rate * tokens_per_step * s.flops_per_token
+                                                  / (peak * jax.device_count()))
+                            t_last, last_step = now, step
+                            writer.write_scalars(step, metrics)
+                            history.append((step, metrics))
+                            log.info("step %d/%d loss %.4f acc %.3f lr %.2e gnorm %.3f "
+                                     "%.1f steps/s ETA %s", step, num_steps, metrics["loss"],
+                                     metrics["accuracy"], metrics["learning_rate"],
+                                     metrics["grad_norm"], rate,
+                                     _hms((num_steps - step) / max(rate, 1e-9)))
+                        skipped = _check_finite(step, metrics, optimizer.skip_nonfinite,
+                                                skipped, checkpointer)
+                    if eval_source is not None and eval_every and (
+                            step % eval_every == 0 or step == num_steps):
+                        ev = _evaluate(eval_step, state["params"], s.frozen, eval_source,
+                                       eval_batches, batch_sharding)
+                        writer.write_scalars(step, ev)
+                        history.append((step, ev))
+                        log.info("step %d eval loss %.4f acc %.3f", step, ev["eval/loss"],
+                                 ev["eval/accuracy"])
+                    if save:
+                        checkpointer.save(step, state, {**meta, "data_position": step},
+                                          force=True)
+                    if stop and step < num_steps:
+                        stopped_early = True
+                        break
+        finally:  # an error (a non-finite loss, an interrupt) still completes a started save
+            checkpointer.close()
+            writer.close()
         if s.export_config is not None and not stopped_early:
             export = os.path.join(model_dir, "export")  # every process joins orbax's save
             if not _agreed(os.path.exists(os.path.join(export, ckpt.CONFIG_FILE))):
@@ -645,6 +555,39 @@ def _agreed(flag: bool) -> bool:
     import numpy as np
     from jax.experimental import multihost_utils
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+def _check_finite(step: int, metrics: Mapping[str, float], skip_limit: int, skipped: int,
+                  checkpointer: ckpt.Checkpointer) -> int:
+    """Raises FloatingPointError when the state after `step` must not be kept or saved.
+
+    Without `skip_limit` (optimizer.skip_nonfinite) that is a non-finite loss or gradient norm;
+    with it, more non-finite updates in a row than the limit (optax then applies the last one).
+    Returns the count of skipped updates so far, logging any new ones.
+    """
+    if skip_limit:
+        streak, total = int(metrics["nonfinite_streak"]), int(metrics["skipped_updates"])
+        if total > skipped:
+            log.warning("step %d: %d updates skipped so far (non-finite gradients), %d of the "
+                        "latest in a row", step, total, streak)
+        if streak <= skip_limit:
+            return total
+        what = (f"{streak} updates in a row had non-finite gradients, more than "
+                f"optimizer.skip_nonfinite={skip_limit}, so the last one was applied")
+    else:
+        bad = [f"{k} is {metrics[k]}" for k in ("loss", "grad_norm")
+               if not math.isfinite(metrics[k])]
+        if not bad:
+            return 0
+        what = "the training " + " and ".join(bad)
+    checkpointer.wait()
+    latest = checkpointer.latest_step()
+    kept = ("no checkpoint was saved" if latest is None else
+            f"the latest checkpoint kept is step {latest} in {checkpointer.directory}")
+    raise FloatingPointError(
+        f"step {step}: {what}; stopped without saving this state ({kept}). Lower "
+        f"optimizer.learning_rate, set optimizer.clip_norm, check the data's loss weights, or "
+        f"set optimizer.skip_nonfinite=N to skip up to N such updates in a row.")
 
 
 def _check_frozen(stored: Mapping[str, str], current: Mapping[str, str], where: str) -> None:

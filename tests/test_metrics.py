@@ -73,6 +73,16 @@ def test_one_json_object_per_write_with_int_step_and_float_values(tmp_path, no_c
     assert all(type(v) is float for r in records for k, v in r.items() if k != "step")
 
 
+def test_non_finite_values_are_written_as_null_so_every_line_is_strict_json(tmp_path, no_clu):
+    writer = MetricWriter(str(tmp_path))
+    writer.write_scalars(2, {"loss": jnp.float32(jnp.nan), "grad_norm": np.inf,
+                             "lr": -np.inf, "accuracy": 0.5})
+    writer.close()
+    (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    strict = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
+    assert strict == {"step": 2, "loss": None, "grad_norm": None, "lr": None, "accuracy": 0.5}
+
+
 def test_records_are_on_disk_before_close(tmp_path, no_clu):
     writer = MetricWriter(str(tmp_path))
     writer.write_scalars(1, {"loss": 2.0})

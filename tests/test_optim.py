@@ -94,6 +94,9 @@ def test_each_optimizer_minimises_a_quadratic(name):
     ("eps", 0.0, "optimizer.eps: expected > 0, got 0.0"),
     ("clip_norm", -1.0, "optimizer.clip_norm: expected None, 0 (off) or a positive norm, "
                         "got -1.0"),
+    ("skip_nonfinite", -1, "optimizer.skip_nonfinite: expected updates >= 0 (0: off), got -1"),
+    ("skip_nonfinite", 1.5, "optimizer.skip_nonfinite: expected updates >= 0 (0: off), "
+                            "got 1.5"),
 ])
 def test_bad_optimizer_settings_name_the_field(field, value, message):
     with pytest.raises(ValueError) as error:

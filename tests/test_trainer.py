@@ -10,7 +10,7 @@ import pytest
 from calm_jax import checkpoints as ckpt
 from calm_jax import trainer
 from calm_jax.composition import ComposedLM
-from calm_jax.data import DatasetConfig
+from calm_jax.data import DatasetConfig, NumpySource
 from calm_jax.models import TransformerConfig
 from calm_jax.optim import OptimizerConfig
 from calm_jax.partitioning import PartitioningConfig
@@ -169,6 +169,57 @@ def test_sigterm_sets_the_preemption_flag():
         assert not preemption.requested
         signal.raise_signal(signal.SIGTERM)
         assert preemption.requested
+
+
+def _nan_weight_at(batches):
+    """DATA with a NaN loss weight in one row of each of these global batches (first epoch)."""
+    rows = [NumpySource(_arrays(), DATA.batch_size, DATA.seed).global_rows(b)[0]
+            for b in batches]
+
+    def arrays():
+        a = _arrays()
+        a["decoder_loss_weights"][rows, 6] = np.nan
+        return a
+    return DatasetConfig(arrays_fn=arrays, batch_size=DATA.batch_size, length=LENGTH)
+
+
+def test_a_non_finite_loss_stops_the_run_before_that_state_is_saved(tmp_path, exports):
+    model_dir = tmp_path / "calm"
+    every_2 = ckpt.CheckpointConfig(save_every=2, use_async=True)
+    # Step 3 trains on the NaN; step 4, a save step (nothing is logged before step 100), sees it.
+    with pytest.raises(FloatingPointError, match=(
+            r"^step 4: the training loss is nan and grad_norm is nan; stopped without saving "
+            r"this state \(the latest checkpoint kept is step 2 in .*checkpoints\)\. Lower "
+            r"optimizer.learning_rate, .* set optimizer.skip_nonfinite=N")):
+        _compose(model_dir, exports, num_steps=6, dataset=_nan_weight_at([2]), log_every=100,
+                 checkpoint=every_2)
+    assert ckpt.Checkpointer(str(model_dir / "checkpoints"), every_2).manager.all_steps() == [2]
+    resumed = _compose(model_dir, exports, num_steps=6, checkpoint=every_2)
+    assert [s for s, _ in resumed["history"]] == [3, 4, 5, 6]
+    assert all(np.isfinite(m["loss"]) for _, m in resumed["history"])
+
+
+def test_skip_nonfinite_skips_those_updates_and_trains_on(tmp_path, exports):
+    skip = OptimizerConfig(learning_rate=3e-3, warmup_steps=0, skip_nonfinite=2)
+    result = _compose(tmp_path / "calm", exports, num_steps=5, dataset=_nan_weight_at([1, 2]),
+                      optimizer=skip)
+    history = dict(result["history"])
+    assert [(history[s]["skipped_updates"], history[s]["nonfinite_streak"])
+            for s in range(1, 6)] == [(0, 0), (1, 1), (2, 2), (2, 0), (2, 0)]
+    assert np.isnan(history[2]["loss"]) and np.isfinite(history[5]["loss"])
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(result["state"]["params"]))
+    assert os.path.isdir(tmp_path / "calm" / "checkpoints" / "5")
+
+
+def test_skip_nonfinite_stops_after_more_than_that_many_in_a_row(tmp_path, exports):
+    skip = OptimizerConfig(learning_rate=3e-3, warmup_steps=0, skip_nonfinite=2)
+    with pytest.raises(FloatingPointError, match=(
+            r"^step 3: 3 updates in a row had non-finite gradients, more than "
+            r"optimizer.skip_nonfinite=2, so the last one was applied; stopped without saving "
+            r"this state \(no checkpoint was saved\)")):
+        _compose(tmp_path / "calm", exports, num_steps=5, dataset=_nan_weight_at([0, 1, 2]),
+                 optimizer=skip)
+    assert not os.listdir(tmp_path / "calm" / "checkpoints")
 
 
 # Bad input: clear errors before anything is compiled ----------------------------------------

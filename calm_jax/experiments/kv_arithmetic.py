@@ -567,7 +567,8 @@ def _plot(run_dir: str, results: dict) -> None:
             continue
         with open(path) as f:
             rows = [json.loads(line) for line in f if '"loss"' in line]
-        curves.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=stage)
+        curves.plot([r["step"] for r in rows],  # null: a non-finite loss (skipped update)
+                    [np.nan if r["loss"] is None else r["loss"] for r in rows], label=stage)
     curves.set(xlabel="step", ylabel="training loss (target tokens)", yscale="log",
                title="Training curves")
     if curves.lines:  # no stage logs (a report rewritten from results alone): no legend
