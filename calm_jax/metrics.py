@@ -72,8 +72,12 @@ class MetricWriter:
         try:
             from clu import metric_writers
             self._sinks.append(metric_writers.create_default_writer(model_dir))
-        except ImportError as e:
-            self._sinks.append(_FallbackWriter(model_dir, why=str(e)))
+        except Exception as e:  # noqa: BLE001 (not only ImportError: a broken TensorFlow
+            # or protobuf install fails in other ways, and metrics must not end the run)
+            if not isinstance(e, ImportError):
+                log.warning("clu's metric writer failed (%s: %s); using the fallback writer",
+                            type(e).__name__, e)
+            self._sinks.append(_FallbackWriter(model_dir, why=f"{type(e).__name__}: {e}"))
         self._sinks.append(_JsonlWriter(os.path.join(model_dir, "metrics.jsonl")))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:

@@ -126,8 +126,9 @@ def run(argv: Sequence[str]) -> dict:
 
 
 def run_cli(entry: Callable[[Sequence[str]], Any]) -> None:
-    """Runs `entry(sys.argv[1:])` as a command: calm_jax progress logging on, and bad settings
-    (ValueError) end it with `error: ...` and exit status 2 instead of a traceback."""
+    """Runs `entry(sys.argv[1:])` as a command: calm_jax progress logging on; bad settings
+    (ValueError) end it with `error: ...` and exit status 2, a run stopped by a non-finite loss
+    (FloatingPointError) with `error: ...` and exit status 3, instead of a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
                         datefmt="%H:%M:%S", force=True)
     logging.getLogger("calm_jax").setLevel(logging.INFO)
@@ -136,6 +137,9 @@ def run_cli(entry: Callable[[Sequence[str]], Any]) -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 def console_main() -> None:

@@ -469,7 +469,11 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
                 continue
             meta = manager.read_meta(step)
             _check_frozen(meta.get("frozen", {}), s.fingerprints, manager.directory)
-            state, meta = manager.restore(step, prog.abstract_state)
+            try:
+                state, meta = manager.restore(step, prog.abstract_state)
+            except ValueError as e:  # orbax: the stored tree is not this run's state
+                raise ValueError(_restore_mismatch(meta, step, manager.directory, mode,
+                                                   optimizer, e)) from e
             start = int(meta["data_position"])
             log.info("restored step %d from %s", step, manager.directory)
             break
@@ -482,7 +486,8 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
 
         writer = metrics_lib.MetricWriter(model_dir, is_chief=jax.process_index() == 0)
         history: list[tuple[int, dict[str, float]]] = []
-        meta = {"frozen": s.fingerprints, "mode": mode}
+        meta = {"frozen": s.fingerprints, "mode": mode,
+                "optimizer": dataclasses.asdict(optimizer)}
         peak = _peak_flops(peak_flops)
         tokens_per_step = dataset.batch_size * source.length
         stopped_early = False
@@ -588,6 +593,23 @@ def _check_finite(step: int, metrics: Mapping[str, float], skip_limit: int, skip
         f"step {step}: {what}; stopped without saving this state ({kept}). Lower "
         f"optimizer.learning_rate, set optimizer.clip_norm, check the data's loss weights, or "
         f"set optimizer.skip_nonfinite=N to skip up to N such updates in a row.")
+
+
+def _restore_mismatch(stored: Mapping[str, Any], step: int, where: str, mode: str,
+                      optimizer: OptimizerConfig, error: Exception) -> str:
+    """Why checkpoint `step` in `where` does not restore into this run's state: the settings
+    it was saved with that differ from this run's (the mode, optimizer fields), then orbax's
+    own account."""
+    diffs = [] if stored.get("mode", mode) == mode else [
+        f"mode={stored['mode']!r} (this run: {mode!r})"]
+    ours = dataclasses.asdict(optimizer)
+    diffs += [f"optimizer.{k}={v!r} (this run: {ours[k]!r})"
+              for k, v in sorted(stored.get("optimizer", {}).items())
+              if k in ours and ours[k] != v]
+    saved = f"; it was saved with {', '.join(diffs)}" if diffs else ""
+    return (f"checkpoint: step {step} in {where} does not match this run's training state"
+            f"{saved}. Resume with the settings it was saved with, or use another model_dir. "
+            f"orbax: {error}")
 
 
 def _check_frozen(stored: Mapping[str, str], current: Mapping[str, str], where: str) -> None:

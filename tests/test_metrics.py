@@ -83,6 +83,24 @@ def test_non_finite_values_are_written_as_null_so_every_line_is_strict_json(tmp_
     assert strict == {"step": 2, "loss": None, "grad_norm": None, "lr": None, "accuracy": 0.5}
 
 
+def test_a_clu_that_fails_otherwise_than_on_import_falls_back_and_says_why(tmp_path, fake_clu,
+                                                                          monkeypatch, caplog):
+    def broken(*args):
+        raise TypeError("Descriptors cannot be created directly")
+
+    monkeypatch.setattr(sys.modules["clu.metric_writers"], "create_default_writer", broken)
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    with caplog.at_level("INFO", logger="calm_jax"):
+        writer = MetricWriter(str(tmp_path))
+    writer.write_scalars(1, {"loss": 2.0})
+    writer.close()
+    assert _records(tmp_path) == [{"step": 1, "loss": 2.0}]
+    assert ("clu's metric writer failed (TypeError: Descriptors cannot be created directly); "
+            "using the fallback writer") in caplog.text
+    assert "(clu: TypeError: Descriptors cannot be created directly; no tensorboardX)" in (
+        caplog.text)
+
+
 def test_records_are_on_disk_before_close(tmp_path, no_clu):
     writer = MetricWriter(str(tmp_path))
     writer.write_scalars(1, {"loss": 2.0})

@@ -209,6 +209,26 @@ def test_skip_nonfinite_skips_those_updates_and_trains_on(tmp_path, exports):
     assert np.isnan(history[2]["loss"]) and np.isfinite(history[5]["loss"])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(result["state"]["params"]))
     assert os.path.isdir(tmp_path / "calm" / "checkpoints" / "5")
+    # Skipping changes the optimizer state, so resuming without it is refused, by name.
+    with pytest.raises(ValueError, match=(
+            r"^checkpoint: step 5 in .*checkpoints does not match this run's training state; it "
+            r"was saved with optimizer.skip_nonfinite=2 \(this run: 0\)\. Resume with the "
+            r"settings it was saved with, or use another model_dir\. orbax: ")):
+        _compose(tmp_path / "calm", exports, num_steps=7)
+
+
+def test_the_command_line_ends_a_diverged_run_with_status_3(monkeypatch, capsys):
+    from calm_jax import train as train_cli
+
+    def diverges(argv):
+        assert argv == ["--gin_file=x.gin"]
+        raise FloatingPointError("step 4: the training loss is nan")
+
+    monkeypatch.setattr("sys.argv", ["calm_jax.train", "--gin_file=x.gin"])
+    with pytest.raises(SystemExit) as exit_:
+        train_cli.run_cli(diverges)
+    assert exit_.value.code == 3
+    assert capsys.readouterr().err == "error: step 4: the training loss is nan\n"
 
 
 def test_skip_nonfinite_stops_after_more_than_that_many_in_a_row(tmp_path, exports):
