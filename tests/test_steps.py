@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from calm_jax.optim import OptimizerConfig, make_optimizer, schedule
