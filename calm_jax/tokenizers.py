@@ -152,6 +152,30 @@ class _SPBackend:
             fh.write(self.proto)
 
 
+class ByteTokenizer:
+    """UTF-8 bytes as token ids, those of seqio's `ByteVocabulary` (PAD 0, EOS 1, UNK 2, byte b
+    -> b + 3): the vocabulary of the key-value experiment's models (`tasks.byte_data`), which
+    needs neither seqio nor a tokenizer file. `decode` stops at the first EOS and skips PAD and
+    UNK, as `ByteVocabulary` does."""
+
+    pad_id, eos_id, unk_id, bos_id = 0, 1, 2, None
+    offset = 3
+    vocab_size = 256 + offset  # 259; the models' embedding tables are padded to 384
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
+        del skip_special  # PAD, EOS and UNK have no bytes
+        out = bytearray()
+        for i in map(int, ids):
+            if i == self.eos_id:
+                break
+            if self.offset <= i < self.vocab_size:
+                out.append(i - self.offset)
+        return out.decode("utf-8", errors="ignore")
+
+
 class Tokenizer:
     """A model's tokenizer: `encode(text) -> ids`, `decode(ids) -> text`, special ids.
 

@@ -35,6 +35,7 @@ import flax.linen as nn
 from calm_jax import checkpoints as ckpt
 from calm_jax import data as data_lib
 from calm_jax import distributed
+from calm_jax import exports as exports_lib
 from calm_jax import lora as lora_lib
 from calm_jax import metrics as metrics_lib
 from calm_jax import multi_token as mtp_lib
@@ -113,11 +114,14 @@ class _Setup:
     frozen: Any                   # placed frozen trees
     fingerprints: dict[str, str]  # frozen export -> fingerprint
     flops_per_token: float        # model FLOPs of one training token (matmuls only)
-    export_config: TransformerConfig | None  # pretrain/finetune export the trained model
+    # (directory, trained params) -> writes the run's export: the model (pretrain, finetune,
+    # lora merged into the anchor) or the composition (`calm_jax.exports`).
+    export: Callable[[str, Any], None]
     # (params, frozen, batch) -> (differentiated loss sum, metric sums); None: the
     # next-token cross-entropy of `forward`'s logits.
     loss_fn: Callable[[Any, Any, Mapping[str, jax.Array]], tuple[jax.Array, dict]] | None = None
-    export_params: Callable[[Any], Any] = lambda params: params  # the exported model's tree
+    export_params: Callable[[Any], Any] = lambda params: params  # train()'s 'params'
+    export_marker: str = ckpt.CONFIG_FILE  # the file that marks a finished export
     # (params, frozen, batch) -> (last residual stream [batch, length, embed], head_fn: a
     # chunk of it -> logits): `forward` split before the output layer, for `loss_chunk`.
     final_states: Callable[[Any, Any, Mapping[str, jax.Array]],
@@ -244,7 +248,8 @@ def _mode_setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpe
                                   nn.unbox(boxed))
             _, loaded = ckpt.load_model(anchor.checkpoint, target=target)
             init = lambda k: loaded  # noqa: E731
-        return _Setup(forward, boxed, init, {}, fingerprints, 6.0 * n_anchor, anchor_cfg,
+        return _Setup(forward, boxed, init, {}, fingerprints, 6.0 * n_anchor,
+                      lambda directory, params: ckpt.save_model(directory, anchor_cfg, params),
                       final_states=final_states)
 
     augment_cfgs = {name: spec.resolve(f"augments[{name!r}]") for name, spec in augments.items()}
@@ -275,9 +280,14 @@ def _mode_setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpe
             return _decoder_final_states(model, lora_lib.merge(frozen["anchor"], params, lora),
                                          batch)
 
+        def export(directory, params):  # the merged anchor, a plain model export
+            anchor_params = jax.tree.map(lambda x: x.astype(anchor_cfg.params_dtype),
+                                         frozen["anchor"])
+            ckpt.save_model(directory, anchor_cfg, lora_lib.merge(anchor_params, params, lora))
+
         n_lora = rank * lora_lib.params_per_rank(frozen["anchor"], lora)
         return _Setup(forward, boxed, init, frozen, fingerprints, 4.0 * n_anchor + 6.0 * n_lora,
-                      None, final_states=final_states)
+                      export, final_states=final_states)
 
     if not augment_cfgs:
         raise ValueError("augments: expected at least one augmenting model in mode='compose', "
@@ -301,8 +311,12 @@ def _mode_setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpe
     init = lambda k: nn.unbox(composed.init_composition(k))  # noqa: E731
     n_aug = sum(c.num_params(include_embedding=False) for c in augment_cfgs.values())
     flops = 2.0 * n_aug + 4.0 * n_anchor + 6.0 * composed.num_composition_params()
-    return _Setup(forward, boxed, init, frozen, fingerprints, flops, None,
-                  final_states=final_states)
+    sources = {"anchor": anchor.checkpoint,
+               "augments": {name: spec.checkpoint for name, spec in augments.items()}}
+    export = functools.partial(exports_lib.save_composition, model=composed, frozen=frozen,
+                               sources=sources, fingerprints=fingerprints)
+    return _Setup(forward, boxed, init, frozen, fingerprints, flops, export,
+                  final_states=final_states, export_marker=exports_lib.COMPOSITION_FILE)
 
 
 def _multi_token_setup(model: Decoder, boxed, init_decoder, mt: mtp_lib.MultiTokenConfig,
@@ -336,8 +350,9 @@ def _multi_token_setup(model: Decoder, boxed, init_decoder, mt: mtp_lib.MultiTok
 
     extra_flops = 6.0 * (mt.depth - 1) * cfg.embed_dim * cfg.vocab_size
     return _Setup(forward, {"decoder": boxed, "multi_token": boxed_heads}, init, {}, {},
-                  flops_per_token + extra_flops, cfg, loss_fn=loss_fn,
-                  export_params=lambda params: params["decoder"])
+                  flops_per_token + extra_flops,
+                  lambda directory, params: ckpt.save_model(directory, cfg, params["decoder"]),
+                  loss_fn=loss_fn, export_params=lambda params: params["decoder"])
 
 
 def _peak_flops(override: float | None) -> float | None:
@@ -543,10 +558,10 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
         finally:  # an error (a non-finite loss, an interrupt) still completes a started save
             checkpointer.close()
             writer.close()
-        if s.export_config is not None and not stopped_early:
+        if not stopped_early:
             export = os.path.join(model_dir, "export")  # every process joins orbax's save
-            if not _agreed(os.path.exists(os.path.join(export, ckpt.CONFIG_FILE))):
-                ckpt.save_model(export, s.export_config, s.export_params(state["params"]))
+            if not _agreed(os.path.exists(os.path.join(export, s.export_marker))):
+                s.export(export, state["params"])
         log.info("done: %d steps in %s", step - start, _hms(time.time() - t_start))
     return {"state": state, "params": s.export_params(state["params"]), "frozen": s.frozen,
             "history": history,

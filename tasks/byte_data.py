@@ -12,12 +12,15 @@ from typing import Dict, Iterable, Iterator, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
+from calm_jax.tokenizers import ByteTokenizer
 
-PAD_ID = 0
-EOS_ID = 1
-UNK_ID = 2
-BYTE_OFFSET = 3  # seqio.ByteVocabulary: byte b -> b + 3
-BYTE_VOCAB_SIZE = 256 + BYTE_OFFSET  # 259, == seqio.ByteVocabulary().vocab_size
+
+_BYTES = ByteTokenizer()
+PAD_ID = _BYTES.pad_id
+EOS_ID = _BYTES.eos_id
+UNK_ID = _BYTES.unk_id
+BYTE_OFFSET = _BYTES.offset  # seqio.ByteVocabulary: byte b -> b + 3
+BYTE_VOCAB_SIZE = _BYTES.vocab_size  # 259, == seqio.ByteVocabulary().vocab_size
 PADDED_VOCAB_SIZE = 384  # 259 rounded up to a multiple of 128 (embedding table size)
 
 FEATURE_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
@@ -26,19 +29,12 @@ FEATURE_KEYS = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_w
 
 def encode_text(text: str) -> List[int]:
   """UTF-8 bytes shifted by 3 (as seqio.ByteVocabulary.encode)."""
-  return [b + BYTE_OFFSET for b in text.encode("utf-8")]
+  return _BYTES.encode(text)
 
 
 def decode_ids(ids: Iterable[int]) -> str:
   """Inverse of ``encode_text``; stops at the first EOS, skips PAD/UNK (like ByteVocabulary)."""
-  out = bytearray()
-  for i in ids:
-    i = int(i)
-    if i == EOS_ID:
-      break
-    if BYTE_OFFSET <= i < BYTE_VOCAB_SIZE:
-      out.append(i - BYTE_OFFSET)
-  return out.decode("utf-8", errors="ignore")
+  return _BYTES.decode(ids)
 
 
 def tokenize_example(example: Mapping[str, str]) -> Tuple[List[int], List[int]]:

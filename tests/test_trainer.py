@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 
 from calm_jax import checkpoints as ckpt
+from calm_jax import lora as lora_lib
 from calm_jax import trainer
 from calm_jax.composition import ComposedLM
 from calm_jax.data import DatasetConfig, NumpySource
-from calm_jax.models import TransformerConfig
+from calm_jax.exports import load_composition, read_spec
+from calm_jax.models import Decoder, TransformerConfig
 from calm_jax.optim import OptimizerConfig
 from calm_jax.partitioning import PartitioningConfig
 
@@ -99,6 +101,15 @@ def test_compose_trains_only_the_composition_and_leaves_frozen_exports_unchanged
     n_trained = sum(x.size for x in jax.tree.leaves(state["params"]))
     n_opt = sum(x.size for x in jax.tree.leaves(state["opt_state"]))
     assert n_opt <= 2 * n_trained + 8
+    # The run's export is the trained composition, reading the frozen exports where they are.
+    model, params = load_composition(str(tmp_path / "calm" / "export"))
+    assert read_spec(str(tmp_path / "calm" / "export"))["anchor"]["checkpoint"] == (
+        exports["anchor"])
+    tokens = jax.numpy.asarray(_arrays()["decoder_input_tokens"][:4])
+    trained = {**result["frozen"], "composition": state["params"]}
+    np.testing.assert_allclose(model.apply(params, tokens),
+                               ComposedLM(CFG, {"kv": AUG_CFG}).apply(trained, tokens),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_finetune_and_lora_modes(tmp_path, exports):
@@ -114,6 +125,14 @@ def test_finetune_and_lora_modes(tmp_path, exports):
                          augments={"kv": trainer.ModelSpec(checkpoint=exports["augment"])},
                          dataset=DATA, **FAST)
     n_lora = sum(x.size for x in jax.tree.leaves(lora["state"]["params"]))
+    # The LoRA run exports the anchor with the adapters merged in: a plain model export.
+    merged_cfg, merged = ckpt.load_model(str(tmp_path / "lora" / "export"))
+    tokens = jax.numpy.asarray(_arrays()["decoder_input_tokens"][:4])
+    adapted = lora_lib.merge(lora["frozen"]["anchor"], lora["state"]["params"],
+                             lora_lib.LoraConfig())
+    np.testing.assert_allclose(Decoder(merged_cfg).apply({"params": merged}, tokens)[0],
+                               Decoder(CFG).apply({"params": adapted}, tokens)[0],
+                               rtol=1e-5, atol=1e-5)
     budget = ComposedLM(CFG, {"kv": AUG_CFG}).num_composition_params()
     per_rank = 4 * 2 * (32 + 32)  # query and value: layers x (in + out) per unit of rank
     assert abs(n_lora - budget) <= per_rank / 2

@@ -1,0 +1,137 @@
+"""A trained composition as an export: what a compose run leaves for decoding and evaluation.
+
+`<model_dir>/export/` of a compose run holds
+
+* `composition.json`: the composition config with its connections spelled out, and for the
+  anchor and each augmenting model the model export it reads (`calm_jax.checkpoints`) and that
+  export's content fingerprint (`checkpoints.params_fingerprint`);
+* `params/`: the trained composition parameters (orbax), and nothing of the frozen models;
+* `frozen/<name>/`: model exports of frozen models that had no export of their own (the
+  randomly initialised augmenting model of the "random mA" ablation), so the export is complete.
+
+`load_composition(directory)` rebuilds the `ComposedLM` and its full parameter tree, and
+refuses frozen weights other than those the composition was trained against. The frozen
+exports are referenced, not copied: move them and the export no longer loads (it says which).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+
+from calm_jax import checkpoints as ckpt
+from calm_jax.composition import ComposedLM, CompositionConfig
+
+COMPOSITION_FILE = "composition.json"
+FORMAT = "calm_jax.composition/1"
+
+
+def _describe(name: str, source: str | None, cfg, params, fingerprint: str | None,
+              directory: str) -> dict[str, str]:
+    """{'checkpoint', 'fingerprint'} of one frozen model, saving it under frozen/ if it has no
+    export (a relative checkpoint path is relative to the composition export)."""
+    if source is None:
+        relative = os.path.join("frozen", name)
+        ckpt.save_model(os.path.join(directory, relative), cfg, params)
+        return {"checkpoint": relative, "fingerprint": ckpt.params_fingerprint(cfg, params)}
+    return {"checkpoint": os.path.abspath(source), "fingerprint": fingerprint}
+
+
+def save_composition(directory: str, params: Any, *, model: ComposedLM,
+                     frozen: Mapping[str, Any], sources: Mapping[str, Any],
+                     fingerprints: Mapping[str, str]) -> None:
+    """Writes a composition export into `directory` (which must not hold one yet).
+
+    Args:
+      params: the trained composition tree ({augment name: ...}).
+      model: the composed model it belongs to.
+      frozen: the frozen trees as trained, {'anchor': ..., 'augments': {name: ...}}.
+      sources: the model export each was loaded from, {'anchor': path or None,
+        'augments': {name: path or None}}; None: randomly initialised (it is saved here).
+      fingerprints: the loaded exports' fingerprints, keyed 'anchor' and "augments['name']".
+    """
+    directory = os.path.abspath(directory)
+    if os.path.exists(os.path.join(directory, COMPOSITION_FILE)):
+        raise ValueError(f"save_composition: {directory} already holds a composition export "
+                         f"({COMPOSITION_FILE}); expected a new directory")
+    os.makedirs(directory, exist_ok=True)
+    spec = {
+        "format": FORMAT,
+        "anchor": _describe("anchor", sources["anchor"], model.anchor_config, frozen["anchor"],
+                            fingerprints.get("anchor"), directory),
+        "augments": {name: _describe(f"augment_{name}", sources["augments"][name], cfg,
+                                     frozen["augments"][name],
+                                     fingerprints.get(f"augments[{name!r}]"), directory)
+                     for name, cfg in model.augment_configs.items()},
+        "composition": {**dataclasses.asdict(model.config),
+                        "connections": {n: [list(p) for p in pairs]
+                                        for n, pairs in model.connections.items()}},
+    }
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(directory, ckpt.PARAMS_DIR), params)
+    checkpointer.wait_until_finished()
+    if jax.process_index() == 0:  # written last: its presence marks a complete export
+        with open(os.path.join(directory, COMPOSITION_FILE), "w") as f:
+            json.dump(spec, f, indent=2, sort_keys=True)
+
+
+def read_spec(directory: str) -> dict[str, Any]:
+    """The parsed composition.json of the export in `directory`."""
+    path = os.path.join(directory, COMPOSITION_FILE)
+    if not os.path.exists(path):
+        raise ValueError(f"composition export {directory!r}: no {COMPOSITION_FILE} (expected "
+                         f"the export/ directory of a finished compose run)")
+    with open(path) as f:
+        spec = json.load(f)
+    if spec.get("format") != FORMAT:
+        raise ValueError(f"{path}: format: expected {FORMAT!r}, got {spec.get('format')!r}")
+    return spec
+
+
+def _load_frozen(directory: str, field: str, entry: Mapping[str, str], runtime):
+    source = os.path.join(directory, entry["checkpoint"])  # an absolute path stays as it is
+    if not os.path.exists(os.path.join(source, ckpt.CONFIG_FILE)):
+        raise ValueError(f"{COMPOSITION_FILE}: {field}: the model export {source} it was "
+                         f"trained against is not there (moved or deleted?)")
+    cfg, params = ckpt.load_model(source)
+    found = ckpt.params_fingerprint(cfg, params)
+    if found != entry["fingerprint"]:
+        raise ValueError(f"{COMPOSITION_FILE}: {field}: expected the weights the composition "
+                         f"was trained against (fingerprint {entry['fingerprint']}) in "
+                         f"{source}, found fingerprint {found}")
+    return cfg.replace(**runtime) if runtime else cfg, params
+
+
+def load_composition(directory: str, **runtime) -> tuple[ComposedLM, dict[str, Any]]:
+    """(model, params) of a composition export; params is the full tree
+    {'anchor', 'augments', 'composition'} that `model.apply` and `calm_jax.decoding` take.
+
+    `runtime`: TransformerConfig runtime fields (`dtype`, `attention_impl`, ...) applied to the
+    anchor and every augmenting model, e.g. `dtype="float32"` to decode on a CPU.
+    """
+    directory = os.path.abspath(directory)
+    spec = read_spec(directory)
+    anchor_cfg, anchor = _load_frozen(directory, "anchor", spec["anchor"], runtime)
+    augment_cfgs, augments = {}, {}
+    for name, entry in spec["augments"].items():
+        augment_cfgs[name], augments[name] = _load_frozen(directory, f"augments[{name!r}]",
+                                                          entry, runtime)
+    config = dict(spec["composition"])
+    config["connections"] = {n: tuple(tuple(p) for p in pairs)
+                             for n, pairs in config["connections"].items()}
+    model = ComposedLM(anchor_cfg, augment_cfgs, CompositionConfig(**config))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          nn.unbox(jax.eval_shape(model.init_composition, jax.random.key(0))))
+    path = os.path.join(directory, ckpt.PARAMS_DIR)
+    checkpointer = ocp.StandardCheckpointer()
+    stored = checkpointer.metadata(path)
+    ckpt.check_tree_matches(getattr(stored, "item_metadata", stored), target,
+                            f"composition export {directory!r}")
+    composition = checkpointer.restore(path, target)
+    return model, {"anchor": anchor, "augments": augments, "composition": composition}

@@ -1,0 +1,109 @@
+"""Text from a trained model: `python -m calm_jax.generate --model DIR --prompt TEXT`.
+
+DIR is a composition export (`composition.json`, the `export/` of a compose run, see
+`calm_jax.exports`) or a model export (`config.json`: pretrain, finetune or LoRA runs, and
+`python -m calm_jax.convert`). Prompts are decoded together with the KV cache
+(`calm_jax.decoding.generate`); every generated token is appended to the input of the anchor and
+of every augmenting model. Prints one JSON object per prompt:
+`{"prompt", "completion", "tokens"}`.
+
+Tokenizer (`--tokenizer`): "auto" (default) takes the one saved beside the model by
+`calm_jax.convert` (for a composition: beside its anchor); "bytes" is the byte-level vocabulary
+of the key-value experiment's models (seqio's ByteVocabulary ids); any other value is the
+directory of a converted model whose tokenizer to use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import jax
+
+from calm_jax import checkpoints as ckpt
+from calm_jax import decoding
+from calm_jax import exports
+from calm_jax.models import Decoder
+from calm_jax.tokenizers import ByteTokenizer
+
+
+def load_model(directory: str, dtype: str | None = None) -> tuple[Any, Any, str]:
+    """(model, params, the directory a converted tokenizer would be beside)."""
+    runtime = {"dtype": dtype} if dtype else {}
+    if os.path.exists(os.path.join(directory, exports.COMPOSITION_FILE)):
+        model, params = exports.load_composition(directory, **runtime)
+        anchor = exports.read_spec(directory)["anchor"]["checkpoint"]
+        return model, params, os.path.join(directory, anchor)
+    if not os.path.exists(os.path.join(directory, ckpt.CONFIG_FILE)):
+        raise ValueError(f"--model: expected a composition export ({exports.COMPOSITION_FILE}) "
+                         f"or a model export ({ckpt.CONFIG_FILE}), got {directory!r}, which "
+                         f"holds neither")
+    cfg, params = ckpt.load_model(directory)
+    return Decoder(cfg.replace(**runtime) if runtime else cfg), params, directory
+
+
+def load_tokenizer(choice: str, beside: str):
+    if choice == "bytes":
+        return ByteTokenizer()
+    from calm_jax.convert.checkpoint import TOKENIZER_DIR, load_tokenizer as load_converted
+
+    where = beside if choice == "auto" else choice
+    if not os.path.isdir(os.path.join(where, TOKENIZER_DIR)):
+        raise ValueError(f"--tokenizer: expected 'bytes' (the key-value experiment's models) or "
+                         f"a converted model's directory; got {choice!r}, and {where} has no "
+                         f"{TOKENIZER_DIR}/")
+    return load_converted(where)
+
+
+def generate_text(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+                  sampling: decoding.SamplingConfig, seed: int = 0) -> list[dict[str, Any]]:
+    ids = [tokenizer.encode(p) for p in prompts]
+    empty = [i for i, x in enumerate(ids) if not x]
+    if empty:
+        raise ValueError(f"--prompt: expected text that encodes to at least one token, got "
+                         f"{prompts[empty[0]]!r}")
+    result = decoding.generate(model, params, ids, max_new_tokens=max_new_tokens,
+                               sampling=sampling, eos_id=tokenizer.eos_id,
+                               rng=jax.random.key(seed))
+    out = []
+    for prompt, row, n in zip(prompts, jax.device_get(result.tokens),
+                              jax.device_get(result.lengths)):
+        tokens = [int(t) for t in row[:n] if int(t) != tokenizer.eos_id]
+        out.append({"prompt": prompt, "completion": tokenizer.decode(tokens), "tokens": tokens})
+    return out
+
+
+def run(argv: Sequence[str]) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="python -m calm_jax.generate",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="composition or model export directory")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="prompt text (repeat for a batch)")
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--tokenizer", default="auto", help="auto, bytes, or a converted model")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--top_p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default=None,
+                        help="compute dtype of every model, e.g. float32 on a CPU")
+    args = parser.parse_args(argv)
+    sampling = decoding.SamplingConfig(temperature=args.temperature, top_k=args.top_k,
+                                       top_p=args.top_p)
+    model, params, beside = load_model(os.path.abspath(args.model), args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer, beside)
+    rows = generate_text(model, params, tokenizer, args.prompt,
+                         max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+    for row in rows:
+        print(json.dumps(row, ensure_ascii=False))
+    sys.stdout.flush()
+    return rows
+
+
+if __name__ == "__main__":
+    from calm_jax.train import run_cli
+
+    run_cli(run)

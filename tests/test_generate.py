@@ -1,0 +1,89 @@
+"""`python -m calm_jax.generate`: text from composition and model exports."""
+
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from calm_jax import checkpoints as ckpt
+from calm_jax import decoding
+from calm_jax import generate
+from calm_jax.composition import ComposedLM
+from calm_jax.exports import save_composition
+from calm_jax.models import Decoder, TransformerConfig
+from tasks import byte_data
+
+ANCHOR = TransformerConfig.tiny(vocab_size=byte_data.PADDED_VOCAB_SIZE, embed_dim=32,
+                                num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                                max_len=48)
+AUGMENT = ANCHOR.replace(embed_dim=16, num_heads=2, num_kv_heads=2)
+PROMPTS = ["abc+de=", "x"]
+
+
+@pytest.fixture(scope="module")
+def composition_export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    model = ComposedLM(ANCHOR, {"kv": AUGMENT})
+    params = nn.unbox(model.init(jax.random.key(0)))
+    params["composition"] = jax.tree.map(lambda x: x + 0.1, params["composition"])
+    ckpt.save_model(str(root / "anchor"), ANCHOR, params["anchor"])
+    save_composition(str(root / "export"), params["composition"], model=model,
+                     frozen={"anchor": params["anchor"], "augments": params["augments"]},
+                     sources={"anchor": str(root / "anchor"), "augments": {"kv": None}},
+                     fingerprints={"anchor": ckpt.params_fingerprint(ANCHOR, params["anchor"])})
+    return root, model, params
+
+
+def test_a_composition_export_generates_what_decoding_gives(composition_export, capsys):
+    root, model, params = composition_export
+    rows = generate.run(["--model", str(root / "export"), "--tokenizer", "bytes",
+                         "--max_new_tokens", "6", *[f"--prompt={p}" for p in PROMPTS]])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed == rows and [r["prompt"] for r in rows] == PROMPTS
+    want = decoding.generate(model, params, [byte_data.encode_text(p) for p in PROMPTS],
+                             max_new_tokens=6, eos_id=byte_data.EOS_ID)
+    for row, tokens, n in zip(rows, np.asarray(want.tokens), np.asarray(want.lengths)):
+        expected = [int(t) for t in tokens[:n] if t != byte_data.EOS_ID]
+        assert row["tokens"] == expected
+        assert row["completion"] == byte_data.decode_ids(expected)
+
+
+def test_a_model_export_generates_with_the_plain_decoder(composition_export):
+    root, _, params = composition_export
+    rows = generate.run(["--model", str(root / "anchor"), "--tokenizer", "bytes", "--prompt",
+                         "abc", "--max_new_tokens", "4", "--temperature", "0.7", "--seed", "3"])
+    want = decoding.generate(Decoder(ANCHOR), params["anchor"], [byte_data.encode_text("abc")],
+                             max_new_tokens=4, eos_id=byte_data.EOS_ID,
+                             sampling=decoding.SamplingConfig(temperature=0.7),
+                             rng=jax.random.key(3))
+    n = int(want.lengths[0])
+    assert rows[0]["tokens"] == [int(t) for t in np.asarray(want.tokens)[0, :n]
+                                 if t != byte_data.EOS_ID]
+
+
+def test_bad_arguments_are_named(composition_export, tmp_path):
+    root, _, _ = composition_export
+    with pytest.raises(ValueError, match=r"--tokenizer: expected 'bytes' .*; got 'auto', and "
+                                         r".*anchor has no tokenizer/"):
+        generate.run(["--model", str(root / "export"), "--prompt", "a"])
+    with pytest.raises(ValueError, match=r"--prompt: expected text that encodes to at least one "
+                                         r"token, got ''"):
+        generate.run(["--model", str(root / "export"), "--tokenizer", "bytes", "--prompt", ""])
+    with pytest.raises(ValueError, match=r"max_new_tokens: expected at most"):
+        generate.run(["--model", str(root / "export"), "--tokenizer", "bytes", "--prompt", "a",
+                      "--max_new_tokens", "100"])
+
+
+def test_the_command_line_reports_a_directory_that_is_no_export(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "calm_jax.generate", "--model",
+                             str(tmp_path), "--prompt", "a"], capture_output=True, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --model: expected a composition export (composition.json) or a model export "
+        f"(config.json), got {str(tmp_path)!r}, which holds neither")
