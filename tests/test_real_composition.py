@@ -34,6 +34,18 @@ def test_two_real_pretrained_models_compose_and_start_at_the_anchor(tmp_path):
     np.testing.assert_array_equal(logits, anchor)
     assert tokenizer.decode([int(jnp.argmax(logits[0, -1]))]) == " Paris"
 
+    # As an export, from the command line, with the tokenizer found beside the anchor.
+    from calm_jax import checkpoints, generate
+    from calm_jax.exports import save_composition
+
+    fingerprint = checkpoints.params_fingerprint(cfg, params)
+    save_composition(str(tmp_path / "export"), composed["composition"], model=model,
+                     frozen=composed, sources={"anchor": out, "augments": {"smol": out}},
+                     fingerprints={"anchor": fingerprint, "augments['smol']": fingerprint})
+    (row,) = generate.run(["--model", str(tmp_path / "export"), "--prompt",
+                           "The capital of France is", "--max_new_tokens", "1"])
+    assert row["completion"] == " Paris"
+
 
 def test_trainer_composes_converted_models(tmp_path):
     from calm_jax.convert import expected_params, save_converted
