@@ -15,3 +15,15 @@ FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAG}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+import jax  # noqa: E402 (after the flags above)
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Frees each test module's compiled programs when it ends: the whole suite in one process
+    otherwise accumulates thousands of executables (and XLA crashed late in such runs)."""
+    yield
+    jax.clear_caches()
