@@ -62,9 +62,23 @@ def save_model(directory: str, cfg: TransformerConfig, params: Any) -> None:
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
         json.dump(config_to_dict(cfg), f, indent=2, sort_keys=True)
+    save_params(os.path.join(directory, PARAMS_DIR), params)
+
+
+def save_params(path: str, params: Any) -> None:
+    """Writes a parameter tree to `path` (an orbax checkpoint) and waits for it."""
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, PARAMS_DIR), params)
+    checkpointer.save(path, params)
     checkpointer.wait_until_finished()
+
+
+def restore_params(path: str, target: Any, what: str) -> Any:
+    """Restores the tree at `path` into `target` (`jax.ShapeDtypeStruct`s, with shardings),
+    first checking that every parameter is there with its shape (ValueError naming it)."""
+    checkpointer = ocp.StandardCheckpointer()
+    stored = checkpointer.metadata(path)
+    check_tree_matches(getattr(stored, "item_metadata", stored), target, what)
+    return checkpointer.restore(path, target)
 
 
 def load_model_config(directory: str) -> TransformerConfig:
@@ -81,14 +95,10 @@ def load_model(directory: str, *, target: Any = None) -> tuple[TransformerConfig
     the parameters must match; a shape mismatch raises ValueError naming the parameter."""
     directory = os.path.abspath(directory)
     cfg = load_model_config(directory)
-    checkpointer = ocp.StandardCheckpointer()
     path = os.path.join(directory, PARAMS_DIR)
     if target is None:
-        return cfg, checkpointer.restore(path)
-    stored = checkpointer.metadata(path)
-    stored = getattr(stored, "item_metadata", stored)
-    check_tree_matches(stored, target, f"checkpoint {directory!r}")
-    return cfg, checkpointer.restore(path, target)
+        return cfg, ocp.StandardCheckpointer().restore(path)
+    return cfg, restore_params(path, target, f"checkpoint {directory!r}")
 
 
 def check_tree_matches(stored: Any, target: Any, what: str) -> None:

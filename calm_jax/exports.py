@@ -23,7 +23,6 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import orbax.checkpoint as ocp
 
 from calm_jax import checkpoints as ckpt
 from calm_jax.composition import ComposedLM, CompositionConfig
@@ -73,9 +72,7 @@ def save_composition(directory: str, params: Any, *, model: ComposedLM,
                         "connections": {n: [list(p) for p in pairs]
                                         for n, pairs in model.connections.items()}},
     }
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(directory, ckpt.PARAMS_DIR), params)
-    checkpointer.wait_until_finished()
+    ckpt.save_params(os.path.join(directory, ckpt.PARAMS_DIR), params)
     if jax.process_index() == 0:  # written last: its presence marks a complete export
         with open(os.path.join(directory, COMPOSITION_FILE), "w") as f:
             json.dump(spec, f, indent=2, sort_keys=True)
@@ -128,10 +125,6 @@ def load_composition(directory: str, **runtime) -> tuple[ComposedLM, dict[str, A
     model = ComposedLM(anchor_cfg, augment_cfgs, CompositionConfig(**config))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           nn.unbox(jax.eval_shape(model.init_composition, jax.random.key(0))))
-    path = os.path.join(directory, ckpt.PARAMS_DIR)
-    checkpointer = ocp.StandardCheckpointer()
-    stored = checkpointer.metadata(path)
-    ckpt.check_tree_matches(getattr(stored, "item_metadata", stored), target,
-                            f"composition export {directory!r}")
-    composition = checkpointer.restore(path, target)
+    composition = ckpt.restore_params(os.path.join(directory, ckpt.PARAMS_DIR), target,
+                                      f"composition export {directory!r}")
     return model, {"anchor": anchor, "augments": augments, "composition": composition}
