@@ -15,7 +15,7 @@ CORE = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5"],
     # seqio tasks and TFDS data; the core imports without these. Checked together with
     # jax 0.10.2 on Python 3.11: tensorflow 2.21.0, tensorflow-text 2.21.1, seqio 0.0.20,
     # tensorflow-datasets 4.9.10, tensorboard 2.21.0. (Plain `tensorflow`: tensorflow-text needs
