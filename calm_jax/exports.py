@@ -34,12 +34,16 @@ FORMAT = "calm_jax.composition/1"
 def _describe(name: str, source: str | None, cfg, params, fingerprint: str | None,
               directory: str) -> dict[str, str]:
     """{'checkpoint', 'fingerprint'} of one frozen model, saving it under frozen/ if it has no
-    export (a relative checkpoint path is relative to the composition export)."""
+    export (a relative checkpoint path is relative to the composition export). An export of its
+    own is named by its absolute path and, as 'relative', by its path from the composition
+    export, so that a run directory moved or copied whole still loads."""
     if source is None:
         relative = os.path.join("frozen", name)
         ckpt.save_model(os.path.join(directory, relative), cfg, params)
         return {"checkpoint": relative, "fingerprint": ckpt.params_fingerprint(cfg, params)}
-    return {"checkpoint": os.path.abspath(source), "fingerprint": fingerprint}
+    source = os.path.abspath(source)
+    return {"checkpoint": source, "relative": os.path.relpath(source, directory),
+            "fingerprint": fingerprint}
 
 
 def save_composition(directory: str, params: Any, *, model: ComposedLM,
@@ -92,10 +96,16 @@ def read_spec(directory: str) -> dict[str, Any]:
 
 
 def _load_frozen(directory: str, field: str, entry: Mapping[str, str], runtime):
-    source = os.path.join(directory, entry["checkpoint"])  # an absolute path stays as it is
-    if not os.path.exists(os.path.join(source, ckpt.CONFIG_FILE)):
-        raise ValueError(f"{COMPOSITION_FILE}: {field}: the model export {source} it was "
-                         f"trained against is not there (moved or deleted?)")
+    # First where it lay relative to the composition export (a run directory moved or copied
+    # whole keeps that), then at its absolute path.
+    candidates = [os.path.normpath(os.path.join(directory, p))
+                  for p in (entry.get("relative"), entry["checkpoint"]) if p is not None]
+    found_at = [c for c in candidates if os.path.exists(os.path.join(c, ckpt.CONFIG_FILE))]
+    if not found_at:
+        raise ValueError(f"{COMPOSITION_FILE}: {field}: the model export it was trained "
+                         f"against is not there (moved or deleted?); looked in "
+                         f"{' and '.join(dict.fromkeys(candidates))}")
+    source = found_at[0]
     cfg, params = ckpt.load_model(source)
     found = ckpt.params_fingerprint(cfg, params)
     if found != entry["fingerprint"]:

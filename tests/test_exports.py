@@ -71,6 +71,7 @@ def test_a_loaded_export_is_the_same_composed_model(tmp_path, augment_exported):
     expected = str(tmp_path / "augment") if augment_exported else os.path.join("frozen",
                                                                                 "augment_kv")
     assert spec["augments"]["kv"]["checkpoint"] == expected
+    assert spec["anchor"]["relative"] == os.path.join("..", "anchor")
     assert spec["augments"]["kv"]["fingerprint"] == _fingerprints(params)["augments['kv']"]
     assert os.path.isdir(os.path.join(export, "frozen")) == (not augment_exported)
 
@@ -106,9 +107,19 @@ def test_a_moved_frozen_export_is_named(tmp_path):
     model = _model()
     export = _save(tmp_path, model, _trained_params(model))
     shutil.move(tmp_path / "anchor", tmp_path / "elsewhere")
-    with pytest.raises(ValueError, match=r"^composition.json: anchor: the model export .*anchor "
-                                         r"it was trained against is not there"):
+    with pytest.raises(ValueError, match=r"^composition.json: anchor: the model export it was "
+                                         r"trained against is not there \(moved or deleted\?\); "
+                                         r"looked in \S+/anchor$"):
         load_composition(export)
+
+
+def test_a_run_directory_moved_whole_still_loads(tmp_path):
+    model = _model()
+    params = _trained_params(model)
+    _save(tmp_path / "run", model, params)
+    shutil.move(tmp_path / "run", tmp_path / "moved")  # anchor/, augment/ and export/ together
+    loaded_model, loaded = load_composition(str(tmp_path / "moved" / "export"))
+    np.testing.assert_array_equal(loaded_model.apply(loaded, TOKENS), model.apply(params, TOKENS))
 
 
 def test_not_an_export_wrong_format_and_saving_twice(tmp_path):
