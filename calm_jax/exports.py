@@ -95,7 +95,9 @@ def read_spec(directory: str) -> dict[str, Any]:
     return spec
 
 
-def _load_frozen(directory: str, field: str, entry: Mapping[str, str], runtime):
+def frozen_source(directory: str, field: str, entry: Mapping[str, str]) -> str:
+    """Where the model export of one frozen model of the composition export in `directory`
+    is now (`entry`: its record in composition.json, `field`: 'anchor' or "augments['name']")."""
     # First where it lay relative to the composition export (a run directory moved or copied
     # whole keeps that), then at its absolute path.
     candidates = [os.path.normpath(os.path.join(directory, p))
@@ -105,7 +107,11 @@ def _load_frozen(directory: str, field: str, entry: Mapping[str, str], runtime):
         raise ValueError(f"{COMPOSITION_FILE}: {field}: the model export it was trained "
                          f"against is not there (moved or deleted?); looked in "
                          f"{' and '.join(dict.fromkeys(candidates))}")
-    source = found_at[0]
+    return found_at[0]
+
+
+def _load_frozen(directory: str, field: str, entry: Mapping[str, str], runtime):
+    source = frozen_source(directory, field, entry)
     cfg, params = ckpt.load_model(source)
     found = ckpt.params_fingerprint(cfg, params)
     if found != entry["fingerprint"]:

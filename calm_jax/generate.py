@@ -35,8 +35,8 @@ def load_model(directory: str, dtype: str | None = None) -> tuple[Any, Any, str]
     runtime = {"dtype": dtype} if dtype else {}
     if os.path.exists(os.path.join(directory, exports.COMPOSITION_FILE)):
         model, params = exports.load_composition(directory, **runtime)
-        anchor = exports.read_spec(directory)["anchor"]["checkpoint"]
-        return model, params, os.path.join(directory, anchor)
+        spec = exports.read_spec(directory)
+        return model, params, exports.frozen_source(directory, "anchor", spec["anchor"])
     if not os.path.exists(os.path.join(directory, ckpt.CONFIG_FILE)):
         raise ValueError(f"--model: expected a composition export ({exports.COMPOSITION_FILE}) "
                          f"or a model export ({ckpt.CONFIG_FILE}), got {directory!r}, which "

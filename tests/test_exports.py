@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from calm_jax import checkpoints as ckpt
-from calm_jax import decoding
+from calm_jax import decoding, generate
 from calm_jax.composition import ComposedLM, CompositionConfig
 from calm_jax.exports import COMPOSITION_FILE, load_composition, read_spec, save_composition
 from calm_jax.models import TransformerConfig
@@ -120,6 +120,9 @@ def test_a_run_directory_moved_whole_still_loads(tmp_path):
     shutil.move(tmp_path / "run", tmp_path / "moved")  # anchor/, augment/ and export/ together
     loaded_model, loaded = load_composition(str(tmp_path / "moved" / "export"))
     np.testing.assert_array_equal(loaded_model.apply(loaded, TOKENS), model.apply(params, TOKENS))
+    # The generate CLI looks for a converted tokenizer beside the anchor where it is now.
+    assert generate.load_model(str(tmp_path / "moved" / "export"))[2] == str(
+        tmp_path / "moved" / "anchor")
 
 
 def test_not_an_export_wrong_format_and_saving_twice(tmp_path):
