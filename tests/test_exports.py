@@ -117,6 +117,11 @@ def test_a_run_directory_moved_whole_still_loads(tmp_path):
     model = _model()
     params = _trained_params(model)
     _save(tmp_path / "run", model, params)
+    # The composition export moved alone finds its frozen exports where they were.
+    shutil.move(tmp_path / "run" / "export", tmp_path / "export_alone")
+    loaded_model, loaded = load_composition(str(tmp_path / "export_alone"))
+    np.testing.assert_array_equal(loaded_model.apply(loaded, TOKENS), model.apply(params, TOKENS))
+    shutil.move(tmp_path / "export_alone", tmp_path / "run" / "export")
     shutil.move(tmp_path / "run", tmp_path / "moved")  # anchor/, augment/ and export/ together
     loaded_model, loaded = load_composition(str(tmp_path / "moved" / "export"))
     np.testing.assert_array_equal(loaded_model.apply(loaded, TOKENS), model.apply(params, TOKENS))
