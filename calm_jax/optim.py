@@ -25,8 +25,8 @@ class OptimizerConfig:
       skip_nonfinite: skip an update whose gradients hold a NaN or infinity, up to this many in
         a row (`optax.apply_if_finite`; the skipped step changes neither the parameters nor the
         optimizer's moments). 0: off, and the trainer stops at the first non-finite loss it
-        sees. Turning it on or off changes the optimizer state, so a run resumes only with the
-        setting it was saved with.
+        sees. A run resumes with it turned on or off: the optimizer's moments carry over, and
+        its skip counters start at 0 or are dropped.
     """
 
     name: Literal["adamw", "adafactor"] = "adamw"

@@ -132,3 +132,36 @@ def build_program(s, opt: optax.GradientTransformation, lr_schedule, accum_steps
                         out_shardings=repl)
     return Program(param_shardings, state_shardings, batch_sharding, abstract_state,
                    lambda rng: place_state(init_params(rng)), train_step, eval_step)
+
+
+def saved_state_layout(program: Program, saved_skip: bool,
+                       skip: bool) -> tuple[Any, Callable[[Any], Any]]:
+    """What a checkpoint holds and how it becomes `program`'s state, when it was saved with
+    `optax.apply_if_finite` as the optimizer's outer layer (`saved_skip`) or without, and this
+    run has it (`skip`) or not (`OptimizerConfig.skip_nonfinite` turned on or off).
+
+    Returns the restore target (ShapeDtypeStructs with shardings) and a function of the restored
+    state. Turning skipping on wraps the saved optimizer state with fresh counters; turning it
+    off drops the wrapper and its counters. The inner state (moments, step counts) carries over
+    as it is, and no array is copied.
+    """
+    abstract = program.abstract_state
+    if saved_skip == skip:
+        return abstract, lambda state: state
+    repl = abstract["step"].sharding
+    if skip:
+        counters = jax.jit(lambda: (jnp.zeros([], jnp.int32), jnp.array(True),
+                                    jnp.zeros([], jnp.int32)), out_shardings=repl)
+
+        def wrap(state):
+            notfinite, last_finite, total = counters()
+            return {**state, "opt_state": optax.ApplyIfFiniteState(
+                notfinite, last_finite, total, state["opt_state"])}
+        return {**abstract, "opt_state": abstract["opt_state"].inner_state}, wrap
+
+    def scalar(dtype):
+        return jax.ShapeDtypeStruct((), dtype, sharding=repl)
+    saved = optax.ApplyIfFiniteState(scalar(jnp.int32), scalar(jnp.bool_), scalar(jnp.int32),
+                                     abstract["opt_state"])
+    return ({**abstract, "opt_state": saved},
+            lambda state: {**state, "opt_state": state["opt_state"].inner_state})

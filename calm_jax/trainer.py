@@ -484,11 +484,22 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
                 continue
             meta = manager.read_meta(step)
             _check_frozen(meta.get("frozen", {}), s.fingerprints, manager.directory)
+            saved_skip = meta.get("optimizer", {}).get("skip_nonfinite", 0)
+            target, to_this_run = steps_lib.saved_state_layout(
+                prog, bool(saved_skip), bool(optimizer.skip_nonfinite))
             try:
-                state, meta = manager.restore(step, prog.abstract_state)
+                state, meta = manager.restore(step, target)
             except ValueError as e:  # orbax: the stored tree is not this run's state
                 raise ValueError(_restore_mismatch(meta, step, manager.directory, mode,
                                                    optimizer, e)) from e
+            if bool(saved_skip) != bool(optimizer.skip_nonfinite):
+                counters = ("start at 0" if optimizer.skip_nonfinite else
+                            f"are dropped ({int(state['opt_state'].total_notfinite)} updates "
+                            f"were skipped)")
+                log.info("step %d was saved with optimizer.skip_nonfinite=%d, this run has %d: "
+                         "the optimizer's moments carry over, its skip counters %s", step,
+                         saved_skip, optimizer.skip_nonfinite, counters)
+            state = to_this_run(state)
             start = int(meta["data_position"])
             log.info("restored step %d from %s", step, manager.directory)
             break

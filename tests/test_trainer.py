@@ -1,10 +1,12 @@
 """Trainer: the four modes, resume, frozen checkpoints, sharding, accumulation, bad input."""
 
 import os
+import shutil
 import signal
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from calm_jax import checkpoints as ckpt
@@ -213,9 +215,27 @@ def test_a_non_finite_loss_stops_the_run_before_that_state_is_saved(tmp_path, ex
         _compose(model_dir, exports, num_steps=6, dataset=_nan_weight_at([2]), log_every=100,
                  checkpoint=every_2)
     assert ckpt.Checkpointer(str(model_dir / "checkpoints"), every_2).manager.all_steps() == [2]
+    for copy in ("copy", "copy_2"):
+        shutil.copytree(model_dir, tmp_path / copy)
     resumed = _compose(model_dir, exports, num_steps=6, checkpoint=every_2)
     assert [s for s, _ in resumed["history"]] == [3, 4, 5, 6]
     assert all(np.isfinite(m["loss"]) for _, m in resumed["history"])
+    # The run the error message suggests: resume from the step-2 checkpoint (saved without
+    # skipping) with skip_nonfinite on. On clean data it trains as the resumed run did (the
+    # moments carried over); over the same NaN batch, step 3's update is skipped.
+    skip = OptimizerConfig(learning_rate=3e-3, warmup_steps=0, skip_nonfinite=1)
+    clean = _compose(tmp_path / "copy_2", exports, num_steps=6, optimizer=skip,
+                     checkpoint=every_2)
+    assert [m["skipped_updates"] for _, m in clean["history"]] == [0, 0, 0, 0]
+    for a, b in zip(jax.tree.leaves(clean["state"]["params"]),
+                    jax.tree.leaves(resumed["state"]["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    skipped = _compose(tmp_path / "copy", exports, num_steps=6, dataset=_nan_weight_at([2]),
+                       optimizer=skip, checkpoint=every_2)
+    history = dict(skipped["history"])
+    assert [history[s]["skipped_updates"] for s in range(3, 7)] == [1, 1, 1, 1]
+    assert np.isnan(history[3]["loss"]) and np.isfinite(history[6]["loss"])
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(skipped["state"]["params"]))
 
 
 def test_skip_nonfinite_skips_those_updates_and_trains_on(tmp_path, exports):
@@ -228,12 +248,18 @@ def test_skip_nonfinite_skips_those_updates_and_trains_on(tmp_path, exports):
     assert np.isnan(history[2]["loss"]) and np.isfinite(history[5]["loss"])
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(result["state"]["params"]))
     assert os.path.isdir(tmp_path / "calm" / "checkpoints" / "5")
-    # Skipping changes the optimizer state, so resuming without it is refused, by name.
-    with pytest.raises(ValueError, match=(
-            r"^checkpoint: step 5 in .*checkpoints does not match this run's training state; it "
-            r"was saved with optimizer.skip_nonfinite=2 \(this run: 0\)\. Resume with the "
-            r"settings it was saved with, or use another model_dir\. orbax: ")):
-        _compose(tmp_path / "calm", exports, num_steps=7)
+    # Resumed with skipping off, the run goes on from the same moments: it trains as a run
+    # that kept skipping on would (no update of steps 6-7 is skipped, so they are equal).
+    shutil.copytree(tmp_path / "calm", tmp_path / "copy")
+    off = _compose(tmp_path / "calm", exports, num_steps=7)
+    on = _compose(tmp_path / "copy", exports, num_steps=7, optimizer=skip)
+    assert [s for s, _ in off["history"]] == [6, 7]
+    assert "skipped_updates" not in off["history"][0][1]
+    assert not isinstance(off["state"]["opt_state"], optax.ApplyIfFiniteState)
+    assert [m["skipped_updates"] for _, m in on["history"]] == [2, 2]
+    for a, b in zip(jax.tree.leaves(off["state"]["params"]),
+                    jax.tree.leaves(on["state"]["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_the_command_line_ends_a_diverged_run_with_status_3(monkeypatch, capsys):
