@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import optax
 
@@ -20,7 +20,8 @@ class OptimizerConfig:
       final_lr_fraction: learning rate at the last step, as a fraction of the peak.
       weight_decay: decoupled weight decay (AdamW) / Adafactor's weight decay rate.
       b1, b2, eps: Adam moments.
-      clip_norm: global-norm gradient clipping (None or 0 disables).
+      clip_norm: global-norm gradient clipping (None or 0 disables; a run resumes with it
+        turned on or off).
       grad_accum_steps: micro-batches per step (a `lax.scan` inside the step).
       skip_nonfinite: skip an update whose gradients hold a NaN or infinity, up to this many in
         a row (`optax.apply_if_finite`; the skipped step changes neither the parameters nor the
@@ -87,6 +88,13 @@ def schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     if warm == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
+
+
+def state_layers(config: Mapping[str, Any]) -> tuple[bool, bool]:
+    """Which wrappers `make_optimizer` puts around the optimizer for these settings (a dict of
+    `OptimizerConfig`'s fields, as a checkpoint records them): (`optax.apply_if_finite`,
+    gradient clipping). They decide the layout of the optimizer state."""
+    return bool(config.get("skip_nonfinite")), bool(config.get("clip_norm"))
 
 
 def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:

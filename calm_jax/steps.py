@@ -134,34 +134,49 @@ def build_program(s, opt: optax.GradientTransformation, lr_schedule, accum_steps
                    lambda rng: place_state(init_params(rng)), train_step, eval_step)
 
 
-def saved_state_layout(program: Program, saved_skip: bool,
-                       skip: bool) -> tuple[Any, Callable[[Any], Any]]:
-    """What a checkpoint holds and how it becomes `program`'s state, when it was saved with
-    `optax.apply_if_finite` as the optimizer's outer layer (`saved_skip`) or without, and this
-    run has it (`skip`) or not (`OptimizerConfig.skip_nonfinite` turned on or off).
+
+def _inner_opt_state(opt_state, layers):
+    """The optimizer's own state (AdamW's or Adafactor's) inside the wrappers `layers` names."""
+    skip, clip = layers
+    inner = opt_state.inner_state if skip else opt_state
+    return inner[1] if clip else inner  # optax.chain(clip_by_global_norm, opt): a tuple
+
+
+def _wrap_opt_state(inner, layers, counters):
+    skip, clip = layers
+    state = (optax.EmptyState(), inner) if clip else inner
+    return optax.ApplyIfFiniteState(*counters, state) if skip else state
+
+
+def saved_state_layout(program: Program, saved: tuple[bool, bool],
+                       layers: tuple[bool, bool]) -> tuple[Any, Callable[[Any], Any]]:
+    """What a checkpoint holds and how it becomes `program`'s state when the optimizer's
+    wrappers differ between the two: `saved` and `layers` say whether `optax.apply_if_finite`
+    (`OptimizerConfig.skip_nonfinite`) and gradient clipping (`clip_norm`) were on when it was
+    saved and are on in this run (`optim.state_layers`).
 
     Returns the restore target (ShapeDtypeStructs with shardings) and a function of the restored
-    state. Turning skipping on wraps the saved optimizer state with fresh counters; turning it
-    off drops the wrapper and its counters. The inner state (moments, step counts) carries over
-    as it is, and no array is copied.
+    state. The optimizer's own state (moments, step counts) carries over as it is, and no array
+    is copied. Turning skipping on starts its counters at 0; turning it off drops them. Clipping
+    keeps no state of its own.
     """
     abstract = program.abstract_state
-    if saved_skip == skip:
+    if saved == layers:
         return abstract, lambda state: state
     repl = abstract["step"].sharding
-    if skip:
-        counters = jax.jit(lambda: (jnp.zeros([], jnp.int32), jnp.array(True),
-                                    jnp.zeros([], jnp.int32)), out_shardings=repl)
-
-        def wrap(state):
-            notfinite, last_finite, total = counters()
-            return {**state, "opt_state": optax.ApplyIfFiniteState(
-                notfinite, last_finite, total, state["opt_state"])}
-        return {**abstract, "opt_state": abstract["opt_state"].inner_state}, wrap
+    ours = abstract["opt_state"]
 
     def scalar(dtype):
         return jax.ShapeDtypeStruct((), dtype, sharding=repl)
-    saved = optax.ApplyIfFiniteState(scalar(jnp.int32), scalar(jnp.bool_), scalar(jnp.int32),
-                                     abstract["opt_state"])
-    return ({**abstract, "opt_state": saved},
-            lambda state: {**state, "opt_state": state["opt_state"].inner_state})
+    target = {**abstract, "opt_state": _wrap_opt_state(
+        _inner_opt_state(ours, layers), saved,
+        (scalar(jnp.int32), scalar(jnp.bool_), scalar(jnp.int32)))}
+    fresh = jax.jit(lambda: (jnp.zeros([], jnp.int32), jnp.array(True),
+                             jnp.zeros([], jnp.int32)), out_shardings=repl)
+
+    def to_this_run(state):
+        opt_state = state["opt_state"]
+        counters = opt_state[:3] if saved[0] else fresh() if layers[0] else None
+        return {**state, "opt_state": _wrap_opt_state(_inner_opt_state(opt_state, saved),
+                                                      layers, counters)}
+    return target, to_this_run

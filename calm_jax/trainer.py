@@ -45,7 +45,7 @@ from calm_jax.composition import ComposedLM, CompositionConfig
 from calm_jax.losses import chunked_cross_entropy, cross_entropy
 from calm_jax.models import Decoder, TransformerConfig
 from calm_jax.models.config import RUNTIME_FIELDS
-from calm_jax.optim import OptimizerConfig, make_optimizer, schedule
+from calm_jax.optim import OptimizerConfig, make_optimizer, schedule, state_layers
 
 log = logging.getLogger("calm_jax")
 
@@ -484,21 +484,21 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
                 continue
             meta = manager.read_meta(step)
             _check_frozen(meta.get("frozen", {}), s.fingerprints, manager.directory)
-            saved_skip = meta.get("optimizer", {}).get("skip_nonfinite", 0)
+            ours = dataclasses.asdict(optimizer)
+            saved = meta.get("optimizer", ours)
             target, to_this_run = steps_lib.saved_state_layout(
-                prog, bool(saved_skip), bool(optimizer.skip_nonfinite))
+                prog, state_layers(saved), state_layers(ours))
             try:
                 state, meta = manager.restore(step, target)
             except ValueError as e:  # orbax: the stored tree is not this run's state
                 raise ValueError(_restore_mismatch(meta, step, manager.directory, mode,
                                                    optimizer, e)) from e
-            if bool(saved_skip) != bool(optimizer.skip_nonfinite):
-                counters = ("start at 0" if optimizer.skip_nonfinite else
-                            f"are dropped ({int(state['opt_state'].total_notfinite)} updates "
-                            f"were skipped)")
-                log.info("step %d was saved with optimizer.skip_nonfinite=%d, this run has %d: "
-                         "the optimizer's moments carry over, its skip counters %s", step,
-                         saved_skip, optimizer.skip_nonfinite, counters)
+            changed = [f"{k}={saved.get(k)!r} (this run: {ours[k]!r})"
+                       for k in ("skip_nonfinite", "clip_norm")
+                       if bool(saved.get(k)) != bool(ours[k])]
+            if changed:
+                log.info("step %d was saved with optimizer.%s; the optimizer's state carries "
+                         "over", step, ", ".join(changed))
             state = to_this_run(state)
             start = int(meta["data_position"])
             log.info("restored step %d from %s", step, manager.directory)

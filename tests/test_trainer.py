@@ -262,6 +262,26 @@ def test_skip_nonfinite_skips_those_updates_and_trains_on(tmp_path, exports):
         np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def test_resumes_with_clipping_turned_off_or_on_and_another_learning_rate(tmp_path, exports):
+    """Clipping wraps the optimizer (optax.chain), so turning it off or on changes the state's
+    layout; the moments carry over. A clip norm too large to bind is the reference: it keeps
+    the layout a checkpoint with clipping has, and trains as no clipping would."""
+    _compose(tmp_path / "a", exports, num_steps=2)  # FAST: clip_norm 1.0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+
+    def resume(name, clip_norm, num_steps):
+        opt = OptimizerConfig(learning_rate=1e-3, warmup_steps=0, clip_norm=clip_norm)
+        return _compose(tmp_path / name, exports, num_steps=num_steps, optimizer=opt)
+
+    for steps, off in ((4, None), (6, 1e9)):  # a: off, then on again; b: on throughout
+        a, b = resume("a", off, steps), resume("b", 1e9, steps)
+        assert [s for s, _ in a["history"]] == [steps - 1, steps]
+        clipping = isinstance(a["state"]["opt_state"][0], optax.EmptyState)
+        assert clipping == (off is not None)
+        for x, y in zip(jax.tree.leaves(a["state"]), jax.tree.leaves(b["state"])):
+            np.testing.assert_allclose(x, y, rtol=1e-6)
+
+
 def test_the_command_line_ends_a_diverged_run_with_status_3(monkeypatch, capsys):
     from calm_jax import train as train_cli
 
