@@ -134,7 +134,6 @@ def build_program(s, opt: optax.GradientTransformation, lr_schedule, accum_steps
                    lambda rng: place_state(init_params(rng)), train_step, eval_step)
 
 
-
 def _inner_opt_state(opt_state, layers):
     """The optimizer's own state (AdamW's or Adafactor's) inside the wrappers `layers` names."""
     skip, clip = layers

@@ -493,11 +493,11 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
             except ValueError as e:  # orbax: the stored tree is not this run's state
                 raise ValueError(_restore_mismatch(meta, step, manager.directory, mode,
                                                    optimizer, e)) from e
-            changed = [f"{k}={saved.get(k)!r} (this run: {ours[k]!r})"
+            changed = [f"optimizer.{k}={saved.get(k)!r} (this run: {ours[k]!r})"
                        for k in ("skip_nonfinite", "clip_norm")
                        if bool(saved.get(k)) != bool(ours[k])]
             if changed:
-                log.info("step %d was saved with optimizer.%s; the optimizer's state carries "
+                log.info("step %d was saved with %s; the optimizer's state carries "
                          "over", step, ", ".join(changed))
             state = to_this_run(state)
             start = int(meta["data_position"])
