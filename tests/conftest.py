@@ -14,12 +14,24 @@ its end) and with no minimum compile time, compiles each once for the whole run,
 workers and the subprocesses of the command-line and multi-host tests included
 (tests/test_composition.py alone, 2 cores: 244 s without it, 154 s with it). A
 JAX_COMPILATION_CACHE_DIR already set is used as it is and kept.
+
+The importer tests check our logits against transformers' on the CPU (the `verify` extra). Where
+torch comes as its CUDA build (PyPI's default Linux wheel) it brings triton, and
+transformers imports torch._dynamo, which imports triton. Loaded into a process that has
+already loaded TensorFlow (the seqio tests, in the same pytest-xdist worker), triton's native
+library crashes in its LLVM static initialisers (a segmentation fault; TensorFlow 2.21, triton
+3.7.1). A CPU reference compiles no kernels, so triton is kept out of the test processes:
+torch's `has_triton_package` then answers False. calm_jax itself imports torch only to read
+PyTorch .bin checkpoints, and torch alone (import, `torch.load`) does not load triton.
 """
 
 import atexit
 import os
 import shutil
+import sys
 import tempfile
+
+sys.modules.setdefault("triton", None)  # see above: `import triton` raises ImportError
 
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
 
