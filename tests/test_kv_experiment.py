@@ -12,6 +12,7 @@ import pytest
 from conftest import FAST_COMPILE_FLAG
 
 from calm_jax.experiments import kv_arithmetic as kvx
+from calm_jax.experiments import kv_report
 from calm_jax.models import TransformerConfig
 from calm_jax.partitioning import PartitioningConfig
 from tasks import kv_arithmetic as kv
@@ -41,7 +42,7 @@ def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path):
     assert os.path.exists(tmp_path / "mB_attempt2" / "export" / "config.json")
     for model_name in ("mA", "mB", "CALM"):
         accuracy = results["accuracy"][model_name]
-        assert set(accuracy) == set(kvx.PAPER_TABLE1)
+        assert set(accuracy) == set(kv_report.PAPER_TABLE1)
         assert all(0.0 <= v <= 100.0 for v in accuracy.values())
     assert set(results["ablations"]) == {"fusion", "CALM"}
     for stage_name in results["stages"]:
@@ -65,47 +66,6 @@ def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path):
     assert results["config"]["compose_rows"] == rows
     assert (f"{rows['kv_arithmetic_heldin']} KV-Arithmetic examples over held-in keys and "
             f"{rows['numeric_arithmetic']} Numeric-Arithmetic ones") in table
-
-
-def test_reports_warn_when_a_pretrained_model_missed_its_own_skill(tmp_path):
-    def accuracy(mb_numeric):
-        return {"mA": {"kv_substitution": 98.0, "numeric_arithmetic": 0.0, "kv_arithmetic": 0.0},
-                "mB": {"kv_substitution": 0.0, "numeric_arithmetic": mb_numeric,
-                       "kv_arithmetic": 0.0},
-                "CALM": {"kv_substitution": 84.0, "numeric_arithmetic": 9.2,
-                         "kv_arithmetic": 7.8}}
-
-    # A run whose mB stayed on its loss plateau (measured: 10.2%, CALM 7.8% on held-out keys).
-    results = {"accuracy": accuracy(10.2), "ablations": {"CALM": 7.8}, "stages": {},
-               "seconds": 1.0}
-    kvx.write_reports(str(tmp_path), results)
-    table = (tmp_path / "results.md").read_text()
-    assert "**Warning**: mB reached 10.2% on numeric_arithmetic" in table
-    assert "mA reached" not in table
-    assert kvx.pretraining_warnings(accuracy(10.2), threshold=5.0) == []
-    results["accuracy"] = accuracy(100.0)
-    kvx.write_reports(str(tmp_path), results)
-    assert "Warning" not in (tmp_path / "results.md").read_text()
-
-
-def test_scratchpad_errors_tell_a_wrong_substitution_from_a_wrong_sum():
-    cfg = kv.CONFIGS["laptop_scratchpad"]  # 3-digit operands, answers reversed to 4 digits
-    kv_examples = [{"inputs": "bako+tilu=", "targets": "123+045=8610"}] * 4
-    predictions = ["123+045=8610",   # right
-                   "123+046=9610",   # wrong number written, its sum right: substitution
-                   "123+045=9610",   # right numbers, wrong sum: arithmetic
-                   "123+046=8610x"]  # wrong number and a sum of nothing written: other
-    errors = kvx.scratchpad_errors(predictions, kv_examples, cfg)
-    assert errors == {"correct": 25.0, "substitution": 25.0, "arithmetic": 25.0, "other": 25.0}
-    assert errors["correct"] == kvx.score("kv_arithmetic", predictions, kv_examples, cfg)
-    # Numeric-Arithmetic: the target is the bare answer, the numbers are the prompt's.
-    numeric = [{"inputs": "989-058=", "targets": "1390"}] * 4
-    predictions = ["989-058=1390", "1390",           # restated or not: right either way
-                   "+89-058=1290",                   # a letter for a digit: other
-                   "889-058=1380"]                   # 889 - 58 = 831: substitution
-    assert kvx.scratchpad_errors(predictions, numeric, cfg) == {
-        "correct": 50.0, "substitution": 25.0, "arithmetic": 0.0, "other": 25.0}
-    assert kvx.scratchpad_errors(predictions, numeric, kv.CONFIGS["laptop_2op"]) is None
 
 
 def test_bad_experiment_settings_raise_before_training(tmp_path):
@@ -140,37 +100,6 @@ def test_bad_experiment_settings_raise_before_training(tmp_path):
         kvx.Stage(min_skill=150, attempts=2)
     with pytest.raises(ValueError, match="Stage.attempts: expected an integer >= 1, got 0"):
         kvx.Stage(attempts=0)
-
-
-def test_value_probe_reads_a_value_that_is_written_into_the_states(monkeypatch):
-    """The probe must find a value where one is linearly present, and not where none is."""
-    model = TransformerConfig.tiny(vocab_size=384, embed_dim=32, num_layers=1, num_heads=2,
-                                   num_kv_heads=2, mlp_dim=64, max_len=32)
-    table = kv.make_key_table(kv.LAPTOP_2OP)  # 102 held-in keys: every digit occurs
-    digit_of = {k: v % 10 for k, v in table.mapping.items()}
-
-    class Planted:  # states carry a one-hot of the key's last value digit at its last letter
-        def __init__(self, config):
-            pass
-
-        def apply(self, variables, tokens, return_states=()):
-            import numpy as np
-
-            states = {}
-            for layer in return_states:
-                x = np.random.default_rng(layer).normal(size=(*tokens.shape, 16))
-                for row, ids in enumerate(np.asarray(tokens)):
-                    text = kv.decode_ids(ids[1:])
-                    key = kv.split_expression(text.split("=")[0] + "=")[0][0]
-                    if layer == 1:
-                        x[row, len(key), :10] += 5.0 * np.eye(10)[digit_of[key]]
-                states[layer] = x
-            return None, states
-
-    monkeypatch.setattr(kvx, "Decoder", Planted)
-    probe = kvx.value_probe(model, None, "laptop_2op", num_examples=300)
-    assert probe["heldout"][1] == 100.0  # layer 1 holds the digit for every key
-    assert probe["heldout"][0] < 40.0  # layer 0 is noise: near chance on unseen keys
 
 
 def test_each_stage_gets_the_shortest_length_that_holds_its_data():
