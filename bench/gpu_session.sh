@@ -7,7 +7,7 @@
 # of BUDGET_S (a run that cannot get 60 s is skipped and says so), so the script ends inside
 # one device call (10 min) whatever hangs. JSON lines go to $OUT/<name>.jsonl (OUT defaults to
 # bench/out), stderr to $OUT/<name>.err, one status line per run to stdout and
-# $OUT/session.log. Needs only what the GPU image has: jax (CUDA), flax, optax; no gin, no
+# $OUT/session.log. Needs only what the GPU image has: jax (CUDA), flax, optax; no gin, clu or
 # TensorFlow. Record what comes back in bench/RESULTS.md with the device, command and date.
 #
 # Part 1: the issue's targets at their expected best configuration (cuDNN attention where it
@@ -18,11 +18,29 @@
 #   default, and stacked), with each layout's compiled copies (`step_copies`).
 # Part 2: what each optimisation is worth: XLA vs cuDNN attention, remat full against part
 #   1's dots, decoding at batch 1 and 64, and XLA's flop count of the small step.
+#
+# TINY=1 bench/gpu_session.sh [PART] [BUDGET_S] checks the script on any machine before device
+# time is spent on it: the same runs with the same flags, but every model at the tiny shape
+# (`--shape tiny`, `decode.py --tiny`), output in bench/out/tiny, and the packages the GPU image
+# lacks (gin, clu, TensorFlow, seqio, TFDS) made unimportable, as they are there. Its timings mean
+# nothing; a run that fails or prints no JSON line is what it is for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-1}
 BUDGET=${2:-540}
-OUT=${OUT:-bench/out}
+TINY=${TINY:-0}
+if [[ $TINY == 1 ]]; then
+  OUT=${OUT:-bench/out/tiny}
+  BLOCKED=$(mktemp -d)
+  trap 'rm -rf "$BLOCKED"' EXIT
+  # Python imports sitecustomize from the path at start-up: None in sys.modules makes an import
+  # raise ImportError, as for a package that is not installed.
+  printf 'import sys\nfor _m in ("gin", "clu", "tensorflow", "seqio", "tensorflow_datasets"):\n    sys.modules[_m] = None\n' \
+    >"$BLOCKED/sitecustomize.py"
+  export PYTHONPATH="$BLOCKED${PYTHONPATH:+:$PYTHONPATH}"
+else
+  OUT=${OUT:-bench/out}
+fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.95}
 END=$((SECONDS + BUDGET))
@@ -36,9 +54,17 @@ run() {  # run NAME LIMIT_S SCRIPT ARGS...
     echo "skipped (budget): $name $*" | tee -a "$OUT/session.log"
     return
   fi
+  local args=("$@")
+  if [[ $TINY == 1 ]]; then  # every --shape X becomes --shape tiny; decode.py gets --tiny
+    local i
+    for i in "${!args[@]}"; do
+      ((i > 0)) && [[ ${args[i - 1]} == --shape ]] && args[i]=tiny
+    done
+    [[ ${args[0]} == bench/decode.py ]] && args+=(--tiny)
+  fi
   local start=$SECONDS
-  timeout "$limit" python3 "$@" >>"$OUT/$name.jsonl" 2>>"$OUT/$name.err"
-  echo "rc=$? ${limit}s-limit $((SECONDS - start))s: $name $*" | tee -a "$OUT/session.log"
+  timeout "$limit" python3 "${args[@]}" >>"$OUT/$name.jsonl" 2>>"$OUT/$name.err"
+  echo "rc=$? ${limit}s-limit $((SECONDS - start))s: $name ${args[*]}" | tee -a "$OUT/session.log"
 }
 
 { date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
