@@ -23,7 +23,7 @@
 # time is spent on it: the same runs with the same flags, but every model at the tiny shape
 # (`--shape tiny`, `decode.py --tiny`), output in bench/out/tiny, and the packages the GPU image
 # lacks (gin, clu, TensorFlow, seqio, TFDS) made unimportable, as they are there. Its timings mean
-# nothing; a run that fails or prints no JSON line is what it is for.
+# nothing; a run that fails or prints no JSON is what it is for.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-1}
@@ -48,12 +48,6 @@ END=$((SECONDS + BUDGET))
 run() {  # run NAME LIMIT_S SCRIPT ARGS...
   local name=$1 limit=$2
   shift 2
-  local left=$((END - SECONDS - 5))
-  ((left < limit)) && limit=$left
-  if ((limit < 60)); then
-    echo "skipped (budget): $name $*" | tee -a "$OUT/session.log"
-    return
-  fi
   local args=("$@")
   if [[ $TINY == 1 ]]; then  # every --shape X becomes --shape tiny; decode.py gets --tiny
     local i
@@ -61,6 +55,12 @@ run() {  # run NAME LIMIT_S SCRIPT ARGS...
       ((i > 0)) && [[ ${args[i - 1]} == --shape ]] && args[i]=tiny
     done
     [[ ${args[0]} == bench/decode.py ]] && args+=(--tiny)
+  fi
+  local left=$((END - SECONDS - 5))
+  ((left < limit)) && limit=$left
+  if ((limit < 60)); then
+    echo "skipped (budget): $name ${args[*]}" | tee -a "$OUT/session.log"
+    return
   fi
   local start=$SECONDS
   timeout "$limit" python3 "${args[@]}" >>"$OUT/$name.jsonl" 2>>"$OUT/$name.err"
