@@ -1,0 +1,54 @@
+"""bench/gpu_session.sh: the runs each part would make, read from its status lines.
+
+A budget under 60 s makes the script skip every run (it says so with the arguments it would
+have used), so these tests see the commands without running any benchmark.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SCRIPT = os.path.join(_ROOT, "bench", "gpu_session.sh")
+
+
+def _session(tmp_path, part: str, tiny: bool) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OUT=str(tmp_path), TINY="1" if tiny else "0",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    return subprocess.run(["bash", _SCRIPT, part, "50"], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _skipped(tmp_path) -> list[str]:
+    lines = (tmp_path / "session.log").read_text().splitlines()
+    runs = [line for line in lines if not line.startswith("xl allocator fraction")]
+    assert runs and all(line.startswith("skipped (budget): ") for line in runs), lines
+    return [line[len("skipped (budget): "):] for line in runs]
+
+
+@pytest.mark.parametrize("part", ["1", "2"])
+def test_tiny_runs_the_same_commands_at_the_tiny_shape(tmp_path, part):
+    real = _session(tmp_path / "real", part, tiny=False)
+    tiny = _session(tmp_path / "tiny", part, tiny=True)
+    assert real.returncode == 0 and tiny.returncode == 0, real.stderr + tiny.stderr
+    real_runs, tiny_runs = _skipped(tmp_path / "real"), _skipped(tmp_path / "tiny")
+    assert len(real_runs) == len(tiny_runs) >= 5
+    for real_run, tiny_run in zip(real_runs, tiny_runs):
+        name, script, *args = real_run.split()
+        expected = [name, script]
+        for i, arg in enumerate(args):
+            expected.append("tiny" if i > 0 and args[i - 1] == "--shape" else arg)
+        if script == "bench/decode.py":
+            expected.append("--tiny")
+        assert tiny_run.split() == expected
+    shapes = {run.split()[run.split().index("--shape") + 1]
+              for run in real_runs if "--shape" in run.split()}
+    assert shapes >= {"small", "large", "xl"} and "tiny" not in shapes
+
+
+def test_an_unknown_part_is_refused(tmp_path):
+    run = _session(tmp_path, "3", tiny=True)
+    assert run.returncode == 2
+    assert "PART: expected 1 or 2, got 3" in run.stderr
