@@ -19,6 +19,10 @@
 # Part 2: what each optimisation is worth: XLA vs cuDNN attention, remat full against part
 #   1's dots, decoding at batch 1 and 64, and XLA's flop count of the small step.
 #
+# If a train_step run fails with cuDNN named in its stderr, the train_step runs after it that do
+# not set --attention_impl themselves get --attention_impl xla (and session.log says so), so one
+# cuDNN problem on the GPU image does not cost the rest of the call.
+#
 # TINY=1 bench/gpu_session.sh [PART] [BUDGET_S] checks the script on any machine before device
 # time is spent on it: the same runs with the same flags, but every model at the tiny shape
 # (`--shape tiny`, `decode.py --tiny`), output in bench/out/tiny, and the packages the GPU image
@@ -44,6 +48,7 @@ fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.95}
 END=$((SECONDS + BUDGET))
+CUDNN_FAILED=0
 
 run() {  # run NAME LIMIT_S SCRIPT ARGS...
   local name=$1 limit=$2
@@ -56,15 +61,27 @@ run() {  # run NAME LIMIT_S SCRIPT ARGS...
     done
     [[ ${args[0]} == bench/decode.py ]] && args+=(--tiny)
   fi
+  if [[ $CUDNN_FAILED == 1 && ${args[0]} == bench/train_step.py \
+        && " ${args[*]} " != *" --attention_impl "* ]]; then
+    args+=(--attention_impl xla)
+  fi
   local left=$((END - SECONDS - 5))
   ((left < limit)) && limit=$left
   if ((limit < 60)); then
     echo "skipped (budget): $name ${args[*]}" | tee -a "$OUT/session.log"
     return
   fi
-  local start=$SECONDS
+  local start=$SECONDS err_bytes rc
+  err_bytes=$(stat -c %s "$OUT/$name.err" 2>/dev/null || echo 0)
   timeout "$limit" python3 "${args[@]}" >>"$OUT/$name.jsonl" 2>>"$OUT/$name.err"
-  echo "rc=$? ${limit}s-limit $((SECONDS - start))s: $name ${args[*]}" | tee -a "$OUT/session.log"
+  rc=$?
+  echo "rc=$rc ${limit}s-limit $((SECONDS - start))s: $name ${args[*]}" | tee -a "$OUT/session.log"
+  if ((rc != 0)) && [[ $CUDNN_FAILED == 0 && ${args[0]} == bench/train_step.py ]] \
+      && tail -c +$((err_bytes + 1)) "$OUT/$name.err" | grep -qi cudnn; then
+    CUDNN_FAILED=1
+    echo "cuDNN failed in $name: the train_step runs that follow use --attention_impl xla" \
+      | tee -a "$OUT/session.log"
+  fi
 }
 
 { date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
