@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--augment_heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default="bfloat16", help="compute and parameter dtype")
+    p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"),
+                   help="TransformerConfig.attention_impl (auto: cuDNN where it applies, see "
+                        "calm_jax.models.attention.choose_attention_impl)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     p.add_argument("--layouts", default=",".join(decoding.LAYOUTS),
                    help="comma-separated decoding layouts (per_layer, stacked)")
@@ -96,7 +99,7 @@ def model_config(d: int, layers: int, heads: int, args) -> TransformerConfig:
     return TransformerConfig.llama_style(
         vocab_size=args.vocab, embed_dim=d, num_layers=layers, num_heads=heads, mlp_dim=4 * d,
         max_len=max(2048, args.prompt_len + args.new_tokens), dtype=args.dtype,
-        param_dtype=args.dtype)
+        param_dtype=args.dtype, attention_impl=args.attention_impl)
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:
@@ -214,6 +217,7 @@ def main(argv=None) -> dict:
         "backend": jax.default_backend(),
         "jax": jax.__version__,
         "dtype": args.dtype,
+        "attention_impl": args.attention_impl,
         "anchor": {"embed_dim": anchor_cfg.embed_dim, "num_layers": anchor_cfg.num_layers,
                    "num_heads": anchor_cfg.num_heads, "mlp_dim": anchor_cfg.mlp_dim,
                    "params": anchor_cfg.num_params()},

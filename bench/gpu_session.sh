@@ -19,9 +19,9 @@
 # Part 2: what each optimisation is worth: XLA vs cuDNN attention, remat full against part
 #   1's dots, decoding at batch 1 and 64, and XLA's flop count of the small step.
 #
-# If a train_step run fails with cuDNN named in its stderr, the train_step runs after it that do
-# not set --attention_impl themselves get --attention_impl xla (and session.log says so), so one
-# cuDNN problem on the GPU image does not cost the rest of the call.
+# If a run fails with cuDNN named in its stderr, the runs after it that do not set
+# --attention_impl themselves get --attention_impl xla (and session.log says so), so one cuDNN
+# problem on the GPU image does not cost the rest of the call.
 #
 # TINY=1 bench/gpu_session.sh [PART] [BUDGET_S] checks the script on any machine before device
 # time is spent on it: the same runs with the same flags, but every model at the tiny shape
@@ -61,8 +61,7 @@ run() {  # run NAME LIMIT_S SCRIPT ARGS...
     done
     [[ ${args[0]} == bench/decode.py ]] && args+=(--tiny)
   fi
-  if [[ $CUDNN_FAILED == 1 && ${args[0]} == bench/train_step.py \
-        && " ${args[*]} " != *" --attention_impl "* ]]; then
+  if [[ $CUDNN_FAILED == 1 && " ${args[*]} " != *" --attention_impl "* ]]; then
     args+=(--attention_impl xla)
   fi
   local left=$((END - SECONDS - 5))
@@ -76,10 +75,10 @@ run() {  # run NAME LIMIT_S SCRIPT ARGS...
   timeout "$limit" python3 "${args[@]}" >>"$OUT/$name.jsonl" 2>>"$OUT/$name.err"
   rc=$?
   echo "rc=$rc ${limit}s-limit $((SECONDS - start))s: $name ${args[*]}" | tee -a "$OUT/session.log"
-  if ((rc != 0)) && [[ $CUDNN_FAILED == 0 && ${args[0]} == bench/train_step.py ]] \
+  if ((rc != 0)) && [[ $CUDNN_FAILED == 0 ]] \
       && tail -c +$((err_bytes + 1)) "$OUT/$name.err" | grep -qi cudnn; then
     CUDNN_FAILED=1
-    echo "cuDNN failed in $name: the train_step runs that follow use --attention_impl xla" \
+    echo "cuDNN failed in $name: the runs that follow use --attention_impl xla" \
       | tee -a "$OUT/session.log"
   fi
 }
