@@ -19,15 +19,16 @@
 # Part 2: what each optimisation is worth: XLA vs cuDNN attention, remat full against part
 #   1's dots, decoding at batch 1 and 64, and XLA's flop count of the small step.
 #
-# If a run fails with cuDNN named in its stderr, the runs after it that do not set
-# --attention_impl themselves get --attention_impl xla (and session.log says so), so one cuDNN
-# problem on the GPU image does not cost the rest of the call.
+# If a run fails with cuDNN named in its error (the end of its stderr; not a timeout or an
+# out-of-memory error), the runs after it that do not set --attention_impl themselves get
+# --attention_impl xla (and session.log says so), so one cuDNN problem on the GPU image does
+# not cost the rest of the call.
 #
 # TINY=1 bench/gpu_session.sh [PART] [BUDGET_S] checks the script on any machine before device
 # time is spent on it: the same runs with the same flags, but every model at the tiny shape
 # (`--shape tiny`, `decode.py --tiny`), output in bench/out/tiny, and the packages the GPU image
 # lacks (gin, clu, TensorFlow, seqio, TFDS) made unimportable, as they are there. Its timings mean
-# nothing; a run that fails or prints no JSON is what it is for.
+# nothing; it is there to find a run that fails or prints no JSON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-1}
@@ -49,6 +50,15 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.95}
 END=$((SECONDS + BUDGET))
 CUDNN_FAILED=0
+
+cudnn_error() {  # cudnn_error ERR_FILE OFFSET: did the error written after OFFSET name cuDNN?
+  # The error is at the end (Python prints the exception last); cuDNN named in earlier log
+  # lines proves nothing, and an out-of-memory report may list cuDNN's fused-attention buffers.
+  local new
+  new=$(tail -c +$(($2 + 1)) "$1")
+  ! grep -qiE 'RESOURCE_EXHAUSTED|out of memory' <<<"$new" \
+    && tail -n 20 <<<"$new" | grep -qi cudnn
+}
 
 run() {  # run NAME LIMIT_S SCRIPT ARGS...
   local name=$1 limit=$2
@@ -75,8 +85,8 @@ run() {  # run NAME LIMIT_S SCRIPT ARGS...
   timeout "$limit" python3 "${args[@]}" >>"$OUT/$name.jsonl" 2>>"$OUT/$name.err"
   rc=$?
   echo "rc=$rc ${limit}s-limit $((SECONDS - start))s: $name ${args[*]}" | tee -a "$OUT/session.log"
-  if ((rc != 0)) && [[ $CUDNN_FAILED == 0 ]] \
-      && tail -c +$((err_bytes + 1)) "$OUT/$name.err" | grep -qi cudnn; then
+  if ((rc != 0 && rc != 124 && rc != 137)) && [[ $CUDNN_FAILED == 0 ]] \
+      && cudnn_error "$OUT/$name.err" "$err_bytes"; then
     CUDNN_FAILED=1
     echo "cuDNN failed in $name: the runs that follow use --attention_impl xla" \
       | tee -a "$OUT/session.log"

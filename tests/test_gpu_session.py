@@ -5,6 +5,7 @@ have used), so these tests see the commands without running any benchmark.
 """
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -54,15 +55,17 @@ def test_an_unknown_part_is_refused(tmp_path):
     assert "PART: expected 1 or 2, got 3" in run.stderr
 
 
-def _fake_python(tmp_path, error: str):
-    """A `python3` that fails every benchmark run without --attention_impl xla, writing
-    `error` to stderr, and prints a JSON line otherwise; `-c` goes to the real interpreter."""
+def _fake_python(tmp_path, error: list[str]):
+    """A `python3` that fails every benchmark run without --attention_impl xla, writing the
+    lines of `error` to stderr, and prints a JSON line otherwise; `-c` goes to the real
+    interpreter."""
     fake = tmp_path / "bin" / "python3"
     fake.parent.mkdir()
+    lines = " ".join(shlex.quote(line) for line in error)
     fake.write_text(f"""#!/usr/bin/env bash
 [[ $1 == -c ]] && exec {sys.executable} "$@"
 if [[ " $* " != *" --attention_impl xla "* ]]; then
-  echo {error!r} >&2
+  printf '%s\\n' {lines} >&2
   exit 1
 fi
 echo '{{"bench": "fake"}}'
@@ -71,7 +74,7 @@ echo '{{"bench": "fake"}}'
     return fake.parent
 
 
-def _runs_with_fake(tmp_path, error: str) -> list[str]:
+def _runs_with_fake(tmp_path, error: list[str]) -> list[str]:
     env = dict(os.environ, OUT=str(tmp_path / "out"), TINY="0",
                PATH=str(_fake_python(tmp_path, error)) + os.pathsep + os.environ.get("PATH", ""))
     run = subprocess.run(["bash", _SCRIPT, "1", "540"], env=env, capture_output=True,
@@ -81,7 +84,8 @@ def _runs_with_fake(tmp_path, error: str) -> list[str]:
 
 
 def test_a_cudnn_failure_moves_the_later_runs_to_xla_attention(tmp_path):
-    lines = _runs_with_fake(tmp_path, "RuntimeError: CUDNN_STATUS_EXECUTION_FAILED")
+    lines = _runs_with_fake(tmp_path, ["Traceback (most recent call last):", "  ...",
+                                       "RuntimeError: CUDNN_STATUS_EXECUTION_FAILED"])
     assert lines[0].startswith("rc=1 ") and lines[0].endswith("--shape small --no_hlo_flops")
     assert lines[1] == "cuDNN failed in small: the runs that follow use --attention_impl xla"
     later = lines[2:]
@@ -90,8 +94,16 @@ def test_a_cudnn_failure_moves_the_later_runs_to_xla_attention(tmp_path):
     assert sum("bench/decode.py" in line for line in later) == 1
 
 
-def test_another_failure_keeps_the_attention_choice(tmp_path):
-    lines = _runs_with_fake(tmp_path, "RESOURCE_EXHAUSTED: Out of memory")
+@pytest.mark.parametrize("error", [
+    # cuDNN in a log line long before the error
+    ["I1204 cuda_dnn.cc:463] Loaded cuDNN version 91000"] + ["  frame"] * 25
+    + ["ValueError: batch: expected a positive integer, got 0"],
+    # an out-of-memory report that lists a fused-attention buffer
+    ["jax.errors.JaxRuntimeError: RESOURCE_EXHAUSTED: Out of memory while trying to allocate",
+     "  3.00GiB custom-call __cudnn$fmhaSoftmax"],
+], ids=["cudnn_in_an_early_log_line", "out_of_memory"])
+def test_another_failure_keeps_the_attention_choice(tmp_path, error):
+    lines = _runs_with_fake(tmp_path, error)
     assert len(lines) == 5 and not any("cuDNN failed" in line for line in lines)
     assert all("--attention_impl" not in line for line in lines)
     assert all(line.startswith("rc=1 ") for line in lines)
