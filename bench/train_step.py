@@ -39,8 +39,11 @@ then times `--steps` steps ending in `block_until_ready`, and prints one JSON ob
                  leave out (attention scores, loss, optimizer, elementwise work) and what the
                  step must not contain (frozen weight gradients). cuDNN attention is a custom
                  call and counts 0 there. `--no_hlo_flops` skips it (it re-places the weights).
+                 `hlo_flops_from`: "lowered", or "compiled" where the backend's lowered module
+                 reports no cost (the GPU's: the unrolled step is then compiled for it).
   frozen_kernel_grad_dots  dot ops in the compiled step whose output has the shape of a frozen
-                 kernel (a weight gradient); 0 expected for compose. Its positive control is
+                 kernel (a weight gradient); 0 expected for compose; `frozen_kernel_grad_shapes`
+                 lists the output shapes it counted. Its positive control is
                  the finetune step, where the same kernels are trained. Kernels with a
                  token-sized axis (e.g. mlp 8192 = batch x length in "large") cannot be told
                  from activations and are not counted; the tiny shape avoids all ambiguity.
@@ -402,9 +405,10 @@ def measure(mode: str, args, mesh, rules) -> dict[str, Any]:
             rec["compiled_gib"] = None
         # Same classification in both modes: finetune (anchor trained) is the positive control.
         frozen_kernels, trained_kernels = kernel_sets(anchor_cfg, augment_cfg)
-        rec["frozen_kernel_grad_dots"] = frozen_kernel_grad_dots(
-            compiled.as_text(), frozen_kernels, trained_kernels,
-            (args.length, args.batch * args.length))["count"]
+        grads = frozen_kernel_grad_dots(compiled.as_text(), frozen_kernels, trained_kernels,
+                                        token_dims(args.batch, args.length, args.loss_chunk))
+        rec["frozen_kernel_grad_dots"] = grads["count"]
+        rec["frozen_kernel_grad_shapes"] = [list(shape) for shape in grads["examples"]]
 
         state = b.state
         probe = jax.tree.leaves(state["params"])[0]
@@ -433,13 +437,38 @@ def measure(mode: str, args, mesh, rules) -> dict[str, Any]:
                                      unroll=True)
             b = build(mode, *unrolled, batch=args.batch, length=args.length, mesh=mesh,
                       rules=rules, seed=args.seed, loss_chunk=args.loss_chunk)
-            lowered = b.step.lower(b.state, b.frozen, b.batch)
-            rec["hlo_flops"] = _flops(lowered.cost_analysis())
-            for key, per_token in (("ideal", b.flops_per_token),
-                                   ("expected", b.expected_flops_per_token)):
-                rec[f"hlo_over_{key}_flops"] = round(rec["hlo_flops"] / (per_token * b.tokens), 3)
-            del b, lowered
+            rec["hlo_flops"], rec["hlo_flops_from"] = unrolled_flops(
+                b.step.lower(b.state, b.frozen, b.batch))
+            if rec["hlo_flops"] is not None:
+                for key, per_token in (("ideal", b.flops_per_token),
+                                       ("expected", b.expected_flops_per_token)):
+                    rec[f"hlo_over_{key}_flops"] = round(
+                        rec["hlo_flops"] / (per_token * b.tokens), 3)
+            del b
     return rec
+
+
+def token_dims(batch: int, length: int, loss_chunk: int | None) -> tuple[int, ...]:
+    """Sizes of a step's token axes: a product whose output has one is an activation (for
+    `frozen_kernel_grad_dots`). The chunked loss's logits are [batch x chunk, vocab]: in "xl"
+    (d = 4096 = 8 x 512) they have the output layer's own shape."""
+    dims = {length, batch * length}
+    if loss_chunk is not None:
+        chunk = min(loss_chunk, length)
+        dims |= {chunk, batch * chunk}
+    return tuple(sorted(dims))
+
+
+def unrolled_flops(lowered) -> tuple[float | None, str | None]:
+    """(XLA's flop count of a lowered step, where it came from): the lowered, unoptimised
+    module's cost analysis ("lowered") where the backend gives one (CPU), else the compiled
+    module's ("compiled"; the GPU backend's lowered analysis is None); (None, None) if
+    neither reports flops."""
+    flops = _flops(lowered.cost_analysis())
+    if flops is not None:
+        return flops, "lowered"
+    flops = _flops(lowered.compile().cost_analysis())
+    return (flops, "compiled") if flops is not None else (None, None)
 
 
 def analyse(mode: str, args, mesh, rules) -> dict[str, Any]:

@@ -179,6 +179,60 @@ def test_dot_parser_reads_cpu_and_gpu_hlo():
     assert found["count"] == 2  # [64, 512] and its transpose; the activation is skipped
 
 
+def test_unrolled_flops_falls_back_to_the_compiled_module():
+    # The GPU backend's lowered module reports no cost analysis (None); the H200 run's
+    # `hlo_flops` then failed with a TypeError. The compiled module's count is used instead.
+    class Compiled:
+        def __init__(self, cost):
+            self.cost = cost
+
+        def cost_analysis(self):
+            return self.cost
+
+    class Lowered(Compiled):
+        def __init__(self, cost, compiled_cost):
+            super().__init__(cost)
+            self.compiled_cost = compiled_cost
+
+        def compile(self):
+            return Compiled(self.compiled_cost)
+
+    assert ts.unrolled_flops(Lowered({"flops": 7.0}, None)) == (7.0, "lowered")
+    assert ts.unrolled_flops(Lowered(None, {"flops": 9.0})) == (9.0, "compiled")
+    assert ts.unrolled_flops(Lowered(None, [{"flops": 3.0}])) == (3.0, "compiled")
+    assert ts.unrolled_flops(Lowered(None, None)) == (None, None)
+
+
+def test_chunked_loss_logits_shaped_like_the_output_layer_are_activations():
+    # The xl shape's anchor has d = 4096 = batch 8 x loss_chunk 512: each chunk's logits are
+    # [4096, 32000], the output layer's own shape (an H200 run counted these two products as
+    # frozen weight gradients). Compiled from shapes only: no xl weight is created.
+    import flax.linen as nn
+    from calm_jax import partitioning as part, steps as steps_lib
+    from calm_jax.optim import OptimizerConfig, make_optimizer, schedule
+    import bench.step_analysis as sa
+
+    anchor, augment = ts.model_configs("xl", remat="dots")
+    mesh = part.make_mesh(part.PartitioningConfig(num_devices=1))
+    rules = part.DEFAULT_RULES
+    with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
+        s, _ = sa.abstract_setup("compose", anchor, augment, mesh=mesh,
+                                               rules=rules, loss_chunk=512)
+        opt = OptimizerConfig()
+        prog = steps_lib.build_program(s, make_optimizer(opt, 1000), schedule(opt, 1000), 1,
+                                       mesh, rules)
+        data = sa.abstract_batch(8, 1024, prog.batch_sharding)
+        text = prog.train_step.lower(prog.abstract_state, s.frozen, data).compile().as_text()
+    frozen, trained = ts.kernel_sets(anchor, augment)
+    assert ts.token_dims(8, 1024, 512) == (512, 1024, 4096, 8192)
+    assert ts.token_dims(8, 1024, None) == (1024, 8192)
+    unaware = ts.frozen_kernel_grad_dots(text, frozen, trained, ts.token_dims(8, 1024, None))
+    assert unaware["count"] >= 1 and set(unaware["examples"]) == {(4096, 32000)}
+    aware = ts.frozen_kernel_grad_dots(text, frozen, trained, ts.token_dims(8, 1024, 512))
+    assert aware["count"] == 0, aware["examples"]
+    assert aware["checked_forms"] > 0
+
+
 # chunked_cross_entropy -----------------------------------------------------------------------
 
 
