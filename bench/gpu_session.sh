@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of the performance issue, most important first, in one device call.
 #
-#   bench/gpu_session.sh [PART] [BUDGET_S]      # PART 1 (default) or 2; BUDGET_S default 540
+#   bench/gpu_session.sh [PART] [BUDGET_S]      # PART 1 (default), 2 or 3; BUDGET_S default 540
 #
 # Every run is one `python3 bench/...` invocation with its own time limit, cut to what is left
 # of BUDGET_S (a run that cannot get 60 s is skipped and says so), so the script ends inside
@@ -18,6 +18,11 @@
 #   default, and stacked), with each layout's compiled copies (`step_copies`).
 # Part 2: what each optimisation is worth: XLA vs cuDNN attention, remat full against part
 #   1's dots, decoding at batch 1 and 64, and XLA's flop count of the small step.
+# Part 3 (after parts 1 and 2 ran on an H200, 2026-12-04): where the large composed step's
+#   time goes (bench/profile_step.py), the large composed step without remat and without the
+#   chunked loss (each against part 1's dots + loss_chunk 512), decoding with the while loop in
+#   a CUDA graph (XLA's WHILE and CONDITIONAL command buffers), and the small step's flop count
+#   (which failed in part 2).
 #
 # If a run fails with cuDNN named in its error (the end of its stderr; not a timeout or an
 # out-of-memory error), the runs after it that do not set --attention_impl themselves get
@@ -122,8 +127,18 @@ case "$PART" in
   run decode 150 bench/decode.py --batches 1,64
   run small 150 bench/train_step.py --shape small --modes compose --steps 3
   ;;
+3)
+  run profile 90 bench/profile_step.py --shape large --remat dots --loss_chunk 512 --top 30
+  run large 70 bench/train_step.py --shape large --modes compose --loss_chunk 512 \
+    --no_hlo_flops --steps 5 --warmup 2
+  XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+    run decode 90 bench/decode.py --batches 8 --layouts per_layer
+  run large 70 bench/train_step.py --shape large --modes compose --remat dots \
+    --no_hlo_flops --steps 5 --warmup 2
+  run small 90 bench/train_step.py --shape small --modes compose --steps 3
+  ;;
 *)
-  echo "PART: expected 1 or 2, got $PART" >&2
+  echo "PART: expected 1, 2 or 3, got $PART" >&2
   exit 2
   ;;
 esac
