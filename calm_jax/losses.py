@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 Array = jax.Array
 
@@ -46,18 +48,23 @@ def chunked_cross_entropy(h: Array, head_fn: Callable[[Array], Array], targets: 
     """`cross_entropy(head_fn(h), targets, weights)` without [batch, length, vocab] logits.
 
     The sequence is cut into chunks of `chunk` positions and scanned; each step applies
-    `head_fn` to one chunk and keeps only the chunk's sums. The step is rematerialised
-    (`jax.checkpoint`), so the backward pass recomputes one chunk's logits at a time instead of
-    saving them: at most [batch, chunk, vocab] logits are live, at the price of one more
-    output-layer forward (2 x embed x vocab FLOPs per token).
+    `head_fn` to one chunk and keeps only the chunk's sums, so at most [batch, chunk, vocab]
+    logits are live. Differentiated, the scan computes each chunk's gradient in the same pass
+    (a custom VJP, `_fused_chunk_loss`): the gradient of the loss sum with respect to h and,
+    where they are differentiated, to the parameters `head_fn` closes over, while the chunk's
+    logits are at hand. The backward pass only scales those by the incoming cotangent: the
+    output layer runs once forward and once backward, as without chunks (no second forward
+    of a rematerialised chunk), and nothing larger than h's gradient is kept.
 
     Args:
       h: [batch, length, embed] final hidden states (what the output layer reads).
       head_fn: [batch, chunk, embed] -> [batch, chunk, vocab] logits, e.g. final norm and
         output layer (`lambda x: model.apply(variables, x, method=Decoder.head)`); it may
-        close over parameters, which receive their gradients through the scan.
+        close over parameters, which receive their gradients (`jax.closure_convert` makes
+        them explicit inputs of the custom VJP). Frozen ones (not differentiated) get no
+        weight-gradient product.
       targets: [batch, length] int token ids.
-      weights: [batch, length] loss weights; None means all ones.
+      weights: [batch, length] loss weights; None means all ones. Not differentiated.
       chunk: positions per step; a length that is not a multiple is padded with zero weight.
 
     Returns:
@@ -78,23 +85,8 @@ def chunked_cross_entropy(h: Array, head_fn: Callable[[Array], Array], targets: 
         h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
         weights = jnp.pad(weights, ((0, 0), (0, pad)))
-    n = (t + pad) // chunk
-
-    def split(x: Array) -> Array:  # [batch, n * chunk, ...] -> [n, batch, chunk, ...]
-        return jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
-
-    @jax.checkpoint
-    def sums(h_c: Array, targets_c: Array, weights_c: Array) -> tuple[Array, Array]:
-        m = cross_entropy(head_fn(h_c), targets_c, weights_c)
-        return m["loss_sum"], m["correct_sum"]
-
-    def body(carry, xs):
-        loss_sum, correct_sum = sums(*xs)
-        return (carry[0] + loss_sum, carry[1] + correct_sum), None
-
-    zero = jnp.zeros((), jnp.float32)
-    (loss_sum, correct_sum), _ = jax.lax.scan(
-        body, (zero, zero), (split(h), split(targets), split(weights)))
+    head, consts = jax.closure_convert(head_fn, h[:, :chunk])
+    loss_sum, correct_sum = _fused_chunk_loss(head, chunk, h, weights, targets, *consts)
     weight_sum = jnp.sum(weights)
     return {
         "loss": loss_sum / jnp.maximum(weight_sum, 1.0),
@@ -102,3 +94,82 @@ def chunked_cross_entropy(h: Array, head_fn: Callable[[Array], Array], targets: 
         "weight_sum": weight_sum,
         "correct_sum": correct_sum,
     }
+
+
+def _chunks(x: Array, chunk: int) -> Array:
+    """[batch, n * chunk, ...] -> [n, batch, chunk, ...] (the scan's leading axis)."""
+    b, t = x.shape[:2]
+    return jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)
+
+
+def _unchunk(x: Array) -> Array:
+    """[n, batch, chunk, ...] -> [batch, n * chunk, ...]."""
+    n, b, c = x.shape[:3]
+    return jnp.swapaxes(x, 0, 1).reshape(b, n * c, *x.shape[3:])
+
+
+def _chunk_sums(head, h_c, weights_c, targets_c, consts) -> tuple[Array, Array]:
+    """(loss sum, correct sum) of one chunk's logits `head(h_c, *consts)`."""
+    m = cross_entropy(head(h_c, *consts), targets_c, weights_c)
+    return m["loss_sum"], m["correct_sum"]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused_chunk_loss(head, chunk, h, weights, targets, *consts):
+    """(loss sum, correct sum) over every chunk of h; `consts` are what `head` closed over.
+    Not differentiated: a scan of the sums alone."""
+    def body(carry, xs):
+        loss, correct = _chunk_sums(head, *xs, consts)
+        return (carry[0] + loss, carry[1] + correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    sums, _ = jax.lax.scan(body, (zero, zero), (_chunks(h, chunk), _chunks(weights, chunk),
+                                                _chunks(targets, chunk)))
+    return sums
+
+
+def _fused_chunk_loss_fwd(head, chunk, h, weights, targets, *consts):
+    """The sums, and in the same scan d(loss sum)/dh per chunk and d(loss sum)/dc summed
+    over chunks for each const c that is differentiated (`perturbed`); none for the others,
+    so a frozen output layer costs no weight-gradient product."""
+    h, weights, targets = h.value, weights.value, targets.value
+    trained = tuple(bool(c.perturbed) for c in consts)
+    values = tuple(c.value for c in consts)
+
+    def body(carry, xs):
+        loss_acc, correct_acc, grads_acc = carry
+        h_c, weights_c, targets_c = xs
+
+        def sums(h_c, live):
+            it = iter(live)
+            full = tuple(next(it) if p else v for v, p in zip(values, trained))
+            return _chunk_sums(head, h_c, weights_c, targets_c, full)
+
+        live = tuple(v for v, p in zip(values, trained) if p)
+        loss, vjp, correct = jax.vjp(sums, h_c, live, has_aux=True)
+        dh_c, dlive = vjp(jnp.ones((), loss.dtype))
+        grads_acc = tuple(a + g.astype(a.dtype) for a, g in zip(grads_acc, dlive))
+        return (loss_acc + loss, correct_acc + correct, grads_acc), dh_c
+
+    zero = jnp.zeros((), jnp.float32)
+    grads0 = tuple(jnp.zeros(v.shape, v.dtype) for v, p in zip(values, trained) if p)
+    (loss, correct, grads), dh = jax.lax.scan(
+        body, (zero, zero, grads0),
+        (_chunks(h, chunk), _chunks(weights, chunk), _chunks(targets, chunk)))
+    return (loss, correct), (_unchunk(dh), grads, trained)
+
+
+def _fused_chunk_loss_bwd(head, chunk, res, cotangents):
+    dh, grads, trained = res
+    g = cotangents[0]  # the correct sum is a count: its cotangent is ignored
+    if isinstance(g, SymbolicZero):
+        g = jnp.zeros((), jnp.float32)
+    it = iter(grads)
+    dconsts = []
+    for p in trained:
+        grad = next(it) if p else None
+        dconsts.append(None if grad is None else (g * grad).astype(grad.dtype))
+    return ((g * dh).astype(dh.dtype), None, None, *dconsts)
+
+
+_fused_chunk_loss.defvjp(_fused_chunk_loss_fwd, _fused_chunk_loss_bwd, symbolic_zeros=True)

@@ -425,7 +425,8 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
 
     `loss_chunk` applies the output layer to that many positions at a time in the training
     loss (`losses.chunked_cross_entropy`): the [batch, length, vocab] fp32 logits are never
-    kept for the backward pass, for one more output-layer forward. None: all at once.
+    kept for the backward pass; each chunk's gradient is taken while its logits are live, so
+    the output layer's products are the same as without chunks. None: all at once.
 
     `history` is a list of (step, metrics) for logged steps and evaluations. `stop_after` ends
     this invocation (with a checkpoint) after that many steps, as a preemption would; the

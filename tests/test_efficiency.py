@@ -216,8 +216,8 @@ def test_chunked_loss_logits_shaped_like_the_output_layer_are_activations():
     mesh = part.make_mesh(part.PartitioningConfig(num_devices=1))
     rules = part.DEFAULT_RULES
     with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
-        s, _ = sa.abstract_setup("compose", anchor, augment, mesh=mesh,
-                                               rules=rules, loss_chunk=512)
+        s, _ = sa.abstract_setup("compose", anchor, augment, mesh=mesh, rules=rules,
+                                 loss_chunk=512)
         opt = OptimizerConfig()
         prog = steps_lib.build_program(s, make_optimizer(opt, 1000), schedule(opt, 1000), 1,
                                        mesh, rules)
@@ -290,6 +290,71 @@ def test_chunked_cross_entropy_never_holds_all_logits():
     walk(jaxpr.jaxpr)
     vocab_shapes = {s for s in shapes if 97 in s}
     assert vocab_shapes and all(np.prod(s) <= 3 * 8 * 97 for s in vocab_shapes), vocab_shapes
+
+
+def _vocab_products(fn, *args, vocab: int) -> int:
+    """Matrix products in fn's jaxpr (nested ones included, each once) that read or write an
+    axis of size `vocab`: the output layer's forward, input-gradient and weight-gradient."""
+    count = 0
+
+    def walk(jpr):
+        nonlocal count
+        jpr = getattr(jpr, "jaxpr", jpr)
+        for eqn in jpr.eqns:
+            if eqn.primitive.name == "dot_general" and any(
+                    vocab in getattr(v.aval, "shape", ()) for v in (*eqn.invars, *eqn.outvars)):
+                count += 1
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return count
+
+
+def test_chunked_loss_runs_the_output_layer_once_each_way():
+    # Differentiated, each chunk's logits are computed once (no rematerialised second
+    # forward): one forward product, one input-gradient product, and a weight-gradient
+    # product only where the output layer is trained. The full loss has the same count.
+    h, w, targets, weights = _head_problem(length=16, vocab=97)
+
+    def loss(chunk, frozen):
+        def fn(h, w):
+            w = jax.lax.stop_gradient(w) if frozen else w
+            if chunk is None:
+                return cross_entropy(h @ w, targets, weights)["loss"]
+            return chunked_cross_entropy(h, lambda x: x @ w, targets, weights,
+                                         chunk=chunk)["loss"]
+        return jax.grad(fn, argnums=(0, 1))
+
+    for frozen, products in ((True, 2), (False, 3)):
+        assert _vocab_products(loss(None, frozen), h, w, vocab=97) == products
+        assert _vocab_products(loss(4, frozen), h, w, vocab=97) == products
+    # Not differentiated: the forward product alone.
+    assert _vocab_products(lambda h, w: chunked_cross_entropy(
+        h, lambda x: x @ w, targets, weights, chunk=4)["loss"], h, w, vocab=97) == 1
+
+
+def test_chunked_loss_gradients_for_closed_over_parameters_and_scaled_cotangents():
+    h, w, targets, weights = _head_problem(length=10, vocab=23)
+    scale = jnp.linspace(0.5, 1.5, h.shape[-1])
+
+    def loss(h, w, scale, chunk):
+        head = lambda x: (x * scale) @ w  # noqa: E731
+        if chunk is None:
+            m = cross_entropy(head(h), targets, weights)
+        else:
+            m = chunked_cross_entropy(h, head, targets, weights, chunk=chunk)
+        return 3.0 * m["loss_sum"] + m["weight_sum"]  # a cotangent of 3 reaches the VJP
+
+    want = jax.grad(loss, argnums=(0, 1, 2))(h, w, scale, None)
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(h, w, scale, 4)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+    # bf16 hidden states keep their dtype in the gradient.
+    g16 = jax.grad(lambda h: loss(h, w, scale, 4))(h.astype(jnp.bfloat16))
+    assert g16.dtype == jnp.bfloat16
 
 
 def test_chunked_cross_entropy_rejects_bad_input():
