@@ -320,12 +320,15 @@ def sample_tokens(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling",
-                                             "return_logits", "layout"))
+                                             "return_logits", "layout", "early_stop"))
 def _generate(model: Model, params: Any, tokens: Array, lengths: Array, rng: Array,
               eos_id: Array, pad_id: Array, *, max_new_tokens: int, sampling: SamplingConfig,
-              return_logits: bool, layout: str) -> DecodeResult:
+              return_logits: bool, layout: str, early_stop: bool = True) -> DecodeResult:
     """`generate` on left-padded prompts; eos_id (-1: none) and pad_id are traced scalars, so
-    changing them does not recompile."""
+    changing them does not recompile. Without `early_stop` (no eos_id) the decode loop runs
+    exactly max_new_tokens - 1 steps: its trip count is known to XLA, whose GPU runtime then
+    runs the body that many times without copying the loop condition to the host and waiting
+    for it after every token."""
     if layout == "per_layer" and params_layout(model, params) == "stacked":
         params = unstack_params(model, params)  # once, outside the decode loop
     batch, prompt_len = tokens.shape
@@ -342,6 +345,8 @@ def _generate(model: Model, params: Any, tokens: Array, lengths: Array, rng: Arr
 
     def cond(carry):
         step, _, done, *_ = carry
+        if not early_stop:  # a known trip count: XLA's GPU loop then never reads it back
+            return step < max_new_tokens
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
@@ -422,4 +427,5 @@ def generate(model: Model, params: Any, prompts: Any, *, max_new_tokens: int,
     return _generate(model, params, jnp.asarray(tokens), jnp.asarray(lengths), rng,
                      jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(pad_id),
                      max_new_tokens=int(max_new_tokens), sampling=sampling,
-                     return_logits=bool(return_logits), layout=layout)
+                     return_logits=bool(return_logits), layout=layout,
+                     early_stop=eos_id is not None)

@@ -309,6 +309,39 @@ def test_eos_stops_each_row_and_pads_the_rest():
         assert np.all(tokens[b, n:] == pad)
 
 
+def _decode_loop_condition(eos_id):
+    """The primitives of generate's decode-loop condition (the `while` of its program)."""
+    model, params = plain("llama")
+    tokens, lengths = pad_prompts(PROMPTS, vocab_size=VOCAB)
+    fn = functools.partial(decoding._generate, model, max_new_tokens=STEPS,
+                           sampling=SamplingConfig(), return_logits=False, layout="per_layer",
+                           early_stop=eos_id is not None)
+    jaxpr = jax.make_jaxpr(fn)(params, tokens, lengths, jax.random.key(0),
+                               jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(0))
+    found = []
+
+    def walk(jpr):
+        for eqn in getattr(jpr, "jaxpr", jpr).eqns:
+            if eqn.primitive.name == "while":
+                found.append({e.primitive.name for e in eqn.params["cond_jaxpr"].jaxpr.eqns})
+            for value in eqn.params.values():
+                if hasattr(value, "eqns") or hasattr(getattr(value, "jaxpr", None), "eqns"):
+                    walk(value)
+
+    walk(jaxpr)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_decode_loop_without_eos_has_a_known_trip_count():
+    # Without an EOS the loop condition is the step counter alone (XLA then knows the trip
+    # count: its GPU runtime need not copy the condition back to the host after every token);
+    # with one, it also reads whether every row is done.
+    assert _decode_loop_condition(None) == {"lt"}
+    with_eos = _decode_loop_condition(3)
+    assert "lt" in with_eos and with_eos & {"reduce_and", "reduce_or", "not"}, with_eos
+
+
 def test_sampling_is_seeded():
     model, params = plain("llama")
     hot = SamplingConfig(temperature=1.0)
