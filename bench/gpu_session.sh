@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of the performance issue, most important first, in one device call.
 #
-#   bench/gpu_session.sh [PART] [BUDGET_S]      # PART 1 (default), 2 or 3; BUDGET_S default 540
+#   bench/gpu_session.sh [PART] [BUDGET_S]      # PART 1 (default), 2, 3 or 4; BUDGET_S default 540
 #
 # Every run is one `python3 bench/...` invocation with its own time limit, cut to what is left
 # of BUDGET_S (a run that cannot get 60 s is skipped and says so), so the script ends inside
@@ -23,6 +23,12 @@
 #   chunked loss (each against part 1's dots + loss_chunk 512), decoding with the while loop in
 #   a CUDA graph (XLA's WHILE and CONDITIONAL command buffers), and the small step's flop count
 #   (which failed in part 2).
+# Part 4 (for the next GPU session): the changes made after part 3, against its figures: the
+#   chunked loss that no longer runs the output layer twice (large, both modes, the
+#   composed/fine-tune ratio), the large step without the chunked loss in both modes, decoding
+#   with the known-trip-count loop (no eos_id), the profile with command buffers off (kernels
+#   named by HLO op), XLA's dynamic-slice fusion (GEMMs reading a layer's weights in place),
+#   the layer scans unrolled, and the small step's flop count.
 #
 # If a run fails with cuDNN named in its error (the end of its stderr; not a timeout or an
 # out-of-memory error), the runs after it that do not set --attention_impl themselves get
@@ -137,8 +143,21 @@ case "$PART" in
     --no_hlo_flops --steps 5 --warmup 2
   run small 90 bench/train_step.py --shape small --modes compose --steps 3
   ;;
+4)
+  run large 120 bench/train_step.py --shape large --remat dots --loss_chunk 512 --no_hlo_flops
+  run large 120 bench/train_step.py --shape large --remat dots --no_hlo_flops
+  run decode 90 bench/decode.py --batches 8 --layouts per_layer
+  XLA_FLAGS="--xla_gpu_enable_command_buffer=" run profile 90 bench/profile_step.py \
+    --shape large --remat dots --loss_chunk 512 --top 30
+  XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" run large 70 bench/train_step.py \
+    --shape large --modes compose --remat dots --loss_chunk 512 --no_hlo_flops --steps 5 \
+    --warmup 2
+  run large 150 bench/train_step.py --shape large --modes compose --remat dots \
+    --loss_chunk 512 --unroll_layers --no_hlo_flops --steps 5 --warmup 2
+  run small 90 bench/train_step.py --shape small --modes compose --steps 3
+  ;;
 *)
-  echo "PART: expected 1, 2 or 3, got $PART" >&2
+  echo "PART: expected 1, 2, 3 or 4, got $PART" >&2
   exit 2
   ;;
 esac

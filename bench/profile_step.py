@@ -15,6 +15,11 @@ back with `jax.profiler.ProfileData` (no TensorBoard needed). Prints one JSON ob
                   kernel's or its HLO op's name; "other" for none)
   top             the `--top` kernels by total time: name (cut to 90 characters), HLO op where
                   the trace names it, calls per step and ms per step
+  top_by_category per category, its 6 longest kernels by name, calls and ms per step
+
+With XLA's command buffers (CUDA graphs; on by default) a kernel's `hlo_op` is the command
+buffer that launched it ("command_buffer_N"); `XLA_FLAGS=--xla_gpu_enable_command_buffer=`
+turns them off, so each kernel names its own HLO op (the step then runs without graphs).
 
 On a GPU the events are those of the "/device:GPU:0" plane's stream lines. A CPU has no device
 plane: the host's XLA threads stand in (lines named "tf_XLA..."), which checks the script and
@@ -106,7 +111,8 @@ def busy_ns(events: list[tuple[str, str | None, int, int]]) -> int:
     return total
 
 
-def summarize(events, steps: int, wall_s: float, top: int = 25) -> dict[str, Any]:
+def summarize(events, steps: int, wall_s: float, top: int = 25,
+              per_category: int = 6) -> dict[str, Any]:
     """Per-step figures (module docstring) from the traced `events` of `steps` steps."""
     per = {}
     by_cat: dict[str, float] = {}
@@ -129,7 +135,22 @@ def summarize(events, steps: int, wall_s: float, top: int = 25) -> dict[str, Any
         "top": [{"name": name[:90], "hlo_op": op, "calls": round(calls / steps, 2),
                  "ms": round(ns / 1e6 / steps, 3), "category": category(name, op or "")}
                 for (name, op), (calls, ns) in ranked],
+        "top_by_category": top_by_category(events, steps, per_category),
     }
+
+
+def top_by_category(events, steps: int, n: int) -> dict[str, list[dict[str, Any]]]:
+    """Per category, its `n` longest kernels by name (every HLO op of a name together): what
+    the copies and elementwise fusions are, which the overall top list may not reach."""
+    per: dict[str, dict[str, list[float]]] = {}
+    for name, op, _, dur in events:
+        entry = per.setdefault(category(name, op or ""), {}).setdefault(name, [0, 0])
+        entry[0] += 1
+        entry[1] += dur
+    return {cat: [{"name": name[:90], "calls": round(calls / steps, 2),
+                   "ms": round(ns / 1e6 / steps, 3)}
+                  for name, (calls, ns) in sorted(names.items(), key=lambda kv: -kv[1][1])[:n]]
+            for cat, names in per.items()}
 
 
 def profile(mode: str, args, mesh, rules) -> dict[str, Any]:

@@ -366,12 +366,13 @@ def _peak_bytes(device) -> tuple[int | None, int | None]:
 def measure(mode: str, args, mesh, rules) -> dict[str, Any]:
     anchor_cfg, augment_cfg = model_configs(args.shape, dtype=args.dtype,
                                             attention_impl=args.attention_impl,
-                                            remat=args.remat)
+                                            remat=args.remat, unroll=args.unroll_layers)
     device = jax.devices()[0]
     rec: dict[str, Any] = {
         "bench": "train_step", "device": device.device_kind, "backend": jax.default_backend(),
         "jax": jax.__version__, "shape": args.shape, "mode": mode, "dtype": args.dtype,
         "attention_impl": args.attention_impl, "remat": args.remat,
+        "unroll_layers": args.unroll_layers, "xla_flags": os.environ.get("XLA_FLAGS"),
         "loss_chunk": args.loss_chunk, "batch": args.batch,
         "length": args.length, "vocab": anchor_cfg.vocab_size,
     }
@@ -503,6 +504,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="positions per output-layer chunk in the loss (trainer.train's "
                         "loss_chunk); default: all logits at once")
     p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    p.add_argument("--unroll_layers", action="store_true",
+                   help="unroll every layer scan of the timed step (TransformerConfig."
+                        "scan_unroll = num_layers): no stacked weights indexed in a loop, no "
+                        "stacked activations; longer compilation")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (frozen weights too)")
     p.add_argument("--batch", type=int, default=None, help="default: the shape's (8)")
     p.add_argument("--length", type=int, default=None, help="default: the shape's (1024)")

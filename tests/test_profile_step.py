@@ -42,6 +42,9 @@ def test_summary_is_per_step():
     assert out["by_category_ms"] == {"gemm": 2.0, "elementwise": 1.0}
     assert out["top"] == [{"name": "gemm_k", "hlo_op": "dot.1", "calls": 1.0, "ms": 2.0,
                            "category": "gemm"}]
+    assert out["top_by_category"] == {
+        "gemm": [{"name": "gemm_k", "calls": 1.0, "ms": 2.0}],
+        "elementwise": [{"name": "loop_add_fusion", "calls": 1.0, "ms": 1.0}]}
 
 
 def test_device_plane_streams_are_preferred_over_the_host():
