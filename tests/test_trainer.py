@@ -486,18 +486,21 @@ def test_multi_token_outside_pretraining_is_refused(tmp_path, exports):
     assert not os.path.exists(tmp_path / "c")
 
 
-@pytest.mark.parametrize("mode,depth", [("pretrain", 1), ("pretrain", 3), ("compose", 1),
-                                        ("finetune", 1), ("lora", 1)])
-def test_loss_chunk_gives_the_same_loss_and_gradients(exports, mode, depth):
+@pytest.mark.parametrize("mode,depth,mesh_shape", [
+    ("pretrain", 1, None), ("pretrain", 3, None), ("compose", 1, None), ("finetune", 1, None),
+    ("lora", 1, None), ("pretrain", 1, (2, 2, 2)), ("compose", 1, (2, 2, 2))])
+def test_loss_chunk_gives_the_same_loss_and_gradients(exports, mode, depth, mesh_shape):
     """The output layer applied 5 positions at a time (24 = 4 x 5 + 4: the last chunk is
-    padded) gives the loss, metrics and gradients of the whole-logits loss."""
+    padded) gives the loss, metrics and gradients of the whole-logits loss, on one device and
+    on a (data, fsdp, tensor) = (2, 2, 2) mesh (the output layer's vocabulary sharded)."""
     import flax.linen as nn
     from calm_jax import lora as lora_lib
     from calm_jax import multi_token
     from calm_jax import partitioning as part
     from calm_jax.composition import CompositionConfig
 
-    partitioning = PartitioningConfig(num_devices=1)
+    partitioning = (PartitioningConfig(num_devices=1) if mesh_shape is None
+                    else PartitioningConfig(mesh_shape=mesh_shape))
     mesh = part.make_mesh(partitioning)
     anchor = (trainer.ModelSpec(config=CFG) if mode == "pretrain"
               else trainer.ModelSpec(checkpoint=exports["anchor"]))
