@@ -156,19 +156,16 @@ def _fused_chunk_loss_fwd(head, chunk, h, weights, targets, *consts):
     (loss, correct, grads), dh = jax.lax.scan(
         body, (zero, zero, grads0),
         (_chunks(h, chunk), _chunks(weights, chunk), _chunks(targets, chunk)))
-    return (loss, correct), (_unchunk(dh), grads, trained)
+    it = iter(grads)  # one entry per const: its summed gradient, or None where frozen
+    return (loss, correct), (_unchunk(dh), tuple(next(it) if p else None for p in trained))
 
 
 def _fused_chunk_loss_bwd(head, chunk, res, cotangents):
-    dh, grads, trained = res
+    dh, grads = res
     g = cotangents[0]  # the correct sum is a count: its cotangent is ignored
     if isinstance(g, SymbolicZero):
         g = jnp.zeros((), jnp.float32)
-    it = iter(grads)
-    dconsts = []
-    for p in trained:
-        grad = next(it) if p else None
-        dconsts.append(None if grad is None else (g * grad).astype(grad.dtype))
+    dconsts = tuple(None if d is None else (g * d).astype(d.dtype) for d in grads)
     return ((g * dh).astype(dh.dtype), None, None, *dconsts)
 
 
