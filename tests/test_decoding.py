@@ -221,11 +221,22 @@ def test_per_layer_cache_and_weights_layout():
     split = decoding.unstack_params(model, params)
     assert decoding.params_layout(model, split) == "per_layer"
     assert decoding.params_layout(model, params) == "stacked"
-    stacked_up = params["anchor"]["layers"]["mlp"]["up"]["kernel"]
-    per_layer_up = split["anchor"]["layers"]["mlp"]["up"]["kernel"].arrays
-    assert len(per_layer_up) == stacked_up.shape[0]
-    for i, w in enumerate(per_layer_up):
-        np.testing.assert_array_equal(w, stacked_up[i])
+    # Per layer, and the projections sharing an input fused: the GLU's gate and up, and (this
+    # anchor has fewer KV heads than query heads) its keys and values; no unfused copy is kept.
+    stacked, layers = params["anchor"]["layers"], split["anchor"]["layers"]
+    assert set(layers["mlp"]) == {"gate_up", "down"}
+    assert set(layers["attn"]) >= {"query", "kv", "out"}
+    assert not set(layers["attn"]) & {"key", "value", "qkv"}
+    gate_up = layers["mlp"]["gate_up"]["kernel"].arrays
+    kv = layers["attn"]["kv"]["kernel"].arrays
+    assert len(gate_up) == len(kv) == stacked["mlp"]["up"]["kernel"].shape[0]
+    for i, (w, w_kv) in enumerate(zip(gate_up, kv)):
+        np.testing.assert_array_equal(w[:, 0], stacked["mlp"]["gate"]["kernel"][i])
+        np.testing.assert_array_equal(w[:, 1], stacked["mlp"]["up"]["kernel"][i])
+        np.testing.assert_array_equal(w_kv[:, 0], stacked["attn"]["key"]["kernel"][i])
+        np.testing.assert_array_equal(w_kv[:, 1], stacked["attn"]["value"]["kernel"][i])
+    assert decoding.unstack_params(model, split)["anchor"]["layers"]["mlp"].keys() == {
+        "gate_up", "down"}  # idempotent
     # the composition's [connections, ...] leaves are split per connection
     for name, tree in params["composition"].items():
         for key, stacked in tree.items():
@@ -254,6 +265,47 @@ def test_per_layer_cache_and_weights_layout():
     assert {n: len(c.k) for n, c in cache.augments.items()} == {"kv": 8, "code": 4}
     assert [m.shape for m in cache.memory["kv"]["key"]] == [(3, 4, 12, 16)] * 2
     assert [m.shape for m in cache.memory["code"]["value"]] == [(3, 4, 12, 16)]
+
+
+def _products(fn, *args) -> int:
+    """dot_general equations in fn's jaxpr, nested ones included."""
+    count = 0
+
+    def walk(jpr):
+        nonlocal count
+        for eqn in getattr(jpr, "jaxpr", jpr).eqns:
+            count += eqn.primitive.name == "dot_general"
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args))
+    return count
+
+
+@pytest.mark.parametrize("which, saved", [
+    ("gpt2", 2),   # query, key, value in one product (as many heads; biases too)
+    ("llama", 2),  # grouped-query: key and value in one; the GLU's gate and up in one
+    ("gemma", 2),  # one KV head, QK-norm
+])
+def test_fused_projections_decode_alike_with_fewer_products(which, saved):
+    from calm_jax.models.transformer import unstack_leaves
+
+    model, params = plain(which)
+    fused = decoding.unstack_params(model, params)
+    unfused = {**params, "layers": unstack_leaves(params["layers"])}  # split, not fused
+    tokens, lengths = pad_prompts(PROMPTS)
+    out = {}
+    for name, run in (("fused", fused), ("unfused", unfused)):
+        logits, cache = prefill(model, run, tokens, lengths, cache_len=12)
+        step = functools.partial(decode_step, model, run)
+        out[name] = (logits, step(cache, jnp.argmax(logits, -1))[0],
+                     _products(step, cache, jnp.zeros((3,), jnp.int32)))
+    for a, b in zip(out["fused"][:2], out["unfused"][:2]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    layers = model.config.num_layers
+    assert out["unfused"][2] - out["fused"][2] == saved * layers, out
 
 
 def test_per_layer_decode_step_copies_no_weights_or_cache_slots():

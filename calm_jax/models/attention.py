@@ -154,10 +154,23 @@ class SelfAttention(nn.Module):
         d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.kv_heads, cfg.dims_per_head
         common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                       use_bias=cfg.use_bias or cfg.qkv_bias)
-        q = L.Dense((d,), (n, h), ("embed",), ("heads", "head_dim"), name="query", **common)(x)
-        key = L.Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), name="key", **common)(x)
-        val = L.Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), name="value",
-                      **common)(x)
+        fused = L.fused_names(self)  # the decoding layout's (`fuse_projections`), if any
+        if "qkv" in fused:  # equal query and key/value head counts: one product
+            qkv = L.Dense((d,), (3, n, h), ("embed",), (None, "heads", "head_dim"),
+                          name="qkv", **common)(x)
+            q, key, val = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+        else:
+            q = L.Dense((d,), (n, h), ("embed",), ("heads", "head_dim"), name="query",
+                        **common)(x)
+            if "kv" in fused:  # grouped-query heads: keys and values in one product
+                kv = L.Dense((d,), (2, k, h), ("embed",), (None, "kv_heads", "head_dim"),
+                             name="kv", **common)(x)
+                key, val = kv[..., 0, :, :], kv[..., 1, :, :]
+            else:
+                key = L.Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"), name="key",
+                              **common)(x)
+                val = L.Dense((d,), (k, h), ("embed",), ("kv_heads", "head_dim"),
+                              name="value", **common)(x)
         if cfg.qk_norm:
             q = L.make_norm(cfg, "query_norm", axis_name="head_dim")(q)
             key = L.make_norm(cfg, "key_norm", axis_name="head_dim")(key)

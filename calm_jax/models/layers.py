@@ -107,6 +107,19 @@ class Dense(nn.Module):
         return y
 
 
+# Fused projections of the per-layer decoding layout (`transformer.fuse_projections`): one
+# product where the training layout has two or three reading the same input.
+FUSED = ("qkv", "kv", "gate_up")
+
+
+def fused_names(module: nn.Module) -> frozenset[str]:
+    """Which fused projections `module`'s bound parameters hold (none while initialising)."""
+    if module.is_initializing():
+        return frozenset()
+    params = module.variables.get("params", {})
+    return frozenset(name for name in FUSED if name in params)
+
+
 def activation_fn(name: str):
     return {
         "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -128,12 +141,17 @@ class MLP(nn.Module):
         common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
                       use_bias=cfg.use_bias)
         act = activation_fn(cfg.activation)
-        up = Dense((d,), (f,), ("embed",), ("mlp",), name="up", **common)(x)
-        if cfg.gated_mlp:
-            gate = Dense((d,), (f,), ("embed",), ("mlp",), name="gate", **common)(x)
-            hidden = act(gate) * up
+        if "gate_up" in fused_names(self):  # the decoding layout's (`fuse_projections`)
+            both = Dense((d,), (2, f), ("embed",), (None, "mlp"), name="gate_up",
+                         **common)(x)
+            hidden = act(both[..., 0, :]) * both[..., 1, :]
         else:
-            hidden = act(up)
+            up = Dense((d,), (f,), ("embed",), ("mlp",), name="up", **common)(x)
+            if cfg.gated_mlp:
+                gate = Dense((d,), (f,), ("embed",), ("mlp",), name="gate", **common)(x)
+                hidden = act(gate) * up
+            else:
+                hidden = act(up)
         hidden = nn.with_logical_constraint(
             hidden, ("activation_batch", "activation_length", "activation_mlp"))
         return Dense((f,), (d,), ("mlp",), ("embed",), name="down", **common)(hidden)

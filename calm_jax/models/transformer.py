@@ -101,7 +101,8 @@ def _is_layer_list(x: Any) -> bool:
 
 def unstack_layers(params: Any) -> Any:
     """A Decoder's parameters (its `params` tree) with every stacked block parameter split into
-    a `LayerList`; other entries are unchanged, and already split ones are kept. For cached
+    a `LayerList` and the projections that share an input fused (`fuse_projections`); other
+    entries are unchanged, and already split or fused ones are kept. For cached
     decoding with a per-layer `KVCache` (`calm_jax.decoding.unstack_params` does it for any
     model); the training forward takes the stacked tree."""
     params = nn.unbox(params)
@@ -110,7 +111,45 @@ def unstack_layers(params: Any) -> Any:
                          f"got {type(params).__name__} with keys "
                          f"{sorted(params) if isinstance(params, Mapping) else None}")
 
-    return {**params, "layers": unstack_leaves(params["layers"])}
+    return {**params, "layers": _split_and_fuse(params["layers"])}
+
+
+@jax.jit
+def _split_and_fuse(layers: Any) -> Any:
+    """`fuse_projections(unstack_leaves(layers))` as one program: called eagerly, the
+    per-layer slices of the projections it fuses are never all held beside the result."""
+    return fuse_projections(unstack_leaves(layers))
+
+
+def fuse_projections(layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-layer block parameters (`LayerList`s) with the projections that read the same input
+    merged into one kernel per layer, so a decode step runs one matrix product where training
+    runs two or three: query, key and value into `attn/qkv` ([embed, 3, heads, head_dim]) when
+    they have as many heads, else key and value into `attn/kv` ([embed, 2, kv_heads,
+    head_dim]); a GLU's gate and up into `mlp/gate_up` ([embed, 2, mlp]); biases alike. The
+    parts are stacked on a new axis after the input one, so a sharded heads or mlp axis keeps
+    its sharding. `SelfAttention` and `MLP` read whichever form they find; already fused
+    parameters are returned unchanged. The decoding layout only (`unstack_layers`)."""
+    def stack(denses):  # {"kernel": [d, ...] per layer, "bias"?: [...]} of each Dense
+        axis = {"kernel": 1, "bias": 0}  # after the kernel's input axis; the bias has none
+        return {name: LayerList(tuple(jnp.stack(parts, axis=axis[name]) for parts in
+                                      zip(*(dense[name].arrays for dense in denses))))
+                for name in denses[0]}
+
+    out = dict(layers)
+    attn = dict(out.get("attn", {}))
+    if {"query", "key", "value"} <= attn.keys():
+        shape = lambda name: attn[name]["kernel"].arrays[0].shape  # noqa: E731
+        if shape("query") == shape("key"):
+            attn["qkv"] = stack([attn.pop("query"), attn.pop("key"), attn.pop("value")])
+        else:
+            attn["kv"] = stack([attn.pop("key"), attn.pop("value")])
+        out["attn"] = attn
+    mlp = dict(out.get("mlp", {}))
+    if {"gate", "up"} <= mlp.keys():
+        mlp["gate_up"] = stack([mlp.pop("gate"), mlp.pop("up")])
+        out["mlp"] = mlp
+    return out
 
 
 def unstack_leaves(tree: Any) -> Any:
