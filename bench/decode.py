@@ -6,7 +6,9 @@
 For each model, layout (`--layouts`, default both: "per_layer", the weights split by
 `decoding.unstack_params` once beforehand and one cache array per layer; "stacked", the scanned
 layers) and batch size: random prompts of `--prompt_len` tokens, `--new_tokens` greedy
-tokens with no early stop (no EOS). `generate_s` is one whole `calm_jax.decoding.generate`
+tokens with no early stop (no EOS: a decode loop of known trip count; `--eos_id` gives one, and
+the loop that checks for it). The per-layer layout fuses the projections that share an input
+(`--no_fuse`: it does not). `generate_s` is one whole `calm_jax.decoding.generate`
 call (prefill + decode loop, one jitted program), `prefill_s` one `prefill` call on the same
 prompts; the first call of each (compilation) is excluded and reported as `compile_s`, every
 timing is the median of `--repeats` calls ending in `block_until_ready`.
@@ -71,6 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     p.add_argument("--layouts", default=",".join(decoding.LAYOUTS),
                    help="comma-separated decoding layouts (per_layer, stacked)")
+    p.add_argument("--no_fuse", dest="fuse", action="store_false",
+                   help="per_layer layout without fused projections "
+                        "(decoding.unstack_params(..., fuse=False))")
+    p.add_argument("--eos_id", type=int, default=None,
+                   help="pass this eos_id to generate: the decode loop then checks after every "
+                        "token whether all rows are done (with random weights a row may stop "
+                        "early); default none: a loop of known trip count")
     args = p.parse_args(argv)
     if args.tiny:
         args.anchor_dim, args.anchor_layers, args.anchor_heads = 64, 2, 4
@@ -175,7 +184,7 @@ def measure(name: str, model, params, batch: int, args, layout: str) -> dict:
 
     def run_generate():
         return decoding.generate(model, params, prompts, lengths=lengths, max_new_tokens=n,
-                                 layout=layout)
+                                 layout=layout, eos_id=args.eos_id)
 
     def run_prefill():
         return decoding.prefill(model, params, prompts, lengths,
@@ -205,7 +214,8 @@ def main(argv=None) -> dict:
     results, copies = [], {}
     for layout in args.layouts:
         for name, (model, stacked) in models.items():
-            run = decoding.unstack_params(model, stacked) if layout == "per_layer" else stacked
+            run = (decoding.unstack_params(model, stacked, fuse=args.fuse)
+                   if layout == "per_layer" else stacked)
             copies.setdefault(name, {})[layout] = step_copies(model, stacked, run,
                                                               args.batches[0], args)
             for batch in args.batches:
@@ -218,6 +228,7 @@ def main(argv=None) -> dict:
         "jax": jax.__version__,
         "dtype": args.dtype,
         "attention_impl": args.attention_impl,
+        "fused_projections": args.fuse, "eos_id": args.eos_id,
         "anchor": {"embed_dim": anchor_cfg.embed_dim, "num_layers": anchor_cfg.num_layers,
                    "num_heads": anchor_cfg.num_heads, "mlp_dim": anchor_cfg.mlp_dim,
                    "params": anchor_cfg.num_params()},

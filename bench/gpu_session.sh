@@ -26,7 +26,8 @@
 # Part 4 (for the next GPU session): the changes made after part 3, against its figures: the
 #   chunked loss that no longer runs the output layer twice (large, both modes, the
 #   composed/fine-tune ratio), the large step without the chunked loss in both modes, decoding
-#   with the known-trip-count loop (no eos_id), the profile with command buffers off (kernels
+#   with fused projections and the known-trip-count loop (no eos_id), and without both (as in
+#   part 1, on this machine), the profile with command buffers off (kernels
 #   named by HLO op), XLA's dynamic-slice fusion (GEMMs reading a layer's weights in place),
 #   the layer scans unrolled, and the small step's flop count.
 #
@@ -147,6 +148,7 @@ case "$PART" in
   run large 120 bench/train_step.py --shape large --remat dots --loss_chunk 512 --no_hlo_flops
   run large 120 bench/train_step.py --shape large --remat dots --no_hlo_flops
   run decode 90 bench/decode.py --batches 8 --layouts per_layer
+  run decode 90 bench/decode.py --batches 8 --layouts per_layer --no_fuse --eos_id 31999
   XLA_FLAGS="--xla_gpu_enable_command_buffer=" run profile 90 bench/profile_step.py \
     --shape large --remat dots --loss_chunk 512 --top 30
   XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" run large 70 bench/train_step.py \

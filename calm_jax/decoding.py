@@ -140,17 +140,18 @@ def decoder_parts(model: Model, params: Any) -> list[tuple[str, TransformerConfi
     return [(field, cfg, tree) for (field, cfg), tree in zip(_configs(model), trees)]
 
 
-def unstack_params(model: Model, params: Any) -> Any:
+def unstack_params(model: Model, params: Any, fuse: bool = True) -> Any:
     """The model's parameters in the per-layer decoding layout: every Decoder's stacked block
-    weights split into per-layer arrays (`calm_jax.models.transformer.unstack_layers`) and the
+    weights split into per-layer arrays, the projections that share an input fused
+    (`calm_jax.models.transformer.unstack_layers`; `fuse=False` leaves them apart), and the
     composition's into per-connection ones (`calm_jax.composition.unstack_connections`). Pass
     the result to `generate` / `prefill` / `decode_step` in place of the stacked tree (do it
     once: it copies the weights)."""
     params = _plain_params(model, params)
     if isinstance(model, Decoder):
-        return unstack_layers(params)
-    return {**params, "anchor": unstack_layers(params["anchor"]),
-            "augments": {name: unstack_layers(p) for name, p in params["augments"].items()},
+        return unstack_layers(params, fuse)
+    return {**params, "anchor": unstack_layers(params["anchor"], fuse),
+            "augments": {name: unstack_layers(p, fuse) for name, p in params["augments"].items()},
             "composition": unstack_connections(params["composition"])}
 
 

@@ -290,11 +290,10 @@ def _products(fn, *args) -> int:
     ("gemma", 2),  # one KV head, QK-norm
 ])
 def test_fused_projections_decode_alike_with_fewer_products(which, saved):
-    from calm_jax.models.transformer import unstack_leaves
-
     model, params = plain(which)
     fused = decoding.unstack_params(model, params)
-    unfused = {**params, "layers": unstack_leaves(params["layers"])}  # split, not fused
+    unfused = decoding.unstack_params(model, params, fuse=False)
+    assert {"query", "key", "value"} <= unfused["layers"]["attn"].keys()
     tokens, lengths = pad_prompts(PROMPTS)
     out = {}
     for name, run in (("fused", fused), ("unfused", unfused)):

@@ -17,6 +17,7 @@ Layer numbering: 1-indexed, as in the paper. `states[k]` is the residual stream 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -99,26 +100,28 @@ def _is_layer_list(x: Any) -> bool:
     return isinstance(x, LayerList)
 
 
-def unstack_layers(params: Any) -> Any:
+def unstack_layers(params: Any, fuse: bool = True) -> Any:
     """A Decoder's parameters (its `params` tree) with every stacked block parameter split into
     a `LayerList` and the projections that share an input fused (`fuse_projections`); other
     entries are unchanged, and already split or fused ones are kept. For cached
     decoding with a per-layer `KVCache` (`calm_jax.decoding.unstack_params` does it for any
-    model); the training forward takes the stacked tree."""
+    model); the training forward takes the stacked tree. `fuse=False` splits without fusing."""
     params = nn.unbox(params)
     if not isinstance(params, Mapping) or "layers" not in params:
         raise ValueError(f"params: expected a Decoder's parameter tree with a 'layers' entry, "
                          f"got {type(params).__name__} with keys "
                          f"{sorted(params) if isinstance(params, Mapping) else None}")
 
-    return {**params, "layers": _split_and_fuse(params["layers"])}
+    return {**params, "layers": _split(params["layers"], fuse)}
 
 
-@jax.jit
-def _split_and_fuse(layers: Any) -> Any:
-    """`fuse_projections(unstack_leaves(layers))` as one program: called eagerly, the
-    per-layer slices of the projections it fuses are never all held beside the result."""
-    return fuse_projections(unstack_leaves(layers))
+@functools.partial(jax.jit, static_argnums=1)
+def _split(layers: Any, fuse: bool) -> Any:
+    """`unstack_leaves(layers)`, then `fuse_projections` if `fuse`, as one program: called
+    eagerly, the per-layer slices of the projections it fuses are never all held beside the
+    result."""
+    layers = unstack_leaves(layers)
+    return fuse_projections(layers) if fuse else layers
 
 
 def fuse_projections(layers: Mapping[str, Any]) -> dict[str, Any]:
