@@ -6,9 +6,9 @@
 For each model, layout (`--layouts`, default both: "per_layer", the weights split by
 `decoding.unstack_params` once beforehand and one cache array per layer; "stacked", the scanned
 layers) and batch size: random prompts of `--prompt_len` tokens, `--new_tokens` greedy
-tokens with no early stop (no EOS: a decode loop of known trip count; `--eos_id` gives one, and
-the loop that checks for it). The per-layer layout fuses the projections that share an input
-(`--no_fuse`: it does not). `generate_s` is one whole `calm_jax.decoding.generate`
+tokens with no early stop (no EOS: a decode loop of known trip count; `--early_stop` gives
+eos_id = vocab - 1, and the loop that checks for it). The per-layer layout fuses the
+projections that share an input (`--no_fuse`: it does not). `generate_s` is one whole `calm_jax.decoding.generate`
 call (prefill + decode loop, one jitted program), `prefill_s` one `prefill` call on the same
 prompts; the first call of each (compilation) is excluded and reported as `compile_s`, every
 timing is the median of `--repeats` calls ending in `block_until_ready`.
@@ -76,10 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no_fuse", dest="fuse", action="store_false",
                    help="per_layer layout without fused projections "
                         "(decoding.unstack_params(..., fuse=False))")
-    p.add_argument("--eos_id", type=int, default=None,
-                   help="pass this eos_id to generate: the decode loop then checks after every "
-                        "token whether all rows are done (with random weights a row may stop "
-                        "early); default none: a loop of known trip count")
+    p.add_argument("--early_stop", action="store_true",
+                   help="pass eos_id = vocab - 1 to generate: the decode loop then checks after "
+                        "every token whether all rows are done (with random weights a row may "
+                        "stop early); default: no eos_id, a loop of known trip count")
     args = p.parse_args(argv)
     if args.tiny:
         args.anchor_dim, args.anchor_layers, args.anchor_heads = 64, 2, 4
@@ -184,7 +184,8 @@ def measure(name: str, model, params, batch: int, args, layout: str) -> dict:
 
     def run_generate():
         return decoding.generate(model, params, prompts, lengths=lengths, max_new_tokens=n,
-                                 layout=layout, eos_id=args.eos_id)
+                                 layout=layout,
+                                 eos_id=args.vocab - 1 if args.early_stop else None)
 
     def run_prefill():
         return decoding.prefill(model, params, prompts, lengths,
@@ -228,7 +229,8 @@ def main(argv=None) -> dict:
         "jax": jax.__version__,
         "dtype": args.dtype,
         "attention_impl": args.attention_impl,
-        "fused_projections": args.fuse, "eos_id": args.eos_id,
+        "fused_projections": args.fuse,
+        "eos_id": args.vocab - 1 if args.early_stop else None,
         "anchor": {"embed_dim": anchor_cfg.embed_dim, "num_layers": anchor_cfg.num_layers,
                    "num_heads": anchor_cfg.num_heads, "mlp_dim": anchor_cfg.mlp_dim,
                    "params": anchor_cfg.num_params()},

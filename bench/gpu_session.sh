@@ -23,12 +23,13 @@
 #   chunked loss (each against part 1's dots + loss_chunk 512), decoding with the while loop in
 #   a CUDA graph (XLA's WHILE and CONDITIONAL command buffers), and the small step's flop count
 #   (which failed in part 2).
-# Part 4 (for the next GPU session): the changes made after part 3, against its figures: the
-#   chunked loss that no longer runs the output layer twice (large, both modes, the
-#   composed/fine-tune ratio), the large step without the chunked loss in both modes, decoding
-#   with fused projections and the known-trip-count loop (no eos_id), and without both (as in
-#   part 1, on this machine), the profile with command buffers off (kernels
-#   named by HLO op), XLA's dynamic-slice fusion (GEMMs reading a layer's weights in place),
+# Part 4 (for the next GPU session), most important first: the chunked loss that no longer
+#   runs the output layer twice (large, both modes: the composed/fine-tune ratio), the large
+#   composed step reading the frozen models per layer with fused projections
+#   (--frozen_layout per_layer: no weight indexed out of a stack, no stacked activations),
+#   decoding with fused projections and the known-trip-count loop (no eos_id) and without both
+#   (as in part 1, on this machine), the profile with command buffers off (kernels named by
+#   HLO op), the large step without the chunked loss in both modes, XLA's dynamic-slice fusion,
 #   the layer scans unrolled, and the small step's flop count.
 #
 # If a run fails with cuDNN named in its error (the end of its stderr; not a timeout or an
@@ -146,11 +147,13 @@ case "$PART" in
   ;;
 4)
   run large 120 bench/train_step.py --shape large --remat dots --loss_chunk 512 --no_hlo_flops
-  run large 120 bench/train_step.py --shape large --remat dots --no_hlo_flops
+  run large 150 bench/train_step.py --shape large --modes compose --remat dots \
+    --loss_chunk 512 --frozen_layout per_layer --no_hlo_flops --steps 5 --warmup 2
   run decode 90 bench/decode.py --batches 8 --layouts per_layer
-  run decode 90 bench/decode.py --batches 8 --layouts per_layer --no_fuse --eos_id 31999
+  run decode 90 bench/decode.py --batches 8 --layouts per_layer --no_fuse --early_stop
   XLA_FLAGS="--xla_gpu_enable_command_buffer=" run profile 90 bench/profile_step.py \
     --shape large --remat dots --loss_chunk 512 --top 30
+  run large 120 bench/train_step.py --shape large --remat dots --no_hlo_flops
   XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" run large 70 bench/train_step.py \
     --shape large --modes compose --remat dots --loss_chunk 512 --no_hlo_flops --steps 5 \
     --warmup 2

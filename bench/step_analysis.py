@@ -22,6 +22,7 @@ from calm_jax import steps as steps_lib
 from calm_jax import trainer
 from calm_jax.composition import ComposedLM, CompositionConfig
 from calm_jax.models import TransformerConfig
+from calm_jax.models.transformer import unstack_layers
 from calm_jax.optim import OptimizerConfig, make_optimizer, schedule
 
 
@@ -60,6 +61,11 @@ def kernel_sets(anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig
     in_layers = lambda keys: "layers" in keys  # noqa: E731
     frozen = (_kernel_shapes(abstract["anchor"], in_layers)
               | _kernel_shapes(abstract["augments"], in_layers))
+    # The per-layer layout's fused kernels ([embed, 3 | 2, ...], `unstack_layers`) too.
+    per_layer = jax.eval_shape(lambda t: {"anchor": unstack_layers(t["anchor"]),
+                                          "augments": {k: unstack_layers(v) for k, v in
+                                                       t["augments"].items()}}, abstract)
+    frozen |= _kernel_shapes(per_layer, lambda keys: False)
     trained = _kernel_shapes(abstract["composition"], lambda keys: True)
     return frozen, trained
 

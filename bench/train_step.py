@@ -111,6 +111,7 @@ from calm_jax import steps as steps_lib  # noqa: E402
 from calm_jax import trainer  # noqa: E402
 from calm_jax.composition import ComposedLM, CompositionConfig  # noqa: E402
 from calm_jax.models import TransformerConfig  # noqa: E402
+from calm_jax.models.transformer import unstack_layers  # noqa: E402
 from calm_jax.optim import OptimizerConfig, make_optimizer, schedule  # noqa: E402
 from bench.step_analysis import (  # noqa: E402
     _flops, _gib, compiled_memory, frozen_kernel_grad_dots, kernel_sets,
@@ -119,6 +120,7 @@ from bench.step_analysis import dot_output_shapes  # noqa: E402,F401 (tests use 
 
 H100_PEAK_FLOPS = 989e12  # dense bf16, SXM; the issue's denominator for "ideal MFU"
 MODES = ("compose", "finetune")
+FROZEN_LAYOUTS = ("stacked", "per_layer")
 
 # name -> (anchor fields, augment fields, vocab, batch, length)
 SHAPES: dict[str, tuple[dict, dict, int, int, int]] = {
@@ -235,14 +237,23 @@ class Built:
 
 def build(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig, *,
           batch: int, length: int, mesh, rules, seed: int = 0,
-          optimizer: OptimizerConfig | None = None, loss_chunk: int | None = None) -> Built:
+          optimizer: OptimizerConfig | None = None, loss_chunk: int | None = None,
+          frozen_layout: str = "stacked") -> Built:
     """The trainer's step for `mode` ("compose", or "finetune": all anchor parameters trained).
 
     "finetune" uses the trainer's "pretrain" setup: the same step as its "finetune" mode (every
     anchor parameter trained, no frozen trees), started from random weights instead of an
     export, which the step's cost does not depend on. Must run under `mesh` and the logical
     axis rules (`with mesh, nn.logical_axis_rules(rules)`), as in `trainer.train`.
+
+    `frozen_layout="per_layer"` (compose only) hands the step the frozen models in the
+    decoding layout (`transformer.unstack_layers`: one array per layer, projections that share
+    an input fused), whose layers run unrolled; the trainer itself keeps them stacked. An
+    experiment: the stacked trees stay referenced by the setup's export function, so the frozen
+    weights are held twice.
     """
+    if frozen_layout not in FROZEN_LAYOUTS:
+        raise ValueError(f"frozen_layout: expected one of {FROZEN_LAYOUTS}, got {frozen_layout!r}")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     optimizer = optimizer or OptimizerConfig()
@@ -253,6 +264,10 @@ def build(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConf
                        anchor=trainer.ModelSpec(config=anchor_cfg), augments=augments,
                        composition=CompositionConfig(), lora=lora_lib.LoraConfig(), mesh=mesh,
                        rules=rules, rng=rng_setup, loss_chunk=loss_chunk)
+    if frozen_layout == "per_layer" and mode == "compose":
+        s.frozen = {"anchor": unstack_layers(s.frozen["anchor"]),
+                    "augments": {name: unstack_layers(tree)
+                                 for name, tree in s.frozen["augments"].items()}}
     opt = make_optimizer(optimizer, total_steps)
     lr_schedule = schedule(optimizer, total_steps)
 
@@ -372,7 +387,8 @@ def measure(mode: str, args, mesh, rules) -> dict[str, Any]:
         "bench": "train_step", "device": device.device_kind, "backend": jax.default_backend(),
         "jax": jax.__version__, "shape": args.shape, "mode": mode, "dtype": args.dtype,
         "attention_impl": args.attention_impl, "remat": args.remat,
-        "unroll_layers": args.unroll_layers, "xla_flags": os.environ.get("XLA_FLAGS"),
+        "unroll_layers": args.unroll_layers, "frozen_layout": args.frozen_layout,
+        "xla_flags": os.environ.get("XLA_FLAGS"),
         "loss_chunk": args.loss_chunk, "batch": args.batch,
         "length": args.length, "vocab": anchor_cfg.vocab_size,
     }
@@ -387,7 +403,8 @@ def measure(mode: str, args, mesh, rules) -> dict[str, Any]:
             return rec
     with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
         b = build(mode, anchor_cfg, augment_cfg, batch=args.batch, length=args.length,
-                  mesh=mesh, rules=rules, seed=args.seed, loss_chunk=args.loss_chunk)
+                  mesh=mesh, rules=rules, seed=args.seed, loss_chunk=args.loss_chunk,
+                  frozen_layout=args.frozen_layout)
         rec["n"] = b.n
         rec["placement_peak_gib"] = _gib(_peak_bytes(device)[0])
         residuals = saved_residuals(b)  # traced only; before the state is donated
@@ -508,6 +525,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="unroll every layer scan of the timed step (TransformerConfig."
                         "scan_unroll = num_layers): no stacked weights indexed in a loop, no "
                         "stacked activations; longer compilation")
+    p.add_argument("--frozen_layout", default="stacked", choices=FROZEN_LAYOUTS,
+                   help="per_layer: the composed step reads the frozen models in the decoding "
+                        "layout (one array per layer, fused projections; layers unrolled)")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (frozen weights too)")
     p.add_argument("--batch", type=int, default=None, help="default: the shape's (8)")
     p.add_argument("--length", type=int, default=None, help="default: the shape's (1024)")

@@ -179,6 +179,43 @@ def test_dot_parser_reads_cpu_and_gpu_hlo():
     assert found["count"] == 2  # [64, 512] and its transpose; the activation is skipped
 
 
+def test_frozen_models_in_the_per_layer_layout_give_the_same_step():
+    # The composed step reading the frozen models as per-layer arrays with fused projections
+    # (unrolled layers; `train_step.build(frozen_layout="per_layer")`) computes the stacked
+    # layout's loss and gradients, and still no frozen-weight gradient.
+    anchor, augment = ts.model_configs("tiny", dtype="float32", remat="dots")
+    _, _, _, batch, length = ts.SHAPES["tiny"]
+    from calm_jax import partitioning as part
+    import flax.linen as nn
+
+    mesh = part.make_mesh(part.PartitioningConfig(num_devices=1))
+    out = {}
+    with part.mesh_context(mesh), nn.logical_axis_rules(list(part.DEFAULT_RULES)):
+        for layout in ts.FROZEN_LAYOUTS:
+            b = ts.build("compose", anchor, augment, batch=batch, length=length, mesh=mesh,
+                         rules=part.DEFAULT_RULES, loss_chunk=8, frozen_layout=layout)
+            grad = jax.jit(jax.value_and_grad(lambda p, f, x: b.loss(p, f, x)[0]))
+            out[layout] = grad(b.state["params"], b.frozen, b.batch)
+            if layout == "per_layer":
+                assert "qkv" not in b.frozen["anchor"]["layers"]["attn"]  # 4 heads, 2 KV heads
+                assert "kv" in b.frozen["anchor"]["layers"]["attn"]
+                assert "gate_up" in b.frozen["augments"]["augment"]["layers"]["mlp"]
+                text = b.step.lower(b.state, b.frozen, b.batch).compile().as_text()
+                frozen, trained = ts.kernel_sets(anchor, augment)
+                found = ts.frozen_kernel_grad_dots(text, frozen, trained,
+                                                   ts.token_dims(batch, length, 8))
+                assert found["count"] == 0 and found["checked_forms"] > 0, found
+    (loss_s, grads_s), (loss_p, grads_p) = out["stacked"], out["per_layer"]
+    np.testing.assert_allclose(loss_p, loss_s, rtol=1e-5)
+    for g_p, g_s in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_s)):
+        np.testing.assert_allclose(g_p, g_s, rtol=1e-3, atol=1e-5 * float(np.abs(g_s).max()))
+    assert any(np.any(g) for g in jax.tree.leaves(grads_s))
+    with pytest.raises(ValueError, match=r"frozen_layout: expected one of \('stacked', "
+                                         r"'per_layer'\), got 'rolled'"):
+        ts.build("compose", anchor, augment, batch=batch, length=length, mesh=mesh,
+                 rules=part.DEFAULT_RULES, frozen_layout="rolled")
+
+
 def test_unrolled_flops_falls_back_to_the_compiled_module():
     # The GPU backend's lowered module reports no cost analysis (None); the H200 run's
     # `hlo_flops` then failed with a TypeError. The compiled module's count is used instead.

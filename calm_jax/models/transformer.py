@@ -246,11 +246,20 @@ class Decoder(nn.Module):
         if start == stop:
             return h
         params = nn.unbox(self.layers.variables["params"])
-        if layers_unstacked(params):
-            raise ValueError("params['layers']: expected stacked [layers, ...] arrays for a "
-                             "forward pass (per-layer weights from unstack_layers are for "
-                             "cached decoding), got per-layer LayerLists")
         block = Block(cfg, parent=None)  # unbound: applied to one layer's weights at a time
+        if layers_unstacked(params):
+            # Per-layer weights (`unstack_layers`, e.g. a frozen model's): the layers run
+            # unrolled, each reading its own arrays (fused projections included), so no
+            # weight is indexed out of a stack and no activation is stacked for the backward.
+            def one(h, layer_params, layer_is_global):
+                return block.apply({"params": layer_params}, h, ctx, layer_is_global)[0]
+
+            policy = REMAT_POLICIES.get(cfg.remat_policy)
+            if policy is not None:
+                one = jax.checkpoint(one, policy=policy)
+            for layer in range(start, stop):
+                h = one(h, _index_layer(params, layer), is_global[layer])
+            return h
         if (start, stop) == (0, cfg.num_layers):
             # The whole stack: the scan reads each layer's weights as its `xs`.
             def body(carry, xs):
