@@ -8,10 +8,11 @@ For each model, layout (`--layouts`, default both: "per_layer", the weights spli
 layers) and batch size: random prompts of `--prompt_len` tokens, `--new_tokens` greedy
 tokens with no early stop (no EOS: a decode loop of known trip count; `--early_stop` gives
 eos_id = vocab - 1, and the loop that checks for it). The per-layer layout fuses the
-projections that share an input (`--no_fuse`: it does not). `generate_s` is one whole `calm_jax.decoding.generate`
-call (prefill + decode loop, one jitted program), `prefill_s` one `prefill` call on the same
-prompts; the first call of each (compilation) is excluded and reported as `compile_s`, every
-timing is the median of `--repeats` calls ending in `block_until_ready`.
+projections that share an input (`--no_fuse`: it does not). `generate_s` is one whole
+`calm_jax.decoding.generate` call (prefill + decode loop, one jitted program), `prefill_s` one
+`prefill` call on the same prompts; the first call of each (compilation) is excluded and
+reported as `compile_s`, every timing is the median of `--repeats` calls ending in
+`block_until_ready`.
 
   new_tokens_per_s     = batch * new_tokens / generate_s
   decode_tokens_per_s  = batch * (new_tokens - 1) / (generate_s - prefill_s)   (decode loop only;
