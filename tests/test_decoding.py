@@ -307,6 +307,33 @@ def test_fused_projections_decode_alike_with_fewer_products(which, saved):
     assert out["unfused"][2] - out["fused"][2] == saved * layers, out
 
 
+def test_fused_projections_keep_a_sharded_heads_axis_and_decode_alike():
+    # Weights sharded as the trainer places them on a (data, fsdp, tensor) = (1, 2, 2) mesh:
+    # heads, KV heads and the MLP axis over "tensor". The fused kernels are stacked on a new
+    # axis after the input one, so those axes keep their sharding, and decoding gives the
+    # unsharded tokens.
+    from calm_jax import partitioning as part
+
+    model, params = plain("llama")  # 4 heads, 2 KV heads
+    mesh = part.make_mesh(part.PartitioningConfig(mesh_shape=(1, 2, 2), num_devices=4))
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+    shardings = part.shardings_for(abstract, mesh, part.DEFAULT_RULES)["params"]
+    with part.mesh_context(mesh), nn.logical_axis_rules(list(part.DEFAULT_RULES)):
+        placed = jax.device_put(params, shardings)
+        fused = decoding.unstack_params(model, placed)
+        kv = fused["layers"]["attn"]["kv"]["kernel"].arrays[0]  # [embed, 2, kv_heads, head_dim]
+        gate_up = fused["layers"]["mlp"]["gate_up"]["kernel"].arrays[0]  # [embed, 2, mlp]
+        key_spec = shardings["layers"]["attn"]["key"]["kernel"].spec  # [layers, embed, kv, hd]
+        up_spec = shardings["layers"]["mlp"]["up"]["kernel"].spec
+        assert kv.sharding.is_equivalent_to(jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(key_spec[1], None, *key_spec[2:])), kv.ndim)
+        assert gate_up.sharding.is_equivalent_to(jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec(up_spec[1], None, up_spec[2])), gate_up.ndim)
+        sharded = generate(model, fused, PROMPTS, max_new_tokens=STEPS).tokens
+    np.testing.assert_array_equal(sharded, generate(model, params, PROMPTS,
+                                                    max_new_tokens=STEPS).tokens)
+
+
 def test_per_layer_decode_step_copies_no_weights_or_cache_slots():
     """Compiled decode steps: with stacked weights and cache, each layer's weights and cache
     slots are copied out of the stacks (dynamic-slice) at every step, and each connection's
