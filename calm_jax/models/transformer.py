@@ -9,7 +9,9 @@ last layer it needs.
 Cached decoding (`Decoder.extend`) appends tokens to a `KVCache` with the same pieces:
 `embed` -> `run_layers_cached(start, stop)` -> `head`. With a stacked cache it scans the cache
 alongside the layers; with a per-layer cache (and, for speed, per-layer weights from
-`unstack_layers`) it unrolls the layer loop, so no layer's weights or cache slots are copied.
+`unstack_layers`, whose projections that share an input are fused) it unrolls the layer loop,
+so no layer's weights or cache slots are copied. `run_layers` takes per-layer weights too (the
+layers then run unrolled), e.g. for frozen models in a training step.
 
 Layer numbering: 1-indexed, as in the paper. `states[k]` is the residual stream after block k
 (before the final norm); `states[0]` is the embedding output. See `calm_jax.models.config`.
@@ -132,7 +134,8 @@ def fuse_projections(layers: Mapping[str, Any]) -> dict[str, Any]:
     head_dim]); a GLU's gate and up into `mlp/gate_up` ([embed, 2, mlp]); biases alike. The
     parts are stacked on a new axis after the input one, so a sharded heads or mlp axis keeps
     its sharding. `SelfAttention` and `MLP` read whichever form they find; already fused
-    parameters are returned unchanged. The decoding layout only (`unstack_layers`)."""
+    parameters are returned unchanged. Part of the per-layer layout (`unstack_layers`), which
+    decoding uses and a forward pass runs unrolled (`Decoder.run_layers`)."""
     def stack(denses):  # {"kernel": [d, ...] per layer, "bias"?: [...]} of each Dense
         axis = {"kernel": 1, "bias": 0}  # after the kernel's input axis; the bias has none
         return {name: LayerList(tuple(jnp.stack(parts, axis=axis[name]) for parts in
