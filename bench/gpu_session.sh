@@ -6,9 +6,10 @@
 # Every run is one `python3 bench/...` invocation with its own time limit, cut to what is left
 # of BUDGET_S (a run that cannot get 60 s is skipped and says so), so the script ends inside
 # one device call (10 min) whatever hangs. JSON lines go to $OUT/<name>.jsonl (OUT defaults to
-# bench/out), stderr to $OUT/<name>.err, one status line per run to stdout and
-# $OUT/session.log. Needs only what the GPU image has: jax (CUDA), flax, optax; no gin, clu or
-# TensorFlow. Record what comes back in bench/RESULTS.md with the device, command and date.
+# bench/out), one status line per run to stdout and $OUT/session.log, and at the end every
+# run's stderr to $OUT/stderr.txt (one file: the device tool brings back at most 8). Needs
+# only what the GPU image has: jax (CUDA), flax, optax; no gin, clu or TensorFlow. Record what
+# comes back in bench/RESULTS.md with the device, command and date.
 #
 # Part 1: the issue's targets at their expected best configuration (cuDNN attention where it
 #   applies, "auto"; for large and xl remat "dots" and a chunked loss: the trace estimates put
@@ -166,3 +167,10 @@ case "$PART" in
   exit 2
   ;;
 esac
+# Each run's stderr into one file, so that $OUT holds at most 4 JSON files and 3 others.
+for err in "$OUT"/*.err; do
+  [[ -e $err ]] || continue
+  echo "== $(basename "$err" .err)"
+  cat "$err"
+done >>"$OUT/stderr.txt"
+rm -f "$OUT"/*.err

@@ -94,6 +94,13 @@ def test_a_cudnn_failure_moves_the_later_runs_to_xla_attention(tmp_path):
     assert len(later) == 4 and all(line.startswith("rc=0 ") for line in later), later
     assert all(line.endswith("--attention_impl xla") for line in later)
     assert sum("bench/decode.py" in line for line in later) == 1
+    # Every run's stderr in one file, beside 4 JSON files: the device tool returns 8 at most.
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "decode.jsonl", "device.txt", "large.jsonl", "session.log", "small.jsonl",
+        "stderr.txt", "xl.jsonl"]
+    stderr = (out / "stderr.txt").read_text()
+    assert "== small\n" in stderr and "CUDNN_STATUS_EXECUTION_FAILED" in stderr
 
 
 @pytest.mark.parametrize("error", [
