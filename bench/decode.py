@@ -18,6 +18,10 @@ reported as `compile_s`, every timing is the median of `--repeats` calls ending 
   decode_tokens_per_s  = batch * (new_tokens - 1) / (generate_s - prefill_s)   (decode loop only;
                          null when timing noise makes the difference non-positive)
 
+`profiles` (with `--profile`; per model and layout, at the first batch size): one traced
+`generate` call summed by `bench/profile_step.summarize` per generated token: step_ms, the
+device's busy and idle time, kernels per token, kernel time by category, the longest kernels.
+
 `step_copies` (per model and layout, from one decode step compiled at the first batch size, not
 timed): the dynamic-slice / slice / copy / transpose instructions of the compiled step whose
 output is at least as large as the smallest per-layer kernel or cache array, and the MiB they
@@ -74,6 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     p.add_argument("--layouts", default=",".join(decoding.LAYOUTS),
                    help="comma-separated decoding layouts (per_layer, stacked)")
+    p.add_argument("--profile", action="store_true",
+                   help="also trace one generate call per model and layout at the first batch "
+                        "size and report its kernels per generated token (`profiles`)")
     p.add_argument("--no_fuse", dest="fuse", action="store_false",
                    help="per_layer layout without fused projections "
                         "(decoding.unstack_params(..., fuse=False))")
@@ -206,6 +213,36 @@ def measure(name: str, model, params, batch: int, args, layout: str) -> dict:
     }
 
 
+def profile_generate(model, params, batch: int, args, layout: str) -> dict:
+    """Kernel time of one traced `generate` call (after a compiling one), per generated token:
+    `bench/profile_step.summarize` with steps = new tokens (prefill included, spread over
+    them). On a CPU the host's XLA threads stand in for a device, as there."""
+    import glob
+    import tempfile
+    from jax.profiler import ProfileData
+    from bench.profile_step import device_events, summarize
+
+    rng = np.random.default_rng(batch)
+    prompts = rng.integers(3, args.vocab, (batch, args.prompt_len), dtype=np.int32)
+    lengths = np.full((batch,), args.prompt_len, np.int32)
+
+    def run():
+        return decoding.generate(model, params, prompts, lengths=lengths,
+                                 max_new_tokens=args.new_tokens, layout=layout,
+                                 eos_id=args.vocab - 1 if args.early_stop else None)
+
+    jax.block_until_ready(run())
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir):
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            wall = time.perf_counter() - start
+        files = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+        source, events = device_events(ProfileData.from_file(files[0]).planes)
+    out = summarize(events, args.new_tokens, wall, top=10, per_category=4)
+    return {"batch": batch, "source": source, "per_token": out}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     anchor_cfg = model_config(args.anchor_dim, args.anchor_layers, args.anchor_heads, args)
@@ -213,7 +250,7 @@ def main(argv=None) -> dict:
     composed = ComposedLM(anchor_cfg, {"augment": augment_cfg})
     params = jax.jit(lambda key: nn.unbox(composed.init(key)))(jax.random.key(0))
     models = {"anchor": (Decoder(anchor_cfg), params["anchor"]), "composed": (composed, params)}
-    results, copies = [], {}
+    results, copies, profiles = [], {}, {}
     for layout in args.layouts:
         for name, (model, stacked) in models.items():
             run = (decoding.unstack_params(model, stacked, fuse=args.fuse)
@@ -222,6 +259,9 @@ def main(argv=None) -> dict:
                                                               args.batches[0], args)
             for batch in args.batches:
                 results.append(measure(name, model, run, batch, args, layout))
+            if args.profile:
+                profiles.setdefault(name, {})[layout] = profile_generate(
+                    model, run, args.batches[0], args, layout)
             del run
     report = {
         "bench": "decode",
@@ -245,6 +285,8 @@ def main(argv=None) -> dict:
         "step_copies": copies,
         "results": results,
     }
+    if args.profile:
+        report["profiles"] = profiles
     print(json.dumps(report, indent=1))
     return report
 

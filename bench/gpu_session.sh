@@ -150,8 +150,8 @@ case "$PART" in
   run large 120 bench/train_step.py --shape large --remat dots --loss_chunk 512 --no_hlo_flops
   run large 150 bench/train_step.py --shape large --modes compose --remat dots \
     --loss_chunk 512 --frozen_layout per_layer --no_hlo_flops --steps 5 --warmup 2
-  run decode 90 bench/decode.py --batches 8 --layouts per_layer
-  run decode 90 bench/decode.py --batches 8 --layouts per_layer --no_fuse --early_stop
+  run decode 90 bench/decode.py --batches 8 --layouts per_layer --profile
+  run decode 90 bench/decode.py --batches 8 --layouts per_layer --no_fuse --early_stop --profile
   XLA_FLAGS="--xla_gpu_enable_command_buffer=" run profile 90 bench/profile_step.py \
     --shape large --remat dots --loss_chunk 512 --top 30
   run large 120 bench/train_step.py --shape large --remat dots --no_hlo_flops
