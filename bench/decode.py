@@ -270,6 +270,7 @@ def main(argv=None) -> dict:
         "jax": jax.__version__,
         "dtype": args.dtype,
         "attention_impl": args.attention_impl,
+        "xla_flags": os.environ.get("XLA_FLAGS"),
         "fused_projections": args.fuse,
         "eos_id": args.vocab - 1 if args.early_stop else None,
         "anchor": {"embed_dim": anchor_cfg.embed_dim, "num_layers": anchor_cfg.num_layers,

@@ -28,10 +28,13 @@
 #   runs the output layer twice (large, both modes: the composed/fine-tune ratio), the large
 #   composed step reading the frozen models per layer with fused projections
 #   (--frozen_layout per_layer: no weight indexed out of a stack, no stacked activations),
-#   decoding with fused projections and the known-trip-count loop (no eos_id) and without both
-#   (as in part 1, on this machine), the profile with command buffers off (kernels named by
-#   HLO op), the large step without the chunked loss in both modes, XLA's dynamic-slice fusion,
-#   the layer scans unrolled, and the small step's flop count.
+#   decoding with fused projections and the known-trip-count loop (no eos_id), the same with
+#   XLA's concurrent command-buffer scheduling (independent kernels, such as the augmenting
+#   model's layers beside the anchor's lower ones, may overlap in the CUDA graph), and without
+#   both changes (as in part 1, on this machine), the profile with command buffers off
+#   (kernels named by HLO op), the large step without the chunked loss in both modes, XLA's
+#   dynamic-slice fusion, the layer scans unrolled, and the small step's flop count. About 9
+#   minutes in all: the last runs may be skipped for the budget (session.log says so).
 #
 # If a run fails with cuDNN named in its error (the end of its stderr; not a timeout or an
 # out-of-memory error), the runs after it that do not set --attention_impl themselves get
@@ -151,6 +154,8 @@ case "$PART" in
   run large 150 bench/train_step.py --shape large --modes compose --remat dots \
     --loss_chunk 512 --frozen_layout per_layer --no_hlo_flops --steps 5 --warmup 2
   run decode 90 bench/decode.py --batches 8 --layouts per_layer --profile
+  XLA_FLAGS="--xla_gpu_command_buffer_scheduling_mode=CONCURRENT" run decode 90 \
+    bench/decode.py --batches 8 --layouts per_layer --profile
   run decode 90 bench/decode.py --batches 8 --layouts per_layer --no_fuse --early_stop --profile
   XLA_FLAGS="--xla_gpu_enable_command_buffer=" run profile 90 bench/profile_step.py \
     --shape large --remat dots --loss_chunk 512 --top 30

@@ -160,7 +160,8 @@ def profile(mode: str, args, mesh, rules) -> dict[str, Any]:
                                                attention_impl=args.attention_impl,
                                                remat=args.remat)
     rec: dict[str, Any] = {"bench": "profile_step", "device": jax.devices()[0].device_kind,
-                           "jax": jax.__version__, "shape": args.shape, "mode": mode,
+                           "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS"),
+                           "shape": args.shape, "mode": mode,
                            "attention_impl": args.attention_impl, "remat": args.remat,
                            "loss_chunk": args.loss_chunk, "batch": args.batch,
                            "length": args.length}
