@@ -183,17 +183,29 @@ def step_copies(model, stacked, run, batch: int, args) -> dict:
                 copies, key=lambda c: -int(np.prod(c[2])))[:4]]}
 
 
-def measure(name: str, model, params, batch: int, args, layout: str) -> dict:
-    """Timings of one model in one layout (`params` already in that layout)."""
+def eos_id(args) -> int | None:
+    """The eos_id `generate` gets: vocab - 1 with `--early_stop`, else none."""
+    return args.vocab - 1 if args.early_stop else None
+
+
+def prompts_and_generate(model, params, batch: int, args, layout: str):
+    """(prompts, lengths, a call of `generate` on them): random prompts seeded by `batch`."""
     rng = np.random.default_rng(batch)
     prompts = rng.integers(3, args.vocab, (batch, args.prompt_len), dtype=np.int32)
     lengths = np.full((batch,), args.prompt_len, np.int32)
-    n = args.new_tokens
 
     def run_generate():
-        return decoding.generate(model, params, prompts, lengths=lengths, max_new_tokens=n,
-                                 layout=layout,
-                                 eos_id=args.vocab - 1 if args.early_stop else None)
+        return decoding.generate(model, params, prompts, lengths=lengths,
+                                 max_new_tokens=args.new_tokens, layout=layout,
+                                 eos_id=eos_id(args))
+
+    return prompts, lengths, run_generate
+
+
+def measure(name: str, model, params, batch: int, args, layout: str) -> dict:
+    """Timings of one model in one layout (`params` already in that layout)."""
+    prompts, lengths, run_generate = prompts_and_generate(model, params, batch, args, layout)
+    n = args.new_tokens
 
     def run_prefill():
         return decoding.prefill(model, params, prompts, lengths,
@@ -217,28 +229,11 @@ def profile_generate(model, params, batch: int, args, layout: str) -> dict:
     """Kernel time of one traced `generate` call (after a compiling one), per generated token:
     `bench/profile_step.summarize` with steps = new tokens (prefill included, spread over
     them). On a CPU the host's XLA threads stand in for a device, as there."""
-    import glob
-    import tempfile
-    from jax.profiler import ProfileData
-    from bench.profile_step import device_events, summarize
+    from bench.profile_step import summarize, traced_events
 
-    rng = np.random.default_rng(batch)
-    prompts = rng.integers(3, args.vocab, (batch, args.prompt_len), dtype=np.int32)
-    lengths = np.full((batch,), args.prompt_len, np.int32)
-
-    def run():
-        return decoding.generate(model, params, prompts, lengths=lengths,
-                                 max_new_tokens=args.new_tokens, layout=layout,
-                                 eos_id=args.vocab - 1 if args.early_stop else None)
-
-    jax.block_until_ready(run())
-    with tempfile.TemporaryDirectory() as logdir:
-        with jax.profiler.trace(logdir):
-            start = time.perf_counter()
-            jax.block_until_ready(run())
-            wall = time.perf_counter() - start
-        files = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
-        source, events = device_events(ProfileData.from_file(files[0]).planes)
+    _, _, run = prompts_and_generate(model, params, batch, args, layout)
+    jax.block_until_ready(run())  # compiles
+    wall, source, events = traced_events(run)
     out = summarize(events, args.new_tokens, wall, top=10, per_category=4)
     return {"batch": batch, "source": source, "per_token": out}
 
@@ -272,7 +267,7 @@ def main(argv=None) -> dict:
         "attention_impl": args.attention_impl,
         "xla_flags": os.environ.get("XLA_FLAGS"),
         "fused_projections": args.fuse,
-        "eos_id": args.vocab - 1 if args.early_stop else None,
+        "eos_id": eos_id(args),
         "anchor": {"embed_dim": anchor_cfg.embed_dim, "num_layers": anchor_cfg.num_layers,
                    "num_heads": anchor_cfg.num_heads, "mlp_dim": anchor_cfg.mlp_dim,
                    "params": anchor_cfg.num_params()},

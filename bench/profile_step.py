@@ -153,9 +153,24 @@ def top_by_category(events, steps: int, n: int) -> dict[str, list[dict[str, Any]
             for cat, names in per.items()}
 
 
-def profile(mode: str, args, mesh, rules) -> dict[str, Any]:
+def traced_events(fn) -> tuple[float, str, list[tuple[str, str | None, int, int]]]:
+    """Runs `fn()` (to `block_until_ready` of what it returns) under `jax.profiler.trace`:
+    (its wall seconds, `device_events` of the trace read back with `ProfileData`)."""
     from jax.profiler import ProfileData
 
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            wall = time.perf_counter() - start
+        files = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
+        if not files:
+            raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {logdir}")
+        source, events = device_events(ProfileData.from_file(files[0]).planes)
+    return wall, source, events
+
+
+def profile(mode: str, args, mesh, rules) -> dict[str, Any]:
     anchor_cfg, augment_cfg = ts.model_configs(args.shape, dtype=args.dtype,
                                                attention_impl=args.attention_impl,
                                                remat=args.remat)
@@ -173,18 +188,13 @@ def profile(mode: str, args, mesh, rules) -> dict[str, Any]:
         for _ in range(args.warmup):
             state, metrics = compiled(state, b.frozen, b.batch)
         jax.block_until_ready((state, metrics))
-        with tempfile.TemporaryDirectory() as logdir:
-            with jax.profiler.trace(logdir):
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    state, metrics = compiled(state, b.frozen, b.batch)
-                jax.block_until_ready((state, metrics))
-                wall = time.perf_counter() - start
-            files = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)
-            if not files:
-                raise RuntimeError(f"jax.profiler.trace wrote no .xplane.pb under {logdir}")
-            data = ProfileData.from_file(files[0])
-            source, events = device_events(data.planes)
+        def steps():
+            nonlocal state, metrics
+            for _ in range(args.steps):
+                state, metrics = compiled(state, b.frozen, b.batch)
+            return state, metrics
+
+        wall, source, events = traced_events(steps)
     rec["source"] = source
     rec["tokens_per_s"] = round(b.tokens * args.steps / wall, 1)
     rec.update(summarize(events, args.steps, wall, args.top))

@@ -96,10 +96,10 @@ def chunked_cross_entropy(h: Array, head_fn: Callable[[Array], Array], targets: 
     }
 
 
-def _chunks(x: Array, chunk: int) -> Array:
-    """[batch, n * chunk, ...] -> [n, batch, chunk, ...] (the scan's leading axis)."""
-    b, t = x.shape[:2]
-    return jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)
+def _chunks(chunk: int, *xs: Array) -> tuple[Array, ...]:
+    """Each [batch, n * chunk, ...] x as [n, batch, chunk, ...] (the scan's leading axis)."""
+    return tuple(jnp.swapaxes(x.reshape(x.shape[0], x.shape[1] // chunk, chunk, *x.shape[2:]),
+                              0, 1) for x in xs)
 
 
 def _unchunk(x: Array) -> Array:
@@ -123,8 +123,7 @@ def _fused_chunk_loss(head, chunk, h, weights, targets, *consts):
         return (carry[0] + loss, carry[1] + correct), None
 
     zero = jnp.zeros((), jnp.float32)
-    sums, _ = jax.lax.scan(body, (zero, zero), (_chunks(h, chunk), _chunks(weights, chunk),
-                                                _chunks(targets, chunk)))
+    sums, _ = jax.lax.scan(body, (zero, zero), _chunks(chunk, h, weights, targets))
     return sums
 
 
@@ -153,9 +152,8 @@ def _fused_chunk_loss_fwd(head, chunk, h, weights, targets, *consts):
 
     zero = jnp.zeros((), jnp.float32)
     grads0 = tuple(jnp.zeros(v.shape, v.dtype) for v, p in zip(values, trained) if p)
-    (loss, correct, grads), dh = jax.lax.scan(
-        body, (zero, zero, grads0),
-        (_chunks(h, chunk), _chunks(weights, chunk), _chunks(targets, chunk)))
+    (loss, correct, grads), dh = jax.lax.scan(body, (zero, zero, grads0),
+                                              _chunks(chunk, h, weights, targets))
     it = iter(grads)  # one entry per const: its summed gradient, or None where frozen
     return (loss, correct), (_unchunk(dh), tuple(next(it) if p else None for p in trained))
 

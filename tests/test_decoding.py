@@ -20,6 +20,7 @@ from calm_jax import decoding
 from calm_jax.composition import ComposedLM, CompositionConfig
 from calm_jax.decoding import SamplingConfig, decode_step, generate, pad_prompts, prefill
 from calm_jax.models import Decoder, TransformerConfig, init_decoder
+from jaxpr_support import equations
 
 VOCAB = 384
 FAMILIES = {
@@ -269,19 +270,8 @@ def test_per_layer_cache_and_weights_layout():
 
 def _products(fn, *args) -> int:
     """dot_general equations in fn's jaxpr, nested ones included."""
-    count = 0
-
-    def walk(jpr):
-        nonlocal count
-        for eqn in getattr(jpr, "jaxpr", jpr).eqns:
-            count += eqn.primitive.name == "dot_general"
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args))
-    return count
+    return sum(eqn.primitive.name == "dot_general"
+               for eqn in equations(jax.make_jaxpr(fn)(*args)))
 
 
 @pytest.mark.parametrize("which, saved", [
@@ -396,17 +386,8 @@ def _decode_loop_condition(eos_id):
                            early_stop=eos_id is not None)
     jaxpr = jax.make_jaxpr(fn)(params, tokens, lengths, jax.random.key(0),
                                jnp.int32(-1 if eos_id is None else eos_id), jnp.int32(0))
-    found = []
-
-    def walk(jpr):
-        for eqn in getattr(jpr, "jaxpr", jpr).eqns:
-            if eqn.primitive.name == "while":
-                found.append({e.primitive.name for e in eqn.params["cond_jaxpr"].jaxpr.eqns})
-            for value in eqn.params.values():
-                if hasattr(value, "eqns") or hasattr(getattr(value, "jaxpr", None), "eqns"):
-                    walk(value)
-
-    walk(jaxpr)
+    found = [{e.primitive.name for e in eqn.params["cond_jaxpr"].jaxpr.eqns}
+             for eqn in equations(jaxpr) if eqn.primitive.name == "while"]
     assert len(found) == 1, found
     return found[0]
 

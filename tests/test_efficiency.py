@@ -16,6 +16,7 @@ import pytest
 
 from calm_jax.composition import ComposedLM
 from calm_jax.losses import chunked_cross_entropy, cross_entropy
+from jaxpr_support import equations
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
                      "train_step.py")
@@ -313,18 +314,8 @@ def test_chunked_cross_entropy_never_holds_all_logits():
         return chunked_cross_entropy(h, lambda x: x @ w, targets, chunk=8)["loss"]
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(h, w)
-    shapes = set()
-
-    def walk(jpr):
-        jpr = getattr(jpr, "jaxpr", jpr)  # ClosedJaxpr -> Jaxpr
-        for eqn in jpr.eqns:
-            shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                        walk(sub)
-
-    walk(jaxpr.jaxpr)
+    shapes = {tuple(v.aval.shape) for eqn in equations(jaxpr) for v in eqn.outvars
+              if hasattr(v.aval, "shape")}
     vocab_shapes = {s for s in shapes if 97 in s}
     assert vocab_shapes and all(np.prod(s) <= 3 * 8 * 97 for s in vocab_shapes), vocab_shapes
 
@@ -332,22 +323,9 @@ def test_chunked_cross_entropy_never_holds_all_logits():
 def _vocab_products(fn, *args, vocab: int) -> int:
     """Matrix products in fn's jaxpr (nested ones included, each once) that read or write an
     axis of size `vocab`: the output layer's forward, input-gradient and weight-gradient."""
-    count = 0
-
-    def walk(jpr):
-        nonlocal count
-        jpr = getattr(jpr, "jaxpr", jpr)
-        for eqn in jpr.eqns:
-            if eqn.primitive.name == "dot_general" and any(
-                    vocab in getattr(v.aval, "shape", ()) for v in (*eqn.invars, *eqn.outvars)):
-                count += 1
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                        walk(sub)
-
-    walk(jax.make_jaxpr(fn)(*args).jaxpr)
-    return count
+    return sum(eqn.primitive.name == "dot_general" and any(
+        vocab in getattr(v.aval, "shape", ()) for v in (*eqn.invars, *eqn.outvars))
+        for eqn in equations(jax.make_jaxpr(fn)(*args)))
 
 
 def test_chunked_loss_runs_the_output_layer_once_each_way():
