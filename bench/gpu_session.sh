@@ -24,17 +24,19 @@
 #   chunked loss (each against part 1's dots + loss_chunk 512), decoding with the while loop in
 #   a CUDA graph (XLA's WHILE and CONDITIONAL command buffers), and the small step's flop count
 #   (which failed in part 2).
-# Part 4 (for the next GPU session), most important first: the chunked loss that no longer
-#   runs the output layer twice (large, both modes: the composed/fine-tune ratio), the large
-#   composed step reading the frozen models per layer with fused projections
-#   (--frozen_layout per_layer: no weight indexed out of a stack, no stacked activations),
-#   decoding with fused projections and the known-trip-count loop (no eos_id), the same with
-#   XLA's concurrent command-buffer scheduling (independent kernels, such as the augmenting
-#   model's layers beside the anchor's lower ones, may overlap in the CUDA graph), and without
-#   both changes (as in part 1, on this machine), the profile with command buffers off
-#   (kernels named by HLO op), the large step without the chunked loss in both modes, XLA's
-#   dynamic-slice fusion, the layer scans unrolled, and the small step's flop count. About 9
-#   minutes in all: the last runs may be skipped for the budget (session.log says so).
+# Part 4 (for the next GPU session), most important first: the large step in both modes (the
+#   composed/fine-tune ratio) with remat "dots_attention" (cuDNN's attention forward no longer
+#   run again in the backward pass) and the chunked loss that no longer runs the output layer
+#   twice, then the same with "dots" (what the policy is worth); decoding with fused
+#   projections and the known-trip-count loop (no eos_id), the same with XLA's concurrent
+#   command-buffer scheduling (independent kernels, such as the augmenting model's layers
+#   beside the anchor's lower ones, may overlap in the CUDA graph); the large composed step
+#   reading the frozen models per layer with fused projections (--frozen_layout per_layer: no
+#   weight indexed out of a stack, no stacked activations); the large step without the chunked
+#   loss; the profile with command buffers off (kernels named by HLO op); the small step with
+#   "dots_attention"; decoding without both decoding changes (as in part 1, on this machine);
+#   XLA's dynamic-slice fusion; the layer scans unrolled; the small step's flop count. About
+#   10 minutes of runs: the last are skipped for the budget (session.log says so).
 #
 # If a run fails with cuDNN named in its error (the end of its stderr; not a timeout or an
 # out-of-memory error), the runs after it that do not set --attention_impl themselves get
@@ -150,20 +152,24 @@ case "$PART" in
   run small 90 bench/train_step.py --shape small --modes compose --steps 3
   ;;
 4)
+  run large 120 bench/train_step.py --shape large --remat dots_attention --loss_chunk 512 \
+    --no_hlo_flops
   run large 120 bench/train_step.py --shape large --remat dots --loss_chunk 512 --no_hlo_flops
-  run large 150 bench/train_step.py --shape large --modes compose --remat dots \
-    --loss_chunk 512 --frozen_layout per_layer --no_hlo_flops --steps 5 --warmup 2
   run decode 90 bench/decode.py --batches 8 --layouts per_layer --profile
   XLA_FLAGS="--xla_gpu_command_buffer_scheduling_mode=CONCURRENT" run decode 90 \
     bench/decode.py --batches 8 --layouts per_layer --profile
-  run decode 90 bench/decode.py --batches 8 --layouts per_layer --no_fuse --early_stop --profile
+  run large 150 bench/train_step.py --shape large --modes compose --remat dots_attention \
+    --loss_chunk 512 --frozen_layout per_layer --no_hlo_flops --steps 5 --warmup 2
+  run large 120 bench/train_step.py --shape large --remat dots_attention --no_hlo_flops
   XLA_FLAGS="--xla_gpu_enable_command_buffer=" run profile 90 bench/profile_step.py \
-    --shape large --remat dots --loss_chunk 512 --top 30
-  run large 120 bench/train_step.py --shape large --remat dots --no_hlo_flops
+    --shape large --remat dots_attention --loss_chunk 512 --top 30
+  run small 90 bench/train_step.py --shape small --remat dots_attention --loss_chunk 512 \
+    --no_hlo_flops
+  run decode 90 bench/decode.py --batches 8 --layouts per_layer --no_fuse --early_stop --profile
   XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" run large 70 bench/train_step.py \
-    --shape large --modes compose --remat dots --loss_chunk 512 --no_hlo_flops --steps 5 \
-    --warmup 2
-  run large 150 bench/train_step.py --shape large --modes compose --remat dots \
+    --shape large --modes compose --remat dots_attention --loss_chunk 512 --no_hlo_flops \
+    --steps 5 --warmup 2
+  run large 150 bench/train_step.py --shape large --modes compose --remat dots_attention \
     --loss_chunk 512 --unroll_layers --no_hlo_flops --steps 5 --warmup 2
   run small 90 bench/train_step.py --shape small --modes compose --steps 3
   ;;

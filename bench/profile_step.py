@@ -212,7 +212,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=25, help="kernels listed")
     p.add_argument("--attention_impl", default="auto", choices=("auto", "xla", "cudnn"))
     p.add_argument("--loss_chunk", type=int, default=None)
-    p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    p.add_argument("--remat", default="none", choices=ts.REMAT_POLICY_NAMES)
     p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args(argv)
     if args.tiny:

@@ -111,6 +111,7 @@ from calm_jax import steps as steps_lib  # noqa: E402
 from calm_jax import trainer  # noqa: E402
 from calm_jax.composition import ComposedLM, CompositionConfig  # noqa: E402
 from calm_jax.models import TransformerConfig  # noqa: E402
+from calm_jax.models.config import REMAT_POLICY_NAMES  # noqa: E402
 from calm_jax.models.transformer import unstack_layers  # noqa: E402
 from calm_jax.optim import OptimizerConfig, make_optimizer, schedule  # noqa: E402
 from bench.step_analysis import (  # noqa: E402
@@ -520,7 +521,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loss_chunk", type=int, default=None,
                    help="positions per output-layer chunk in the loss (trainer.train's "
                         "loss_chunk); default: all logits at once")
-    p.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    p.add_argument("--remat", default="none", choices=REMAT_POLICY_NAMES,
+                   help="TransformerConfig.remat_policy of every model")
     p.add_argument("--unroll_layers", action="store_true",
                    help="unroll every layer scan of the timed step (TransformerConfig."
                         "scan_unroll = num_layers): no stacked weights indexed in a loop, no "

@@ -150,7 +150,7 @@ def test_gradients_reach_only_the_composition():
     assert np.any(grads["composition"]["kv"]["out"])
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_attention"])
 def test_remat_changes_neither_the_loss_nor_the_composition_gradients(remat):
     """The anchor's remat policy also covers the composition (memory projection and
     cross-attention) and the partial-stack layer loops: same numbers, fewer residuals."""

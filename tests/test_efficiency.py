@@ -158,6 +158,59 @@ def test_remat_and_chunked_loss_leave_no_scores_or_logits_for_the_backward():
     assert sum(np.prod(s) for s, _ in lean) < sum(np.prod(s) for s, _ in plain) / 4
 
 
+@pytest.fixture
+def cudnn_traceable(monkeypatch):
+    """cuDNN's fused attention traced, never run, where there is no cuDNN: jax asks for the
+    cuDNN version and checks the GPU when it traces the call; those two checks are stood in
+    for, so that the program a GPU would get can be read here."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused, "check_is_flash_attention", lambda *args, **kwargs: None)
+
+
+def _fused_attention_forwards(remat: str) -> tuple[int, int]:
+    """(fused attention forwards in the composed loss, the same in its gradient) for the tiny
+    shape with cuDNN attention: equations of the traced programs, each scan body once."""
+    from calm_jax import partitioning as part
+    from calm_jax.models.transformer import FUSED_ATTENTION_FORWARD
+    import flax.linen as nn
+
+    anchor, augment = ts.model_configs("tiny", remat=remat, attention_impl="cudnn")
+    _, _, _, batch, length = ts.SHAPES["tiny"]
+    mesh = part.make_mesh(part.PartitioningConfig(num_devices=1))
+    with part.mesh_context(mesh), nn.logical_axis_rules(list(part.DEFAULT_RULES)):
+        b = ts.build("compose", anchor, augment, batch=batch, length=length, mesh=mesh,
+                     rules=part.DEFAULT_RULES)
+        loss = lambda p: b.loss(p, b.frozen, b.batch)[0]  # noqa: E731
+        programs = [jax.make_jaxpr(fn)(b.state["params"]) for fn in (loss, jax.grad(loss))]
+    return tuple(sum(e.primitive.name in FUSED_ATTENTION_FORWARD for e in equations(j))
+                 for j in programs)
+
+
+def test_dots_attention_policy_does_not_run_the_fused_attention_forward_again(
+        cudnn_traceable):
+    # The composed loss runs cuDNN's attention in the layer loops of the augmenting model's
+    # two segments (up to each connection) and of the anchor's two, and in the two
+    # connections' cross-attention. Its gradient runs
+    # the backward of the anchor's upper segment and of both cross-attentions: under "dots"
+    # (and "full") each of those three first runs its forward again; "dots_attention" keeps
+    # the forward's results instead, as keeping everything ("none") does.
+    counts = {remat: _fused_attention_forwards(remat)
+              for remat in ("none", "dots", "dots_attention", "full")}
+    in_loss = counts["none"][0]
+    assert in_loss == 6 and all(c[0] == in_loss for c in counts.values()), counts
+    assert counts["none"][1] == counts["dots_attention"][1] == in_loss, counts
+    assert counts["dots"][1] == counts["full"][1] == in_loss + 3, counts
+
+
+def test_every_remat_policy_name_has_a_policy():
+    from calm_jax.models.config import REMAT_POLICY_NAMES
+    from calm_jax.models.transformer import REMAT_POLICIES
+
+    assert set(REMAT_POLICIES) == set(REMAT_POLICY_NAMES) - {"none"}
+
+
 @pytest.mark.parametrize("mode", ["compose", "finetune"])
 def test_state_is_donated_and_steps_compile_once(evidence, mode):
     rec = evidence[mode]

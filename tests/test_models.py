@@ -173,7 +173,7 @@ def test_bf16_compute_fp32_params():
     assert err.mean() < 0.03 and err.max() < 0.3  # bf16 keeps ~3 significant digits
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_attention"])
 def test_remat_gives_same_gradients(policy):
     cfg = families()["llama"]
     _, _, params = make(cfg)

@@ -35,6 +35,8 @@ RopeScaling = Literal["none", "linear", "llama3"]
 # Fields that say how a model computes, not what it computes: a run may set them differently
 # from the stored model (`trainer.ModelSpec`), and a model's fingerprint leaves them out.
 RUNTIME_FIELDS = ("dtype", "attention_impl", "remat_policy", "scan_unroll")
+# `transformer.REMAT_POLICIES` holds the policy of each name but "none".
+REMAT_POLICY_NAMES = ("none", "full", "dots", "dots_attention")
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -111,7 +113,10 @@ class TransformerConfig:
         or "auto" (cuDNN's fused attention on a GPU where it applies, XLA's otherwise; see
         `calm_jax.models.attention.choose_attention_impl`).
       remat_policy: rematerialisation of each scanned block: "none" (keep everything), "full"
-        (recompute everything), "dots" (save matmul outputs without batch dimensions).
+        (recompute everything), "dots" (save matmul outputs without batch dimensions),
+        "dots_attention" ("dots" and the fused attention's output and softmax statistics, so
+        that cuDNN's attention forward is not run again in the backward pass; the same as
+        "dots" where XLA's attention runs).
       scan_unroll: unroll factor of the scan over layers.
     """
 
@@ -174,7 +179,7 @@ class TransformerConfig:
         _check_choice("activation", self.activation, ("gelu", "gelu_tanh", "silu", "relu"))
         _check_choice("attention_impl", self.attention_impl, ("auto", "xla", "cudnn"))
         _check_choice("rope_scaling", self.rope_scaling, ("none", "linear", "llama3"))
-        _check_choice("remat_policy", self.remat_policy, ("none", "full", "dots"))
+        _check_choice("remat_policy", self.remat_policy, REMAT_POLICY_NAMES)
         if self.position == "rope" and self.dims_per_head % 2:
             raise ValueError(f"head_dim: expected an even value for RoPE, got {self.dims_per_head}")
         if self.norm_eps <= 0:

@@ -34,9 +34,24 @@ from calm_jax.models.attention import (AttentionContext, CacheContext, KVCache, 
 
 Array = jax.Array
 
+# Primitives of cuDNN's fused attention forward in `jax.nn.dot_product_attention` (its
+# custom-VJP forward rule binds the wrapper; the core primitive is what that lowers to).
+FUSED_ATTENTION_FORWARD = frozenset({"dot_product_attention_fwd",
+                                     "dot_product_attention_fwd_wrapper"})
+
+
+def _dots_and_fused_attention(prim, *avals, **params) -> bool:
+    """"dots" plus the results of cuDNN's fused attention forward (its output and softmax
+    statistics, what the fused backward reads): under "dots" alone the backward pass runs
+    that forward kernel again in every rematerialised layer."""
+    return (prim.name in FUSED_ATTENTION_FORWARD
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
+
+
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_attention": _dots_and_fused_attention,
 }
 
 
@@ -82,7 +97,7 @@ def _partial_stack_policy(remat_policy: str):
     For "none" it saves every value except the outputs of indexing and layout operations
     (the weights' indexing, and any reshape of them after it); their inputs are saved or are
     inputs already. Frozen weights are placed in the compute dtype, so no cast of them is
-    left to save. "dots" and "full" never save such values.
+    left to save. "dots", "dots_attention" and "full" never save such values.
     """
     if remat_policy == "none":
         return _save_all_but_views
