@@ -194,20 +194,33 @@ class Bridge(nn.Module):
         h, dh = self.num_heads, self.head_dim
         f = h * dh
         init = lambda in_axes, out_axes: L.dense_init(in_axes, out_axes)  # noqa: E731
+        # The decoding layout (`unstack_connections`) holds the memory's projection already
+        # multiplied into its key and value kernels (`precompose_memory`).
+        self.precomposed = (not self.is_initializing()
+                            and "memory_kv" in self.variables.get("params", {}))
         if self.normalize_inputs:
             self.augment_norm = self._param("augment_norm", nn.initializers.ones, (da,),
                                             ("augment_embed",))
             self.query_norm = self._param("query_norm", nn.initializers.ones, (db,), ("embed",))
-        self.proj = self._param("proj", init(1, 2), (da, db), ("augment_embed", "embed"))
-        if self.proj_bias:
-            self.proj_b = self._param("proj_bias", nn.initializers.zeros, (db,), ("embed",))
+        if self.precomposed:
+            self.memory_kv = self._param("memory_kv", nn.initializers.zeros, (da, 2, h, dh),
+                                         ("augment_embed", None, "heads", "head_dim"))
+            if self.proj_bias:
+                self.memory_kv_b = self._param("memory_kv_bias", nn.initializers.zeros,
+                                               (2, h, dh), (None, "heads", "head_dim"))
+        else:
+            self.proj = self._param("proj", init(1, 2), (da, db), ("augment_embed", "embed"))
+            if self.proj_bias:
+                self.proj_b = self._param("proj_bias", nn.initializers.zeros, (db,),
+                                          ("embed",))
         if self.kind == "cross_attention":
             self.w_q = self._param("query", init(1, (2, 3)), (db, h, dh),
                                    ("embed", "heads", "head_dim"))
-            self.w_k = self._param("key", init(1, (2, 3)), (db, h, dh),
-                                   ("embed", "heads", "head_dim"))
-            self.w_v = self._param("value", init(1, (2, 3)), (db, h, dh),
-                                   ("embed", "heads", "head_dim"))
+            if not self.precomposed:
+                self.w_k = self._param("key", init(1, (2, 3)), (db, h, dh),
+                                       ("embed", "heads", "head_dim"))
+                self.w_v = self._param("value", init(1, (2, 3)), (db, h, dh),
+                                       ("embed", "heads", "head_dim"))
             self.w_o = self._param("out", nn.initializers.zeros, (h, dh, db),
                                    ("heads", "head_dim", "embed"))
         else:
@@ -241,15 +254,43 @@ class Bridge(nn.Module):
         x = states.astype(self.dtype)
         if self.normalize_inputs:
             x = self._norm(x, self.augment_norm[:, None, None, :])
-        p = jnp.einsum("nbsa,nad->nbsd", x, self.proj.astype(self.dtype))
-        if self.proj_bias:
-            p = p + self.proj_b[:, None, None, :].astype(self.dtype)
-        if self.kind == "fusion":
-            return {"proj": p}
-        key = jnp.einsum("nbsd,ndhk->nbshk", p, self.w_k.astype(self.dtype))
+        kv = self._memory_kernels(x.shape[1] * x.shape[2])
+        if kv is None:
+            p = jnp.einsum("nbsa,nad->nbsd", x, self.proj.astype(self.dtype))
+            if self.proj_bias:
+                p = p + self.proj_b[:, None, None, :].astype(self.dtype)
+            if self.kind == "fusion":
+                return {"proj": p}
+            key = jnp.einsum("nbsd,ndhk->nbshk", p, self.w_k.astype(self.dtype))
+            value = jnp.einsum("nbsd,ndhk->nbshk", p, self.w_v.astype(self.dtype))
+        else:
+            kernel, bias = kv
+            both = jnp.einsum("nbsa,nathk->nbsthk", x, kernel.astype(self.dtype))
+            if bias is not None:
+                both = both + bias[:, None, None].astype(self.dtype)
+            key, value = both[:, :, :, 0], both[:, :, :, 1]
         key = jax.vmap(lambda k: self._rotate(k, positions))(key)
-        return {"key": key,
-                "value": jnp.einsum("nbsd,ndhk->nbshk", p, self.w_v.astype(self.dtype))}
+        return {"key": key, "value": value}
+
+    def _memory_kernels(self, tokens: int) -> tuple[Array, Array | None] | None:
+        """(kernel [n, D_aug, 2, heads, head_dim], bias [n, 2, heads, head_dim] or None) that
+        give the memory's keys and values from the normalised augmenting states in one product
+        (`precompose_memory`), or None where projecting first costs fewer multiply-adds for
+        `tokens` states per connection (few tokens, as in a decode step) or for "fusion".
+
+        (x P + b) W = x (P W) + b W, so either order computes the same function of the same
+        parameters, gradients included; P W costs D_aug D_anchor 2F once, and then each token
+        D_aug 2F instead of D_aug D_anchor + D_anchor 2F (F = heads x head_dim).
+        """
+        if self.precomposed:
+            return self.memory_kv, self.memory_kv_b if self.proj_bias else None
+        if self.kind != "cross_attention":
+            return None
+        da, db, f2 = self.augment_dim, self.anchor_dim, 2 * self.num_heads * self.head_dim
+        if da * db * f2 + tokens * da * f2 >= tokens * (da * db + db * f2):
+            return None
+        return precompose_memory(self.proj, self.proj_b if self.proj_bias else None,
+                                 self.w_k, self.w_v, self.dtype)
 
     def __call__(self, i: int, h: Array, memory: dict[str, Array], mask: Array | None,
                  positions: Array | None = None) -> Array:
@@ -273,12 +314,42 @@ class Bridge(nn.Module):
 MEMORY_AXES = ("connections", "activation_batch", "activation_length", "heads", "head_dim")
 
 
-def unstack_connections(composition: Mapping[str, Any]) -> dict[str, Any]:
+def precompose_memory(proj: Array, proj_bias: Array | None, key: Array, value: Array,
+                      dtype: Any) -> tuple[Array, Array | None]:
+    """The memory projection multiplied into the cross-attention's key and value kernels:
+    proj [n, D_aug, D_anchor] (bias [n, D_anchor]), key and value [n, D_anchor, heads,
+    head_dim] -> (kernel [n, D_aug, 2, heads, head_dim], bias [n, 2, heads, head_dim] or
+    None), computed in `dtype`; `Bridge.memory` gives the same keys and values from either."""
+    kv = jnp.stack([key, value], axis=2).astype(dtype)  # [n, D_anchor, 2, heads, head_dim]
+    # Full float32 products where float32 is asked for (a GPU would otherwise use TF32).
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+    kernel = jnp.einsum("nad,ndthk->nathk", proj.astype(dtype), kv, precision=precision)
+    if proj_bias is None:
+        return kernel, None
+    return kernel, jnp.einsum("nd,ndthk->nthk", proj_bias.astype(dtype), kv,
+                              precision=precision)
+
+
+def unstack_connections(composition: Mapping[str, Any], fuse: bool = True) -> dict[str, Any]:
     """The composition parameters {name: tree} with every stacked [connections, ...] leaf split
     into a `LayerList` of per-connection arrays (already split ones are kept): the decoding
     layout `ComposedLM.extend` reads without copying a connection's weights out of the stack.
-    Training (`apply`) takes the stacked tree."""
-    return {name: unstack_leaves(tree) for name, tree in nn.unbox(composition).items()}
+    Training (`apply`) takes the stacked tree. With `fuse`, a cross-attention's memory
+    projection is multiplied into its key and value kernels (`precompose_memory`, in the
+    parameters' dtype) as `memory_kv` (and `memory_kv_bias`): each new token's keys and values
+    are then one matrix product where they were three."""
+    out = {}
+    for name, tree in nn.unbox(composition).items():
+        tree = dict(tree)
+        if fuse and {"proj", "key", "value"} <= tree.keys() and not layers_unstacked(tree):
+            bias = tree.pop("proj_bias", None)
+            kernel, kv_bias = precompose_memory(tree.pop("proj"), bias, tree.pop("key"),
+                                                tree.pop("value"), tree["query"].dtype)
+            tree["memory_kv"] = kernel
+            if kv_bias is not None:
+                tree["memory_kv_bias"] = kv_bias
+        out[name] = unstack_leaves(tree)
+    return out
 
 
 def _connection_params(tree: Any, i: int) -> Any:

@@ -152,7 +152,7 @@ def unstack_params(model: Model, params: Any, fuse: bool = True) -> Any:
         return unstack_layers(params, fuse)
     return {**params, "anchor": unstack_layers(params["anchor"], fuse),
             "augments": {name: unstack_layers(p, fuse) for name, p in params["augments"].items()},
-            "composition": unstack_connections(params["composition"])}
+            "composition": unstack_connections(params["composition"], fuse)}
 
 
 def params_layout(model: Model, params: Any) -> str:

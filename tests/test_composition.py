@@ -10,6 +10,7 @@ import pytest
 from calm_jax.composition import ComposedLM, CompositionConfig, default_connections
 from calm_jax.losses import cross_entropy
 from calm_jax.models import Decoder, TransformerConfig, init_decoder
+from jaxpr_support import equations
 
 VOCAB = 384
 ANCHOR = TransformerConfig.tiny(vocab_size=VOCAB, num_layers=4)
@@ -229,6 +230,68 @@ def test_composition_parameter_count_closed_form(kind, normalize_inputs, proj_bi
         per += da + db if normalize_inputs else 0
         expected += n * per
     assert counted == expected == model.num_composition_params()
+
+
+def _memory_reference(tree, states, positions, bridge):
+    """Bridge.memory in the paper's order: project the normalised states, then the keys and
+    values (float32, full precision)."""
+    hi = jax.lax.Precision.HIGHEST
+    x = states * jax.lax.rsqrt(jnp.mean(states ** 2, -1, keepdims=True) + bridge.norm_eps)
+    x = x * tree["augment_norm"][:, None, None]
+    p = jnp.einsum("nbsa,nad->nbsd", x, tree["proj"], precision=hi)
+    p = p + tree["proj_bias"][:, None, None]
+    key = jnp.einsum("nbsd,ndhk->nbshk", p, tree["key"], precision=hi)
+    value = jnp.einsum("nbsd,ndhk->nbshk", p, tree["value"], precision=hi)
+    dim = bridge.head_dim
+    inv = 1.0 / (bridge.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv
+    sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
+    k1, k2 = key[..., : dim // 2], key[..., dim // 2:]
+    key = jnp.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)
+    return {"key": key, "value": value}
+
+
+@pytest.mark.parametrize("length", [1, 64])
+def test_memory_projection_in_either_order_gives_the_same_keys_values_and_gradients(length):
+    # With many states the memory multiplies the projection into the key and value kernels
+    # first (one product per state instead of three); with few it projects first. Both are
+    # the paper's function of the same parameters: values and parameter gradients agree.
+    from calm_jax.composition import Bridge
+
+    model = ComposedLM(ANCHOR, {"kv": GPT2_AUG}, CompositionConfig(rope_theta=1e4))
+    bridge = model.bridges["kv"]
+    n = len(model.connections["kv"])
+    tree = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(x.size), x.shape),
+                        nn.unbox(model.init(jax.random.key(0)))["composition"]["kv"])
+    states = 3.0 * jax.random.normal(jax.random.key(1), (n, 2, length, GPT2_AUG.embed_dim))
+    positions = jnp.broadcast_to(jnp.arange(length), (2, length)) + 5
+    cot = {k: jax.random.normal(jax.random.key(i), (n, 2, length, bridge.num_heads,
+                                                   bridge.head_dim))
+           for i, k in enumerate(("key", "value"))}
+
+    def memory(t):
+        return bridge.apply({"params": t}, states, positions, method=Bridge.memory)
+
+    def reference(t):
+        return _memory_reference(t, states, positions, bridge)
+
+    precomposed_shape = (n, GPT2_AUG.embed_dim, 2, bridge.num_heads, bridge.head_dim)
+    shapes = [tuple(v.aval.shape) for e in equations(jax.make_jaxpr(memory)(tree))
+              if e.primitive.name == "dot_general" for v in e.outvars]
+    assert (precomposed_shape in shapes) == (length == 64), shapes
+    got, want = memory(tree), reference(tree)
+    for k in ("key", "value"):
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=2e-5)
+
+    def loss(fn):
+        return lambda t: sum(jnp.vdot(fn(t)[k], cot[k]) for k in cot)
+
+    grads, ref_grads = jax.grad(loss(memory))(tree), jax.grad(loss(reference))(tree)
+    assert set(grads) == set(ref_grads) and set(grads) >= {"proj", "proj_bias", "key", "value"}
+    for k in ref_grads:
+        scale = float(np.abs(ref_grads[k]).max())
+        np.testing.assert_allclose(grads[k], ref_grads[k], rtol=1e-4, atol=1e-5 * scale)
+        assert k in ("query", "query_norm", "out") or scale > 0, k
 
 
 # Transfer: the augmenting model knows a key -> value mapping; the anchor only the format. ------

@@ -238,13 +238,30 @@ def test_per_layer_cache_and_weights_layout():
         np.testing.assert_array_equal(w_kv[:, 1], stacked["attn"]["value"]["kernel"][i])
     assert decoding.unstack_params(model, split)["anchor"]["layers"]["mlp"].keys() == {
         "gate_up", "down"}  # idempotent
-    # the composition's [connections, ...] leaves are split per connection
+    # the composition's [connections, ...] leaves are split per connection (fuse=False: as
+    # they are) ...
+    plain = decoding.unstack_params(model, params, fuse=False)
     for name, tree in params["composition"].items():
         for key, stacked in tree.items():
-            arrays = split["composition"][name][key].arrays
+            arrays = plain["composition"][name][key].arrays
             assert len(arrays) == len(model.connections[name]) == stacked.shape[0]
             for i, w in enumerate(arrays):
                 np.testing.assert_array_equal(w, stacked[i])
+    # ... and by default with each memory projection multiplied into its key and value
+    # kernels: [D_aug, 2, heads, head_dim] per connection, the bias [2, heads, head_dim]
+    for name, tree in params["composition"].items():
+        fused = split["composition"][name]
+        assert set(fused) == set(tree) - {"proj", "proj_bias", "key", "value"} | {
+            "memory_kv", "memory_kv_bias"}
+        for i in range(len(model.connections[name])):
+            p, b = tree["proj"][i], tree["proj_bias"][i]
+            for t, which in enumerate(("key", "value")):
+                w = np.asarray(tree[which][i], np.float64)
+                np.testing.assert_allclose(fused["memory_kv"].arrays[i][:, t],
+                                           np.einsum("ad,dhk->ahk", p, w), rtol=1e-5,
+                                           atol=1e-6)
+                np.testing.assert_allclose(fused["memory_kv_bias"].arrays[i][t],
+                                           np.einsum("d,dhk->hk", b, w), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"params\['composition'\]: expected stacked "
                                          r"\[connections, \.\.\.\] arrays \(the training "
                                          r"layout\), got per-connection LayerLists"):
