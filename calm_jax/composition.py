@@ -44,6 +44,12 @@ composition leaf has a leading `connections` axis. The augmenting forwards run u
 For cached decoding `unstack_connections` splits each leaf into one array per connection (a
 `LayerList`, like the Decoders' per-layer layout): `extend` then reads connection i's weights
 where they lie, where indexing the stack would copy them at every step.
+
+The memory's keys and values are linear in the projected states, so `Bridge.memory` may
+multiply the projection into the key and value kernels first, (x P + b) W_k = x (P W_k) + b W_k:
+it does so where that costs fewer multiply-adds (many states, as in a training step; the
+decoding layout stores the product), and projects first where it does not (a decode step's
+few states). Same parameters, same function, same gradients, in either order.
 """
 
 from __future__ import annotations

@@ -91,13 +91,18 @@ def test_augmenting_forward_and_lower_anchor_layers_keep_no_activations(evidence
     residuals = evidence["compose"]["residuals"]
     assert residuals
     # Nothing with the augmenting model's inner widths; its width only in the connections'
-    # inputs: the stacked states [n, batch, length, d_aug] and the projection [n, d_aug, D].
+    # inputs: the stacked states [n, batch, length, d_aug] and the trained projection
+    # [n, d_aug, D] (or, multiplied into the key and value kernels, [n, d_aug, 2, heads,
+    # head_dim]).
     _, _, _, batch, length = ts.SHAPES["tiny"]
+    bridge = composed.bridges["augment"]
     for shape, _, _, where in residuals:
         assert augment.mlp_dim not in shape, where
         if augment.embed_dim in shape:
             assert shape in {(n, batch, length, augment.embed_dim),
-                             (n, augment.embed_dim, anchor.embed_dim)}, (shape, where)
+                             (n, augment.embed_dim, anchor.embed_dim),
+                             (n, augment.embed_dim, 2, bridge.num_heads, bridge.head_dim)}, (
+                                 shape, where)
     # The anchor's stacked per-layer residuals cover only the layers above the first
     # connection; fine-tuning keeps them for every layer.
     def scan_layers(mode):
