@@ -228,6 +228,36 @@ def compiled_memory(mode: str, anchor_cfg: TransformerConfig, augment_cfg: Trans
     return out
 
 
+def unrolled_flops(lowered) -> tuple[float | None, str | None]:
+    """(XLA's flop count of a lowered step, where it came from): the lowered, unoptimised
+    module's cost analysis ("lowered") where the backend gives one (CPU), else the compiled
+    module's ("compiled"; the GPU backend's lowered analysis is None); (None, None) if
+    neither reports flops."""
+    flops = _flops(lowered.cost_analysis())
+    if flops is not None:
+        return flops, "lowered"
+    flops = _flops(lowered.compile().cost_analysis())
+    return (flops, "compiled") if flops is not None else (None, None)
+
+
+def lowered_flops(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig,
+                  *, batch: int, length: int, mesh, rules,
+                  loss_chunk: int | None = None) -> dict[str, Any]:
+    """XLA's flop count of `mode`'s whole training step, lowered from shapes alone (no weights
+    are created): `hlo_flops` per step and per token, and `hlo_flops_from` (`unrolled_flops`).
+    Give configs with unrolled layer scans (`train_step.model_configs(..., unroll=True)`):
+    the analysis counts a loop body once."""
+    s, _ = abstract_setup(mode, anchor_cfg, augment_cfg, mesh=mesh, rules=rules,
+                          loss_chunk=loss_chunk)
+    opt_cfg = OptimizerConfig()
+    prog = steps_lib.build_program(s, make_optimizer(opt_cfg, 1000), schedule(opt_cfg, 1000),
+                                   opt_cfg.grad_accum_steps, mesh, rules)
+    data = abstract_batch(batch, length, prog.batch_sharding)
+    flops, source = unrolled_flops(prog.train_step.lower(prog.abstract_state, s.frozen, data))
+    return {"hlo_flops": flops, "hlo_flops_per_token": None if flops is None else
+            round(flops / (batch * length)), "hlo_flops_from": source}
+
+
 def traced_residuals(mode: str, anchor_cfg: TransformerConfig,
                      augment_cfg: TransformerConfig, *, batch: int, length: int, mesh,
                      rules, top: int = 5, loss_chunk: int | None = None) -> dict[str, Any]:

@@ -53,7 +53,9 @@ then times `--steps` steps ending in `block_until_ready`, and prints one JSON ob
   skipped / error  instead of timings, when a mode cannot fit or fails (e.g. out of memory).
 
 `--trace_only` prints only `residual_gib` per mode from a trace (`traced_residuals`): nothing
-is placed or compiled, so it runs for any shape on a CPU.
+is placed or compiled, so it runs for any shape on a CPU. `--flops_only` prints XLA's flop
+count of the step lowered from shapes with its layer scans unrolled (`lowered_flops`;
+`hlo_flops`, `hlo_flops_per_token`), also for any shape on a CPU.
 
 Shapes (bf16 compute, batch 8, length 1024, vocabulary 32000, RoPE, pre-norm RMSNorm, SwiGLU MLP
 of width 4 d, 64-dim heads, untied output layer; default CALM connections: every 4th
@@ -115,8 +117,8 @@ from calm_jax.models.config import REMAT_POLICY_NAMES  # noqa: E402
 from calm_jax.models.transformer import unstack_layers  # noqa: E402
 from calm_jax.optim import OptimizerConfig, make_optimizer, schedule  # noqa: E402
 from bench.step_analysis import (  # noqa: E402
-    _flops, _gib, compiled_memory, frozen_kernel_grad_dots, kernel_sets,
-    largest_residuals, residual_bytes, saved_residuals, traced_residuals)
+    _flops, _gib, compiled_memory, frozen_kernel_grad_dots, kernel_sets, largest_residuals,
+    lowered_flops, residual_bytes, saved_residuals, traced_residuals, unrolled_flops)
 from bench.step_analysis import dot_output_shapes  # noqa: E402,F401 (tests use it from here)
 
 H100_PEAK_FLOPS = 989e12  # dense bf16, SXM; the issue's denominator for "ideal MFU"
@@ -478,26 +480,17 @@ def token_dims(batch: int, length: int, loss_chunk: int | None) -> tuple[int, ..
     return tuple(sorted(dims))
 
 
-def unrolled_flops(lowered) -> tuple[float | None, str | None]:
-    """(XLA's flop count of a lowered step, where it came from): the lowered, unoptimised
-    module's cost analysis ("lowered") where the backend gives one (CPU), else the compiled
-    module's ("compiled"; the GPU backend's lowered analysis is None); (None, None) if
-    neither reports flops."""
-    flops = _flops(lowered.cost_analysis())
-    if flops is not None:
-        return flops, "lowered"
-    flops = _flops(lowered.compile().cost_analysis())
-    return (flops, "compiled") if flops is not None else (None, None)
-
-
 def analyse(mode: str, args, mesh, rules) -> dict[str, Any]:
-    """`--compile_only` (`compiled_memory`) or `--trace_only` (`traced_residuals`) for `mode`:
-    nothing is placed, so any shape runs on a CPU."""
+    """`--compile_only` (`compiled_memory`), `--trace_only` (`traced_residuals`) or
+    `--flops_only` (`lowered_flops`, layer scans unrolled) for `mode`: nothing is placed, so
+    any shape runs on a CPU."""
     anchor_cfg, augment_cfg = model_configs(args.shape, dtype=args.dtype,
                                             attention_impl=args.attention_impl,
-                                            remat=args.remat)
-    kind = "compile_only" if args.compile_only else "trace_only"
-    analysis = compiled_memory if args.compile_only else traced_residuals
+                                            remat=args.remat, unroll=args.flops_only)
+    kind, analysis = next((k, fn) for k, fn in (("compile_only", compiled_memory),
+                                                ("trace_only", traced_residuals),
+                                                ("flops_only", lowered_flops))
+                          if getattr(args, k))
     with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
         return {"bench": "train_step", kind: True, "device": jax.devices()[0].device_kind,
                 "jax": jax.__version__, "shape": args.shape, "mode": mode, "dtype": args.dtype,
@@ -544,6 +537,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only compile the step from shapes (`compiled_memory`): XLA's memory "
                         "analysis per mode; no weights are created, so any shape compiles on "
                         "a CPU")
+    p.add_argument("--flops_only", action="store_true",
+                   help="only lower the step from shapes, layer scans unrolled "
+                        "(`lowered_flops`): XLA's flop count per mode; no weights are "
+                        "created, so any shape runs on a CPU")
     args = p.parse_args(argv)
     if args.tiny:
         args.shape = "tiny"
@@ -554,8 +551,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         p.error(f"--modes: expected a comma-separated subset of {MODES}, got {args.modes}")
-    if args.trace_only and args.compile_only:
-        p.error("--trace_only, --compile_only: expected at most one, got both")
+    only = [f"--{k}" for k in ("trace_only", "compile_only", "flops_only") if getattr(args, k)]
+    if len(only) > 1:
+        p.error(f"--trace_only, --compile_only, --flops_only: expected at most one, got "
+                f"{', '.join(only)}")
     if args.loss_chunk is not None and args.loss_chunk <= 0:
         p.error(f"--loss_chunk: expected a positive integer, got {args.loss_chunk}")
     for name in ("steps", "batch", "length", "num_devices"):
@@ -577,7 +576,7 @@ def main(argv=None) -> list[dict[str, Any]]:
     results = []
     for mode in args.modes:
         try:
-            if args.compile_only or args.trace_only:
+            if args.compile_only or args.trace_only or args.flops_only:
                 rec = analyse(mode, args, mesh, rules)
             else:
                 rec = measure(mode, args, mesh, rules)

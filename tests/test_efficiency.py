@@ -209,6 +209,25 @@ def test_dots_attention_policy_does_not_run_the_fused_attention_forward_again(
     assert counts["dots"][1] == counts["full"][1] == in_loss + 3, counts
 
 
+def test_flops_only_counts_the_step_from_shapes(evidence, capsys):
+    # `--flops_only` lowers each mode's step from shapes with the layer scans unrolled: the
+    # count the compiled tiny step (`evidence`, built from real weights) reports, within the
+    # few elementwise operations XLA's optimisation removes or adds.
+    records = ts.main(["--shape", "tiny", "--flops_only"])
+    assert [r["mode"] for r in records] == ["compose", "finetune"]
+    for rec in records:
+        assert rec["flops_only"] and rec["hlo_flops_from"] == "lowered", rec
+        compiled = evidence[rec["mode"]]["hlo_flops"]
+        assert abs(rec["hlo_flops"] - compiled) < 0.05 * compiled, (rec, compiled)
+        assert rec["hlo_flops_per_token"] == round(rec["hlo_flops"] / (2 * 40))
+    assert records[0]["hlo_flops"] < records[1]["hlo_flops"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        ts.parse_args(["--flops_only", "--trace_only"])
+    assert ("expected at most one, got --trace_only, --flops_only"
+            in capsys.readouterr().err)
+
+
 def test_every_remat_policy_name_has_a_policy():
     from calm_jax.models.config import REMAT_POLICY_NAMES
     from calm_jax.models.transformer import REMAT_POLICIES
