@@ -202,6 +202,19 @@ def abstract_batch(batch: int, length: int, sharding=None) -> dict[str, jax.Shap
                                                          sharding=sharding)}
 
 
+def lowered_step(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig,
+                 *, batch: int, length: int, mesh, rules, loss_chunk: int | None = None):
+    """The trainer's jitted training step for `mode`, lowered from shapes alone (no weights
+    are created; `abstract_setup`, `abstract_batch`) under `mesh` and `rules`."""
+    s, _ = abstract_setup(mode, anchor_cfg, augment_cfg, mesh=mesh, rules=rules,
+                          loss_chunk=loss_chunk)
+    opt_cfg = OptimizerConfig()
+    prog = steps_lib.build_program(s, make_optimizer(opt_cfg, 1000), schedule(opt_cfg, 1000),
+                                   opt_cfg.grad_accum_steps, mesh, rules)
+    data = abstract_batch(batch, length, prog.batch_sharding)
+    return prog.train_step.lower(prog.abstract_state, s.frozen, data)
+
+
 def compiled_memory(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig,
                     *, batch: int, length: int, mesh, rules,
                     loss_chunk: int | None = None) -> dict[str, Any]:
@@ -211,14 +224,10 @@ def compiled_memory(mode: str, anchor_cfg: TransformerConfig, augment_cfg: Trans
     step), `alias_gib` (donated state reused for the output) and `total_gib` = argument +
     output + temp - alias, the step's footprint. Compiled on a CPU it is the CPU backend's
     buffer assignment: an estimate for a GPU, whose fusions and attention kernels differ."""
-    s, _ = abstract_setup(mode, anchor_cfg, augment_cfg, mesh=mesh, rules=rules,
-                          loss_chunk=loss_chunk)
-    opt_cfg = OptimizerConfig()
-    prog = steps_lib.build_program(s, make_optimizer(opt_cfg, 1000), schedule(opt_cfg, 1000),
-                                   opt_cfg.grad_accum_steps, mesh, rules)
-    data = abstract_batch(batch, length, prog.batch_sharding)
+    lowered = lowered_step(mode, anchor_cfg, augment_cfg, batch=batch, length=length,
+                           mesh=mesh, rules=rules, loss_chunk=loss_chunk)
     start = time.perf_counter()
-    compiled = prog.train_step.lower(prog.abstract_state, s.frozen, data).compile()
+    compiled = lowered.compile()
     mem = compiled.memory_analysis()
     out = {"compile_s": round(time.perf_counter() - start, 2)}
     for key in ("argument", "output", "temp", "alias"):
@@ -247,13 +256,9 @@ def lowered_flops(mode: str, anchor_cfg: TransformerConfig, augment_cfg: Transfo
     are created): `hlo_flops` per step and per token, and `hlo_flops_from` (`unrolled_flops`).
     Give configs with unrolled layer scans (`train_step.model_configs(..., unroll=True)`):
     the analysis counts a loop body once."""
-    s, _ = abstract_setup(mode, anchor_cfg, augment_cfg, mesh=mesh, rules=rules,
-                          loss_chunk=loss_chunk)
-    opt_cfg = OptimizerConfig()
-    prog = steps_lib.build_program(s, make_optimizer(opt_cfg, 1000), schedule(opt_cfg, 1000),
-                                   opt_cfg.grad_accum_steps, mesh, rules)
-    data = abstract_batch(batch, length, prog.batch_sharding)
-    flops, source = unrolled_flops(prog.train_step.lower(prog.abstract_state, s.frozen, data))
+    flops, source = unrolled_flops(lowered_step(mode, anchor_cfg, augment_cfg, batch=batch,
+                                                length=length, mesh=mesh, rules=rules,
+                                                loss_chunk=loss_chunk))
     return {"hlo_flops": flops, "hlo_flops_per_token": None if flops is None else
             round(flops / (batch * length)), "hlo_flops_from": source}
 

@@ -323,21 +323,15 @@ def test_chunked_loss_logits_shaped_like_the_output_layer_are_activations():
     # [4096, 32000], the output layer's own shape (an H200 run counted these two products as
     # frozen weight gradients). Compiled from shapes only: no xl weight is created.
     import flax.linen as nn
-    from calm_jax import partitioning as part, steps as steps_lib
-    from calm_jax.optim import OptimizerConfig, make_optimizer, schedule
+    from calm_jax import partitioning as part
     import bench.step_analysis as sa
 
     anchor, augment = ts.model_configs("xl", remat="dots")
     mesh = part.make_mesh(part.PartitioningConfig(num_devices=1))
     rules = part.DEFAULT_RULES
     with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
-        s, _ = sa.abstract_setup("compose", anchor, augment, mesh=mesh, rules=rules,
-                                 loss_chunk=512)
-        opt = OptimizerConfig()
-        prog = steps_lib.build_program(s, make_optimizer(opt, 1000), schedule(opt, 1000), 1,
-                                       mesh, rules)
-        data = sa.abstract_batch(8, 1024, prog.batch_sharding)
-        text = prog.train_step.lower(prog.abstract_state, s.frozen, data).compile().as_text()
+        text = sa.lowered_step("compose", anchor, augment, batch=8, length=1024, mesh=mesh,
+                               rules=rules, loss_chunk=512).compile().as_text()
     frozen, trained = ts.kernel_sets(anchor, augment)
     assert ts.token_dims(8, 1024, 512) == (512, 1024, 4096, 8192)
     assert ts.token_dims(8, 1024, None) == (1024, 8192)
