@@ -46,7 +46,8 @@ For cached decoding `unstack_connections` splits each leaf into one array per co
 where they lie, where indexing the stack would copy them at every step.
 
 The memory's keys and values are linear in the projected states, so `Bridge.memory` may
-multiply the projection into the key and value kernels first, (x P + b) W_k = x (P W_k) + b W_k:
+multiply the projection (and the states' norm scale s) into the key and value kernels first,
+((x s) P + b) W_k = x (diag(s) P W_k) + b W_k:
 it does so where that costs fewer multiply-adds (many states, as in a training step; the
 decoding layout stores the product), and projects first where it does not (a decode step's
 few states). Same parameters, same function, same gradients, in either order.
@@ -205,8 +206,9 @@ class Bridge(nn.Module):
         self.precomposed = (not self.is_initializing()
                             and "memory_kv" in self.variables.get("params", {}))
         if self.normalize_inputs:
-            self.augment_norm = self._param("augment_norm", nn.initializers.ones, (da,),
-                                            ("augment_embed",))
+            if not self.precomposed:  # else its scale is part of memory_kv
+                self.augment_norm = self._param("augment_norm", nn.initializers.ones, (da,),
+                                                ("augment_embed",))
             self.query_norm = self._param("query_norm", nn.initializers.ones, (db,), ("embed",))
         if self.precomposed:
             self.memory_kv = self._param("memory_kv", nn.initializers.zeros, (da, 2, h, dh),
@@ -258,10 +260,10 @@ class Bridge(nn.Module):
         [n, batch, aug_len, D_anchor].
         """
         x = states.astype(self.dtype)
-        if self.normalize_inputs:
-            x = self._norm(x, self.augment_norm[:, None, None, :])
         kv = self._memory_kernels(x.shape[1] * x.shape[2])
         if kv is None:
+            if self.normalize_inputs:
+                x = self._norm(x, self.augment_norm[:, None, None, :])
             p = jnp.einsum("nbsa,nad->nbsd", x, self.proj.astype(self.dtype))
             if self.proj_bias:
                 p = p + self.proj_b[:, None, None, :].astype(self.dtype)
@@ -269,8 +271,10 @@ class Bridge(nn.Module):
                 return {"proj": p}
             key = jnp.einsum("nbsd,ndhk->nbshk", p, self.w_k.astype(self.dtype))
             value = jnp.einsum("nbsd,ndhk->nbshk", p, self.w_v.astype(self.dtype))
-        else:
+        else:  # the norm's scale is in the kernel: the states themselves take no gradient
             kernel, bias = kv
+            if self.normalize_inputs:
+                x = L.normalize(x, "rmsnorm", self.norm_eps).astype(self.dtype)
             both = jnp.einsum("nbsa,nathk->nbsthk", x, kernel.astype(self.dtype))
             if bias is not None:
                 both = both + bias[:, None, None].astype(self.dtype)
@@ -280,13 +284,16 @@ class Bridge(nn.Module):
 
     def _memory_kernels(self, tokens: int) -> tuple[Array, Array | None] | None:
         """(kernel [n, D_aug, 2, heads, head_dim], bias [n, 2, heads, head_dim] or None) that
-        give the memory's keys and values from the normalised augmenting states in one product
-        (`precompose_memory`), or None where projecting first costs fewer multiply-adds for
-        `tokens` states per connection (few tokens, as in a decode step) or for "fusion".
+        give the memory's keys and values in one product from the augmenting states, RMS-
+        normalised without the norm's scale (`precompose_memory`: the scale is in the kernel),
+        or None where projecting first costs fewer multiply-adds for `tokens` states per
+        connection (few tokens, as in a decode step) or for "fusion".
 
-        (x P + b) W = x (P W) + b W, so either order computes the same function of the same
-        parameters, gradients included; P W costs D_aug D_anchor 2F once, and then each token
-        D_aug 2F instead of D_aug D_anchor + D_anchor 2F (F = heads x head_dim).
+        ((x s) P + b) W = x (diag(s) P W) + b W, so either order computes the same function of
+        the same parameters, gradients included; P W costs D_aug D_anchor 2F once, and then each
+        token D_aug 2F instead of D_aug D_anchor + D_anchor 2F (F = heads x head_dim). With the
+        scale s in the kernel, its gradient comes from the kernel's: no gradient of the
+        [n, batch, length, D_aug] normalised states is formed.
         """
         if self.precomposed:
             return self.memory_kv, self.memory_kv_b if self.proj_bias else None
@@ -296,7 +303,8 @@ class Bridge(nn.Module):
         if da * db * f2 + tokens * da * f2 >= tokens * (da * db + db * f2):
             return None
         return precompose_memory(self.proj, self.proj_b if self.proj_bias else None,
-                                 self.w_k, self.w_v, self.dtype)
+                                 self.w_k, self.w_v, self.dtype,
+                                 self.augment_norm if self.normalize_inputs else None)
 
     def __call__(self, i: int, h: Array, memory: dict[str, Array], mask: Array | None,
                  positions: Array | None = None) -> Array:
@@ -321,15 +329,19 @@ MEMORY_AXES = ("connections", "activation_batch", "activation_length", "heads", 
 
 
 def precompose_memory(proj: Array, proj_bias: Array | None, key: Array, value: Array,
-                      dtype: Any) -> tuple[Array, Array | None]:
+                      dtype: Any, norm_scale: Array | None = None
+                      ) -> tuple[Array, Array | None]:
     """The memory projection multiplied into the cross-attention's key and value kernels:
     proj [n, D_aug, D_anchor] (bias [n, D_anchor]), key and value [n, D_anchor, heads,
-    head_dim] -> (kernel [n, D_aug, 2, heads, head_dim], bias [n, 2, heads, head_dim] or
-    None), computed in `dtype`; `Bridge.memory` gives the same keys and values from either."""
+    head_dim], and the augmenting states' norm scale [n, D_aug] if any -> (kernel [n, D_aug,
+    2, heads, head_dim], bias [n, 2, heads, head_dim] or None), computed in `dtype`: the
+    kernel reads RMS-normalised states without that scale. `Bridge.memory` gives the same
+    keys and values from either form."""
     kv = jnp.stack([key, value], axis=2).astype(dtype)  # [n, D_anchor, 2, heads, head_dim]
     # Full float32 products where float32 is asked for (a GPU would otherwise use TF32).
     precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-    kernel = jnp.einsum("nad,ndthk->nathk", proj.astype(dtype), kv, precision=precision)
+    scaled = proj if norm_scale is None else proj * norm_scale[:, :, None]
+    kernel = jnp.einsum("nad,ndthk->nathk", scaled.astype(dtype), kv, precision=precision)
     if proj_bias is None:
         return kernel, None
     return kernel, jnp.einsum("nd,ndthk->nthk", proj_bias.astype(dtype), kv,
@@ -341,16 +353,18 @@ def unstack_connections(composition: Mapping[str, Any], fuse: bool = True) -> di
     into a `LayerList` of per-connection arrays (already split ones are kept): the decoding
     layout `ComposedLM.extend` reads without copying a connection's weights out of the stack.
     Training (`apply`) takes the stacked tree. With `fuse`, a cross-attention's memory
-    projection is multiplied into its key and value kernels (`precompose_memory`, in the
-    parameters' dtype) as `memory_kv` (and `memory_kv_bias`): each new token's keys and values
-    are then one matrix product where they were three."""
+    projection (and the augmenting states' norm scale) is multiplied into its key and value
+    kernels (`precompose_memory`, in the parameters' dtype) as `memory_kv` (and
+    `memory_kv_bias`): each new token's keys and values are then one matrix product where they
+    were three."""
     out = {}
     for name, tree in nn.unbox(composition).items():
         tree = dict(tree)
         if fuse and {"proj", "key", "value"} <= tree.keys() and not layers_unstacked(tree):
             bias = tree.pop("proj_bias", None)
             kernel, kv_bias = precompose_memory(tree.pop("proj"), bias, tree.pop("key"),
-                                                tree.pop("value"), tree["query"].dtype)
+                                                tree.pop("value"), tree["query"].dtype,
+                                                tree.pop("augment_norm", None))
             tree["memory_kv"] = kernel
             if kv_bias is not None:
                 tree["memory_kv_bias"] = kv_bias

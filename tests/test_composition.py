@@ -253,9 +253,10 @@ def _memory_reference(tree, states, positions, bridge):
 
 @pytest.mark.parametrize("length", [1, 64])
 def test_memory_projection_in_either_order_gives_the_same_keys_values_and_gradients(length):
-    # With many states the memory multiplies the projection into the key and value kernels
-    # first (one product per state instead of three); with few it projects first. Both are
-    # the paper's function of the same parameters: values and parameter gradients agree.
+    # With many states the memory multiplies the projection (and the states' norm scale)
+    # into the key and value kernels first (one product per state instead of three); with few
+    # it projects first. Both are the paper's function of the same parameters: values and
+    # parameter gradients agree.
     from calm_jax.composition import Bridge
 
     model = ComposedLM(ANCHOR, {"kv": GPT2_AUG}, CompositionConfig(rope_theta=1e4))
@@ -287,6 +288,14 @@ def test_memory_projection_in_either_order_gives_the_same_keys_values_and_gradie
         return lambda t: sum(jnp.vdot(fn(t)[k], cot[k]) for k in cot)
 
     grads, ref_grads = jax.grad(loss(memory))(tree), jax.grad(loss(reference))(tree)
+    # Projecting first, the norm scale's gradient needs the gradient of every normalised
+    # state [n, batch, length, D_aug] (a product with the kernels); with the scale inside the
+    # precomposed kernel it comes from the kernel's gradient, and no such product is formed.
+    states_grad = (n, 2, length, GPT2_AUG.embed_dim)
+    grad_program = jax.make_jaxpr(jax.grad(loss(memory)))(tree)
+    shapes = [tuple(v.aval.shape) for e in equations(grad_program)
+              if e.primitive.name == "dot_general" for v in e.outvars]
+    assert (states_grad in shapes) == (length == 1), shapes
     assert set(grads) == set(ref_grads) and set(grads) >= {"proj", "proj_bias", "key", "value"}
     for k in ref_grads:
         scale = float(np.abs(ref_grads[k]).max())

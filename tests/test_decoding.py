@@ -247,14 +247,16 @@ def test_per_layer_cache_and_weights_layout():
             assert len(arrays) == len(model.connections[name]) == stacked.shape[0]
             for i, w in enumerate(arrays):
                 np.testing.assert_array_equal(w, stacked[i])
-    # ... and by default with each memory projection multiplied into its key and value
-    # kernels: [D_aug, 2, heads, head_dim] per connection, the bias [2, heads, head_dim]
+    # ... and by default with each memory projection (and the augmenting states' norm
+    # scale) multiplied into its key and value kernels: [D_aug, 2, heads, head_dim] per
+    # connection, the bias [2, heads, head_dim]
     for name, tree in params["composition"].items():
         fused = split["composition"][name]
-        assert set(fused) == set(tree) - {"proj", "proj_bias", "key", "value"} | {
-            "memory_kv", "memory_kv_bias"}
+        assert set(fused) == set(tree) - {"proj", "proj_bias", "key", "value",
+                                          "augment_norm"} | {"memory_kv", "memory_kv_bias"}
         for i in range(len(model.connections[name])):
-            p, b = tree["proj"][i], tree["proj_bias"][i]
+            p = tree["proj"][i] * tree["augment_norm"][i][:, None]  # the norm scale folded in
+            b = tree["proj_bias"][i]
             for t, which in enumerate(("key", "value")):
                 w = np.asarray(tree[which][i], np.float64)
                 np.testing.assert_allclose(fused["memory_kv"].arrays[i][:, t],
