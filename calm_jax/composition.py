@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
 
+from calm_jax import partitioning as part
 from calm_jax.models.config import TransformerConfig
 from calm_jax.models.attention import attention_mask, attend
 from calm_jax.models.attention import KVCache, cache_mask, make_cache_context
@@ -260,7 +261,7 @@ class Bridge(nn.Module):
         [n, batch, aug_len, D_anchor].
         """
         x = states.astype(self.dtype)
-        kv = self._memory_kernels(x.shape[1] * x.shape[2])
+        kv = self._memory_kernels(x.shape[1] * x.shape[2] // part.batch_shards())
         if kv is None:
             if self.normalize_inputs:
                 x = self._norm(x, self.augment_norm[:, None, None, :])
@@ -287,7 +288,8 @@ class Bridge(nn.Module):
         give the memory's keys and values in one product from the augmenting states, RMS-
         normalised without the norm's scale (`precompose_memory`: the scale is in the kernel),
         or None where projecting first costs fewer multiply-adds for `tokens` states per
-        connection (few tokens, as in a decode step) or for "fusion".
+        connection and device (few tokens, as in a decode step; the product is computed whole
+        on every device that holds a share of the batch) or for "fusion".
 
         ((x s) P + b) W = x (diag(s) P W) + b W, so either order computes the same function of
         the same parameters, gradients included; P W costs D_aug D_anchor 2F once, and then each

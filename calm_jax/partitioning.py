@@ -8,9 +8,11 @@ by `logical_axis_rules`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -84,13 +86,38 @@ def make_mesh(config: PartitioningConfig, devices: Sequence[Any] | None = None) 
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def mesh_context(mesh: Mesh):
-    """The context that makes `mesh` current for sharding constraints.
+# The mesh of the innermost `mesh_context` (`with mesh:` leaves no public trace of it).
+_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar("calm_jax_mesh",
+                                                                    default=None)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh) -> Iterator[Mesh]:
+    """The context that makes `mesh` current for sharding constraints (and for
+    `batch_shards`).
 
     `with mesh:` (deprecated in favour of `jax.set_mesh`, whose abstract mesh makes every jit
     input need a NamedSharding; moving to it is left for later) still works on jax 0.10-0.11.
     """
-    return mesh
+    token = _MESH.set(mesh)
+    try:
+        with mesh:
+            yield mesh
+    finally:
+        _MESH.reset(token)
+
+
+def batch_shards() -> int:
+    """How many pieces a traced batch is split into: the sizes of the mesh axes that the
+    "activation_batch" logical axis maps to under the current logical axis rules, in the
+    current `mesh_context`; 1 outside one. For a model choosing between computations whose
+    costs scale differently with the tokens each device holds."""
+    mesh = _MESH.get()
+    if mesh is None:
+        return 1
+    axes = nn.logical_to_mesh_axes(("activation_batch",))[0]
+    axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+    return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
 
 
 def shardings_for(boxed_tree: Any, mesh: Mesh, rules) -> Any:

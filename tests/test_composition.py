@@ -7,6 +7,7 @@ import optax
 import flax.linen as nn
 import pytest
 
+from calm_jax import partitioning as part
 from calm_jax.composition import ComposedLM, CompositionConfig, default_connections
 from calm_jax.losses import cross_entropy
 from calm_jax.models import Decoder, TransformerConfig, init_decoder
@@ -277,9 +278,17 @@ def test_memory_projection_in_either_order_gives_the_same_keys_values_and_gradie
         return _memory_reference(t, states, positions, bridge)
 
     precomposed_shape = (n, GPT2_AUG.embed_dim, 2, bridge.num_heads, bridge.head_dim)
-    shapes = [tuple(v.aval.shape) for e in equations(jax.make_jaxpr(memory)(tree))
-              if e.primitive.name == "dot_general" for v in e.outvars]
-    assert (precomposed_shape in shapes) == (length == 64), shapes
+
+    def products(fn):
+        return [tuple(v.aval.shape) for e in equations(jax.make_jaxpr(fn)(tree))
+                if e.primitive.name == "dot_general" for v in e.outvars]
+
+    assert (precomposed_shape in products(memory)) == (length == 64)
+    # The choice counts the states each device holds: the product is computed whole on every
+    # device with a share of the batch (2 x 64 states in 4 shares: 32 each, too few).
+    mesh = part.make_mesh(part.PartitioningConfig(mesh_shape=(2, 2, 2)))
+    with part.mesh_context(mesh), nn.logical_axis_rules(list(part.DEFAULT_RULES)):
+        assert precomposed_shape not in products(memory)
     got, want = memory(tree), reference(tree)
     for k in ("key", "value"):
         np.testing.assert_allclose(got[k], want[k], rtol=2e-5, atol=2e-5)

@@ -90,6 +90,20 @@ def test_batches_split_over_data_and_fsdp():
     assert {s.data.shape for s in replicated.addressable_shards} == {(5,)}
 
 
+def test_batch_shards_follow_the_current_mesh_and_rules():
+    mesh = part.make_mesh(part.PartitioningConfig(mesh_shape=(2, 2, 2)))
+    assert part.batch_shards() == 1  # no mesh context
+    with part.mesh_context(mesh):
+        with nn.logical_axis_rules(list(part.DEFAULT_RULES)):
+            assert part.batch_shards() == 4  # data x fsdp
+            assert jax.jit(lambda x: x * part.batch_shards())(1) == 4  # at trace time too
+        with nn.logical_axis_rules([("activation_batch", "data")]):
+            assert part.batch_shards() == 2
+        with nn.logical_axis_rules([("activation_batch", None)]):
+            assert part.batch_shards() == 1
+    assert part.batch_shards() == 1  # the context is left
+
+
 def test_a_dimension_that_does_not_divide_its_mesh_axes_names_the_parameter():
     mesh = part.make_mesh(part.PartitioningConfig(mesh_shape=(1, 4, 2)))
     abstract = _abstract(features=6, embed=4)  # mlp 6 divides tensor 2, embed 4 fsdp 4
