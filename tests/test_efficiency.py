@@ -193,10 +193,10 @@ def test_dots_attention_policy_does_not_run_the_fused_attention_forward_again(
         cudnn_traceable):
     # The composed loss runs cuDNN's attention in the layer loops of the augmenting model's
     # two segments (up to each connection) and of the anchor's two, and in the two
-    # connections' cross-attention. Its gradient runs
-    # the backward of the anchor's upper segment and of both cross-attentions: under "dots"
-    # (and "full") each of those three first runs its forward again; "dots_attention" keeps
-    # the forward's results instead, as keeping everything ("none") does.
+    # connections' cross-attention. Its gradient runs the backward of the anchor's upper
+    # segment and of both cross-attentions: under "dots" (and "full") each of those three
+    # first runs its forward again; "dots_attention" keeps the forward's results instead, as
+    # keeping everything ("none") does.
     counts = {remat: _fused_attention_forwards(remat)
               for remat in ("none", "dots", "dots_attention", "full")}
     in_loss = counts["none"][0]
