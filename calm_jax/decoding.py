@@ -50,7 +50,8 @@ import numpy as np
 import flax.linen as nn
 from flax import struct
 
-from calm_jax.composition import ComposedCache, ComposedLM, unstack_connections
+from calm_jax.bridge import unstack_connections
+from calm_jax.composition import ComposedCache, ComposedLM
 from calm_jax.models.attention import KVCache
 from calm_jax.models.config import TransformerConfig
 from calm_jax.models.transformer import Decoder, layers_unstacked, unstack_layers
@@ -144,7 +145,7 @@ def unstack_params(model: Model, params: Any, fuse: bool = True) -> Any:
     """The model's parameters in the per-layer decoding layout: every Decoder's stacked block
     weights split into per-layer arrays, the projections that share an input fused
     (`calm_jax.models.transformer.unstack_layers`; `fuse=False` leaves them apart), and the
-    composition's into per-connection ones (`calm_jax.composition.unstack_connections`). Pass
+    composition's into per-connection ones (`calm_jax.bridge.unstack_connections`). Pass
     the result to `generate` / `prefill` / `decode_step` in place of the stacked tree (do it
     once: it copies the weights)."""
     params = _plain_params(model, params)

@@ -258,7 +258,7 @@ def test_memory_projection_in_either_order_gives_the_same_keys_values_and_gradie
     # into the key and value kernels first (one product per state instead of three); with few
     # it projects first. Both are the paper's function of the same parameters: values and
     # parameter gradients agree.
-    from calm_jax.composition import Bridge
+    from calm_jax.bridge import Bridge
 
     model = ComposedLM(ANCHOR, {"kv": GPT2_AUG}, CompositionConfig(rope_theta=1e4))
     bridge = model.bridges["kv"]
