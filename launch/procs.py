@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue
 import re
 import shlex
 import signal
@@ -99,6 +100,9 @@ class ProcessGroup:
         self.procs: dict[str, subprocess.Popen] = {}
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        # (name, exit status) in the order the processes end: one reaper thread per process
+        # waits on it, so two processes that die within one poll interval keep their order.
+        self._exits: queue.Queue = queue.Queue()
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
 
@@ -115,6 +119,7 @@ class ProcessGroup:
         thread = threading.Thread(target=self._pump, args=(name, proc, log), daemon=True)
         thread.start()
         self._threads.append(thread)
+        threading.Thread(target=lambda: self._exits.put((name, proc.wait())), daemon=True).start()
         return proc
 
     def _say(self, line: str) -> None:
@@ -147,26 +152,37 @@ class ProcessGroup:
                 pass
         first_failure: tuple[str, int] | None = None
         deadline = None
+        ended: set[str] = set()
         try:
             while True:
-                running = {n: p for n, p in self.procs.items() if p.poll() is None}
-                for name, proc in self.procs.items():
-                    if proc.returncode not in (None, 0) and first_failure is None:
-                        first_failure = (name, proc.returncode)
-                        deadline = time.monotonic() + self.grace_seconds
-                        self._say(f"[launcher] {name} failed with exit status "
-                                  f"{proc.returncode}; waiting up to {self.grace_seconds:.0f} s "
-                                  f"for the other {len(running)} to stop")
+                try:
+                    name, status = self._exits.get(timeout=0.1)
+                except queue.Empty:
+                    name = None
+                if name is not None:
+                    ended.add(name)
+                    running = sorted(set(self.procs) - ended)
+                    if status != 0:
+                        # Every failure is reported; the job's status is that of the first.
+                        if first_failure is None:
+                            first_failure = (name, status)
+                            deadline = time.monotonic() + self.grace_seconds
+                            self._say(f"[launcher] {name} failed with exit status {status}; "
+                                      f"waiting up to {self.grace_seconds:.0f} s for the other "
+                                      f"{len(running)} to stop")
+                        else:
+                            self._say(f"[launcher] {name} failed with exit status {status}")
+                    continue  # drain every exit already recorded before deciding anything
+                running = sorted(set(self.procs) - ended)
                 if not running:
                     break
                 if stop.is_set() or (deadline is not None and time.monotonic() > deadline):
                     if not stop.is_set():
                         self._say(f"[launcher] still running after {self.grace_seconds:.0f} s: "
-                                  f"{sorted(running)}; terminating them")
+                                  f"{running}; terminating them")
                     # A stop request: SIGTERM is a preemption notice, give time to checkpoint.
                     self.terminate(timeout=self.grace_seconds if stop.is_set() else 10.0)
                     break
-                time.sleep(0.1)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

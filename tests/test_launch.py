@@ -244,3 +244,34 @@ def test_local_multiprocess_dry_run():
         assert train == ["-m", "calm_jax.train", *GIN, "--coordinator_address=localhost:23456",
                          "--num_processes=2", f"--process_id={i}",
                          "--heartbeat_timeout_seconds=20"]
+
+
+def test_process_group_reports_every_failure_and_exits_with_the_first(tmp_path):
+    """One process is killed; a second one fails because of it (as JAX's peers abort when a
+    collective loses a process). Both are reported; the job's status is the killed one's."""
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    try:
+        import procs
+    finally:
+        sys.path.pop(0)
+    pidfile = tmp_path / "pid"
+    killed = f"echo $$ > {pidfile}; sleep 0.3; kill -9 $$"
+    # Fails only once the killed process has ended and been reaped, and 0.2 s after that.
+    follower = (f"while [ ! -s {pidfile} ]; do sleep 0.01; done; p=$(cat {pidfile}); "
+                "while [ -e /proc/$p ]; do sleep 0.01; done; sleep 0.2; echo lost peer; exit 6")
+    healthy = "sleep 0.1; echo done"
+    out = open(tmp_path / "log", "w+")
+    group = procs.ProcessGroup(grace_seconds=30, out=out)
+    group.start("follower", ["sh", "-c", follower])  # first in start order
+    group.start("killed", ["sh", "-c", killed])
+    group.start("healthy", ["sh", "-c", healthy])
+    rc = group.wait()
+    out.seek(0)
+    log = out.read()
+    assert rc == 128 + 9, log
+    assert "[launcher] killed failed with exit status -9; waiting up to 30 s for the other 1 " \
+           "to stop" in log, log
+    assert "[launcher] follower failed with exit status 6\n" in log, log
+    assert "[follower] lost peer" in log and "[healthy] done" in log
+    assert log.rstrip().endswith("[launcher] job failed: killed exited with status -9"), log
+    assert "terminating them" not in log

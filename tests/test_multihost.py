@@ -246,8 +246,10 @@ def test_killed_process_fails_the_job_and_a_restart_resumes(tmp_path, exports, r
         _finish(proc, timeout=0)
     log = out.read_text()
     assert rc != 0, log[-3000:]
-    assert "[launcher] process_1 failed with exit status -9" in log
-    # Process 0 was stopped by JAX's heartbeat, not by the launcher's grace period.
+    # Every failure is reported, in the order they happened: process 0 may abort within
+    # milliseconds of the kill (its collective lost a peer) or after JAX's heartbeat timeout.
+    assert "[launcher] process_1 failed with exit status -9" in log, log[-3000:]
+    # Process 0 stopped on its own, not by the launcher's grace period.
     assert "terminating them" not in log, log[-3000:]
     assert elapsed < heartbeat + 20, elapsed
     assert not any(_alive(p) for p in pids.values())
