@@ -239,9 +239,7 @@ def test_killed_process_fails_the_job_and_a_restart_resumes(tmp_path, exports, r
     try:
         pids = _wait_until(proc, out, (ckpt_dir / "2").is_dir, "checkpoint 2")
         os.kill(pids[1], signal.SIGKILL)
-        killed_at = time.monotonic()
         rc = proc.wait(timeout=heartbeat + 60)
-        elapsed = time.monotonic() - killed_at
     finally:
         _finish(proc, timeout=0)
     log = out.read_text()
@@ -249,9 +247,9 @@ def test_killed_process_fails_the_job_and_a_restart_resumes(tmp_path, exports, r
     # Every failure is reported, in the order they happened: process 0 may abort within
     # milliseconds of the kill (its collective lost a peer) or after JAX's heartbeat timeout.
     assert "[launcher] process_1 failed with exit status -9" in log, log[-3000:]
-    # Process 0 stopped on its own, not by the launcher's grace period.
+    # Process 0 stopped on its own, within the launcher's grace period (heartbeat + 20 s):
+    # past it the launcher would have said it was terminating it.
     assert "terminating them" not in log, log[-3000:]
-    assert elapsed < heartbeat + 20, elapsed
     assert not any(_alive(p) for p in pids.values())
 
     # The same command again resumes; a SIGTERM to one process (a preemption notice) stops
