@@ -226,6 +226,33 @@ def test_auto_attention_takes_cudnn_only_where_it_applies():
         TransformerConfig.tiny(attention_impl="flash")
 
 
+def test_auto_attention_resolves_for_the_compilation_target(monkeypatch):
+    # A program traced here for a GPU that this process does not have (compiled ahead of
+    # time, bench/gpu_aot.py) takes cuDNN where a GPU would; the process's own backend
+    # decides everywhere else.
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+    from calm_jax.models.attention import attend, compiling_for
+    from calm_jax.models.transformer import FUSED_ATTENTION_FORWARD
+    from jaxpr_support import equations
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)  # traced, never run
+    monkeypatch.setattr(fused, "check_is_flash_attention", lambda *args, **kwargs: None)
+    q = jnp.zeros((2, 16, 4, 64), jnp.bfloat16)
+
+    def fused_calls():
+        jaxpr = jax.make_jaxpr(lambda q: attend(q, q, q, mask=None, is_causal=True,
+                                                scale=0.125, impl="auto"))(q)
+        return [e for e in equations(jaxpr) if e.primitive.name in FUSED_ATTENTION_FORWARD]
+
+    assert fused_calls() == []
+    with compiling_for("gpu"):
+        assert len(fused_calls()) == 1
+    assert fused_calls() == []  # restored on exit
+    with pytest.raises(ValueError, match="backend: expected a platform name"):
+        with compiling_for(""):
+            pass
+
+
 @pytest.mark.parametrize("field,kwargs,message", [
     ("num_heads", dict(embed_dim=30, num_heads=4),
      "num_heads: expected a divisor of embed_dim=30"),

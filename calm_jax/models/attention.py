@@ -13,6 +13,9 @@ this module.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +54,24 @@ def attention_mask(q_segment_ids: Array, kv_segment_ids: Array, q_index: Array,
 
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
+# The backend "auto" resolves for (`compiling_for`); None: the process's default backend.
+_TARGET_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "calm_jax_attention_backend", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(backend: str) -> Iterator[str]:
+    """Inside, `attend` resolves `impl="auto"` as on `backend` ("gpu", "cuda", "cpu", ...)
+    rather than on the process's default backend: for a program traced here and compiled ahead
+    of time for a device this process does not have (`bench/gpu_aot.py`)."""
+    if not isinstance(backend, str) or not backend:
+        raise ValueError(f"backend: expected a platform name such as 'gpu', got {backend!r}")
+    token = _TARGET_BACKEND.set(backend)
+    try:
+        yield backend
+    finally:
+        _TARGET_BACKEND.reset(token)
+
 
 def choose_attention_impl(impl: str, *, backend: str, dtype, head_dim: int, q_len: int,
                           kv_len: int, has_mask: bool, logit_softcap: float | None) -> str:
@@ -77,9 +98,9 @@ def attend(q: Array, k: Array, v: Array, *, mask: Array | None, is_causal: bool,
     `choose_attention_impl`); logit soft-capping (Gemma 2), which that function does not offer,
     takes an explicit einsum path.
     """
-    impl = choose_attention_impl(impl, backend=jax.default_backend(), dtype=q.dtype,
-                                 head_dim=q.shape[-1], q_len=q.shape[1], kv_len=k.shape[1],
-                                 has_mask=mask is not None, logit_softcap=logit_softcap)
+    backend = _TARGET_BACKEND.get() or jax.default_backend()
+    impl = choose_attention_impl(impl, backend=backend, dtype=q.dtype, head_dim=q.shape[-1], q_len=q.shape[1],
+                                 kv_len=k.shape[1], has_mask=mask is not None, logit_softcap=logit_softcap)
     if logit_softcap is None:
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal and mask is None, scale=scale,

@@ -1,0 +1,155 @@
+"""bench/gpu_aot.py's reading of compiled GPU programs, on hand-written HLO text (no GPU, no
+CUDA plugin), and its refusal to run without the plugin."""
+
+import builtins
+
+import pytest
+
+from bench import gpu_aot
+
+# A scheduled module in the GPU compiler's text form: a three-layer loop whose body indexes a
+# weight stack (a copy), multiplies (a cuBLAS-free Triton product) and writes a stacked
+# activation (an in-place update); around it an independent chain, a cuDNN attention call, an
+# asynchronous dynamic-slice fusion and views that launch nothing.
+MODULE = """HloModule jit_step, is_scheduled=true
+
+%fused_dynamic_slice (p0: bf16[3,64,64], p1: s32[]) -> bf16[1,64,64] {
+  %p0 = bf16[3,64,64]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  ROOT %ds = bf16[1,64,64]{2,1,0} dynamic-slice(%p0, %p1, %p1, %p1), dynamic_slice_sizes={1,64,64}
+}
+
+%body (carry: (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64])) -> (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64]) {
+  %carry = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%carry), index=0
+  %h = bf16[8,64]{1,0} get-tuple-element(%carry), index=1
+  %w = bf16[3,64,64]{2,1,0} get-tuple-element(%carry), index=2
+  %acts = bf16[3,8,64]{2,1,0} get-tuple-element(%carry), index=3
+  %loop_dynamic_slice_fusion = bf16[1,64,64]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused_dynamic_slice
+  %bitcast.1 = bf16[64,64]{1,0} bitcast(%loop_dynamic_slice_fusion)
+  %gemm_fusion_dot.1 = bf16[8,64]{1,0} fusion(%h, %bitcast.1), kind=kCustom, calls=%gemm_fusion_dot.1_computation, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %loop_dynamic_update_slice_fusion = bf16[3,8,64]{2,1,0} fusion(%acts, %gemm_fusion_dot.1, %i), kind=kLoop, calls=%fused_dus
+  %loop_add_fusion = s32[] fusion(%i), kind=kLoop, calls=%fused_add
+  ROOT %t = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) tuple(%loop_add_fusion, %gemm_fusion_dot.1, %w, %loop_dynamic_update_slice_fusion)
+}
+
+%cond (c: (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64])) -> pred[] {
+  %c = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) parameter(0)
+  %n = s32[] get-tuple-element(%c), index=0
+  %three = s32[] constant(3)
+  ROOT %lt = pred[] compare(%n, %three), direction=LT
+}
+
+ENTRY %main (x: bf16[8,64], w: bf16[3,64,64], q: bf16[8,16,128,64]) -> (bf16[8,64], bf16[8,64]) {
+  %x = bf16[8,64]{1,0} parameter(0)
+  %w = bf16[3,64,64]{2,1,0} parameter(1)
+  %q = bf16[8,16,128,64]{3,2,1,0} parameter(2)
+  %zero = s32[] constant(0)
+  %acts0 = bf16[3,8,64]{2,1,0} constant({...})
+  %init = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) tuple(%zero, %x, %w, %acts0)
+  %while = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %out = bf16[8,64]{1,0} get-tuple-element(%while), index=1
+  %side = bf16[8,64]{1,0} fusion(%x), kind=kLoop, calls=%fused_tanh
+  %side.1 = bf16[8,64]{1,0} fusion(%side), kind=kInput, calls=%fused_reduce
+  %attn = (bf16[8,16,128,64]{3,2,1,0}, u8[0]{0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmax"
+  %fusion-start = ((bf16[3,64,64]{2,1,0}, s32[]), bf16[1,64,64]{2,1,0}, u32[]) fusion-start(%w, %zero), kind=kLoop, calls=%fused_dynamic_slice
+  %fusion-done = bf16[1,64,64]{2,1,0} fusion-done(%fusion-start)
+  %transpose.1 = bf16[64,8]{1,0} transpose(%out), dimensions={1,0}
+  ROOT %result = (bf16[8,64]{1,0}, bf16[8,64]{1,0}) tuple(%out, %side.1)
+}
+"""
+
+
+def test_parse_hlo_finds_the_entry_and_every_computation():
+    comps, entry = gpu_aot.parse_hlo(MODULE)
+    assert entry == "main"
+    assert {"fused_dynamic_slice", "body", "cond", "main"} <= comps.keys()
+    names = [i.name for i in comps["body"]]
+    assert names[:2] == ["carry", "i"] and names[-1] == "t"
+    assert comps["main"][6].op == "while"
+    with pytest.raises(ValueError, match="ENTRY"):
+        gpu_aot.parse_hlo("%f (p: f32[]) -> f32[] {\n  ROOT %p = f32[] parameter(0)\n}\n")
+
+
+def test_kernel_inventory_counts_a_loop_body_its_trip_count_times():
+    inv = gpu_aot.kernel_inventory(MODULE)
+    # body: copy, gemm, update, elementwise (x 3); entry: elementwise, reduce, attention,
+    # the asynchronous copy (its done launches nothing) and a transpose.
+    assert inv["by_category"] == {"copy": 3 + 2, "gemm": 3, "update": 3, "elementwise": 3 + 1,
+                                  "reduce": 1, "attention": 1}
+    assert inv["total"] == 17
+    # Written by copies: 3 x [1, 64, 64] and the async one (not its operands), and [64, 8].
+    assert inv["copy_mib"] == round((4 * 64 * 64 + 64 * 8) * 2 / 2**20, 1)
+
+
+def test_a_loop_without_a_known_trip_count_counts_once():
+    text = MODULE.replace(', backend_config={"known_trip_count":{"n":"3"}}', "")
+    assert gpu_aot.kernel_inventory(text)["total"] == 17 - 2 * 4
+
+
+def test_critical_path_follows_data_dependencies_not_program_order():
+    # The loop (4 kernels x 3) then the transpose that reads it: 13; the side chain of two
+    # kernels, the attention call and the async copy are beside it.
+    assert gpu_aot.critical_path(MODULE) == 13
+    # Made to read the side chain's result, the transpose waits for it as well: still 13,
+    # the longer of the two; a chain through both would be longer.
+    chained = MODULE.replace("%side = bf16[8,64]{1,0} fusion(%x)",
+                             "%side = bf16[8,64]{1,0} fusion(%out)")
+    assert gpu_aot.critical_path(chained) == 12 + 2
+
+
+def test_categories_follow_the_launching_instruction():
+    def cat(line):
+        comps, _ = gpu_aot.parse_hlo(f"ENTRY %m () -> f32[] {{\n{line}\n}}\n")
+        return gpu_aot.category(comps["m"][0])
+
+    assert cat('  %c = (bf16[8,64]{1,0}, s8[4]{0}) custom-call(%a, %b), '
+               'custom_call_target="__cublas$gemm"') == "gemm"
+    assert cat('  %c = (bf16[8,64]{1,0}) custom-call(%a), '
+               'custom_call_target="__cudnn$fmhaSoftmaxBackward"') == "attention_backward"
+    assert cat("  %f = bf16[8,64]{1,0} fusion(%a), kind=kLoop, calls=%fused_transpose") == "copy"
+    assert cat("  %wrapped_slice = bf16[1,64]{1,0} fusion(%a), kind=kLoop, "
+               "calls=%wrapped_slice_computation") == "copy"
+    assert cat("  %loop_select_fusion = bf16[8]{0} fusion(%a), kind=kLoop, "
+               "calls=%fused_select") == "elementwise"
+    assert cat("  %input_concatenate_fusion = bf16[8]{0} fusion(%a), kind=kInput, "
+               "calls=%fused_concatenate") == "reduce"
+    assert cat("  %d = bf16[4,8]{1,0} dynamic-update-slice(%a, %b, %i, %i)") == "update"
+    assert cat("  %s = f32[8]{0} sort(%a), dimensions={0}") == "reduce"
+
+
+def test_array_bytes_of_arrays_and_tuples():
+    assert gpu_aot.array_bytes("bf16[8,64]{1,0}") == 8 * 64 * 2
+    assert gpu_aot.array_bytes("(f32[2,3]{1,0}, s8[4]{0}, pred[])") == 24 + 4 + 1
+
+
+def test_topology_without_the_cuda_plugin_is_a_clear_error(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_plugin(name, *args, **kwargs):
+        if name.startswith("jax_plugins"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_plugin)
+    with pytest.raises(RuntimeError, match=r"CUDA plugin.*jax\[cuda13\]"):
+        gpu_aot.topology("h100")
+    with pytest.raises(ValueError, match="--target: expected one of .*'h200'.*got 'a100'"):
+        gpu_aot.topology("a100")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--target", "v100"], "--target: expected one of ['h100', 'h200'], got 'v100'"),
+    (["decode", "--batch", "0"], "--batch: expected a positive integer, got 0"),
+    (["train", "--modes", "pretrain"], "--modes: expected a comma-separated subset of"),
+    (["decode", "--layouts", "rows"], "--layouts: expected per_layer and/or stacked, got ['rows']"),
+])
+def test_bad_arguments_name_the_flag_and_the_value(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        gpu_aot.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_defaults():
+    args = gpu_aot.parse_args(["train", "--tiny", "--loss_chunk", "0"])
+    assert (args.shape, args.loss_chunk, args.gemm) == ("tiny", None, "cublas")
