@@ -297,6 +297,16 @@ def critical_path(text: str) -> int:
 # Compiling for a GPU target -------------------------------------------------------------------
 
 
+def cuda_plugin_installed() -> bool:
+    """Whether jax's CUDA plugin (what compiles for a GPU) is importable; no GPU is needed."""
+    import importlib.util
+
+    try:
+        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (13, 12))
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        return False
+
+
 def topology(target: str):
     """The deviceless topology of one `target` GPU. Call before anything initialises a jax
     backend: jax runs on the CPU here (`jax_platforms="cpu"`), the GPU exists only as the
@@ -306,15 +316,10 @@ def topology(target: str):
     import jax
     from jax.experimental import topologies
 
-    try:
-        import jax_plugins.xla_cuda13  # noqa: F401
-    except ImportError:
-        try:
-            import jax_plugins.xla_cuda12  # noqa: F401
-        except ImportError:
-            raise RuntimeError(
-                "gpu_aot: expected jax's CUDA plugin (pip install \"jax[cuda13]=="
-                f"{jax.__version__}\"; no GPU or driver needed), got none installed") from None
+    if not cuda_plugin_installed():
+        raise RuntimeError(
+            "gpu_aot: expected jax's CUDA plugin (pip install \"jax[cuda13]=="
+            f"{jax.__version__}\"; no GPU or driver needed), got none installed")
     jax.config.update("jax_platforms", "cpu")
     return topologies.get_topology_desc(platform="cuda", target_config=TARGETS[target],
                                         topology="1x1x1")

@@ -1,8 +1,6 @@
 """bench/gpu_aot.py's reading of compiled GPU programs, on hand-written HLO text (no GPU, no
 CUDA plugin), and its refusal to run without the plugin."""
 
-import builtins
-
 import pytest
 
 from bench import gpu_aot
@@ -124,18 +122,15 @@ def test_array_bytes_of_arrays_and_tuples():
 
 
 def test_topology_without_the_cuda_plugin_is_a_clear_error(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_plugin(name, *args, **kwargs):
-        if name.startswith("jax_plugins"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_plugin)
+    monkeypatch.setattr(gpu_aot, "cuda_plugin_installed", lambda: False)
     with pytest.raises(RuntimeError, match=r"CUDA plugin.*jax\[cuda13\]"):
         gpu_aot.topology("h100")
     with pytest.raises(ValueError, match="--target: expected one of .*'h200'.*got 'a100'"):
         gpu_aot.topology("a100")
+
+
+def test_the_plugin_check_answers_whether_or_not_jax_plugins_exists():
+    assert isinstance(gpu_aot.cuda_plugin_installed(), bool)
 
 
 @pytest.mark.parametrize("argv, message", [
