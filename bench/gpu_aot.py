@@ -15,8 +15,8 @@ is timed. It needs jax's CUDA plugin (`pip install "jax[cuda13]==<jax's version>
 issue's GPU, and the H200 the device tool lends, from their public specifications.
 
 `train` (per mode in `--modes`): the trainer's jitted step, exactly as `bench/train_step.py
---compile_only` lowers it (`step_analysis.lowered_step`; `--frozen_layout per_layer` as
-`train_step.build`), compiled for the target. Fields:
+--compile_only` lowers it (`step_analysis.lowered_step`; `--frozen_layout per_layer`: the
+trainer's option of that name), compiled for the target. Fields:
 
   memory_gib      XLA's `memory_analysis()`: argument, output, temp, alias and total =
                   argument + output + temp - alias, the step's own footprint (on the H200
@@ -347,7 +347,6 @@ def compile_train(mode: str, args, device) -> dict[str, Any]:
     from bench import train_step as ts
     from calm_jax import partitioning as part
     from calm_jax import steps as steps_lib
-    from calm_jax.models.transformer import unstack_layers
     from calm_jax.optim import OptimizerConfig, make_optimizer, schedule
 
     anchor, augment = ts.model_configs(args.shape, remat=args.remat,
@@ -358,14 +357,12 @@ def compile_train(mode: str, args, device) -> dict[str, Any]:
     per_layer = args.frozen_layout == "per_layer" and mode == "compose"
     with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
         s, _ = sa.abstract_setup(mode, anchor, augment, mesh=mesh, rules=rules,
-                                 loss_chunk=args.loss_chunk)
-        if per_layer:  # as train_step.build: the decoding layout, fused projections
+                                 loss_chunk=args.loss_chunk,
+                                 frozen_layout="per_layer" if per_layer else "stacked")
+        if per_layer:  # unstacked under eval_shape: no sharding recorded; one device here
             sharding = jax.sharding.SingleDeviceSharding(device)
             s.frozen = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                jax.eval_shape(lambda f: {"anchor": unstack_layers(f["anchor"]),
-                                          "augments": {k: unstack_layers(v) for k, v in
-                                                       f["augments"].items()}}, s.frozen))
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), s.frozen)
         opt = OptimizerConfig()
         prog = steps_lib.build_program(s, make_optimizer(opt, 1000), schedule(opt, 1000),
                                        opt.grad_accum_steps, mesh, rules)
@@ -414,7 +411,9 @@ def compile_decode(args, device) -> list[dict[str, Any]]:
     for name, (model, stacked) in {"anchor": (Decoder(anchor), params["anchor"]),
                                    "composed": (composed, params)}.items():
         for layout in args.layouts:
-            run = (jax.eval_shape(lambda p, m=model: decoding.unstack_params(m, p), stacked)
+            run = (jax.eval_shape(lambda p, m=model: decoding.unstack_params(m, p,
+                                                                             fuse=args.fuse),
+                                  stacked)
                    if layout == "per_layer" else stacked)
             _, cache = jax.eval_shape(
                 lambda p, t, n, m=model: decoding.prefill(m, p, t, n, cache_len=cache_len),
@@ -430,6 +429,7 @@ def compile_decode(args, device) -> list[dict[str, Any]]:
                         "gemm": args.gemm,
                         "jax": jax.__version__, "model": name, "layout": layout,
                         "batch": args.batch, "cache_len": cache_len, "dtype": dargs.dtype,
+                        "fused_projections": args.fuse if layout == "per_layer" else None,
                         "compile_s": round(compile_s, 1),
                         "kernels": {"total": inventory["total"], **inventory["by_category"]},
                         "critical_path": critical_path(text),
@@ -456,6 +456,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train only, composed step: as train_step.py's")
     p.add_argument("--batch", type=int, default=8, help="decode only")
     p.add_argument("--layouts", default="per_layer,stacked", help="decode only")
+    p.add_argument("--no_fuse", dest="fuse", action="store_false",
+                   help="decode only: the per-layer layout without fused projections")
     args = p.parse_args(argv)
     if args.target not in TARGETS:
         p.error(f"--target: expected one of {sorted(TARGETS)}, got {args.target!r}")

@@ -174,9 +174,11 @@ def residual_bytes(residuals) -> int:
 
 
 def abstract_setup(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig, *,
-                   mesh, rules, loss_chunk: int | None = None):
+                   mesh, rules, loss_chunk: int | None = None,
+                   frozen_layout: str = "stacked"):
     """(the trainer's `_Setup` for `mode`, its frozen trees as ShapeDtypeStructs with their
-    shardings): the setup runs under `jax.eval_shape`, so no weight is created or placed."""
+    shardings): the setup runs under `jax.eval_shape`, so no weight is created or placed.
+    `frozen_layout`: the trainer's (compose only)."""
     holder = {}
 
     def setup():
@@ -186,7 +188,8 @@ def abstract_setup(mode: str, anchor_cfg: TransformerConfig, augment_cfg: Transf
             augments={"augment": trainer.ModelSpec(config=augment_cfg)}
             if mode == "compose" else {},
             composition=CompositionConfig(), lora=lora_lib.LoraConfig(), mesh=mesh,
-            rules=rules, rng=jax.random.key(0), loss_chunk=loss_chunk)
+            rules=rules, rng=jax.random.key(0), loss_chunk=loss_chunk,
+            frozen_layout=frozen_layout)
         return s.frozen
 
     frozen = jax.eval_shape(setup)

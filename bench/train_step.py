@@ -114,7 +114,6 @@ from calm_jax import trainer  # noqa: E402
 from calm_jax.composition import ComposedLM, CompositionConfig  # noqa: E402
 from calm_jax.models import TransformerConfig  # noqa: E402
 from calm_jax.models.config import REMAT_POLICY_NAMES  # noqa: E402
-from calm_jax.models.transformer import unstack_layers  # noqa: E402
 from calm_jax.optim import OptimizerConfig, make_optimizer, schedule  # noqa: E402
 from bench.step_analysis import (  # noqa: E402
     _flops, _gib, compiled_memory, frozen_kernel_grad_dots, kernel_sets, largest_residuals,
@@ -249,11 +248,9 @@ def build(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConf
     export, which the step's cost does not depend on. Must run under `mesh` and the logical
     axis rules (`with mesh, nn.logical_axis_rules(rules)`), as in `trainer.train`.
 
-    `frozen_layout="per_layer"` (compose only) hands the step the frozen models in the
-    decoding layout (`transformer.unstack_layers`: one array per layer, projections that share
-    an input fused), whose layers run unrolled; the trainer itself keeps them stacked. An
-    experiment: the stacked trees stay referenced by the setup's export function, so the frozen
-    weights are held twice.
+    `frozen_layout="per_layer"` (compose only) is the trainer's option of that name: the
+    frozen models in the decoding layout (`transformer.unstack_layers`: one array per layer,
+    projections that share an input fused), whose layers run unrolled.
     """
     if frozen_layout not in FROZEN_LAYOUTS:
         raise ValueError(f"frozen_layout: expected one of {FROZEN_LAYOUTS}, got {frozen_layout!r}")
@@ -266,11 +263,8 @@ def build(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConf
     s = trainer._setup("compose" if mode == "compose" else "pretrain",
                        anchor=trainer.ModelSpec(config=anchor_cfg), augments=augments,
                        composition=CompositionConfig(), lora=lora_lib.LoraConfig(), mesh=mesh,
-                       rules=rules, rng=rng_setup, loss_chunk=loss_chunk)
-    if frozen_layout == "per_layer" and mode == "compose":
-        s.frozen = {"anchor": unstack_layers(s.frozen["anchor"]),
-                    "augments": {name: unstack_layers(tree)
-                                 for name, tree in s.frozen["augments"].items()}}
+                       rules=rules, rng=rng_setup, loss_chunk=loss_chunk,
+                       frozen_layout=frozen_layout if mode == "compose" else "stacked")
     opt = make_optimizer(optimizer, total_steps)
     lr_schedule = schedule(optimizer, total_steps)
 

@@ -26,6 +26,7 @@ import jax
 
 from calm_jax import checkpoints as ckpt
 from calm_jax.composition import ComposedLM, CompositionConfig
+from calm_jax.models.transformer import stack_layers
 
 COMPOSITION_FILE = "composition.json"
 FORMAT = "calm_jax.composition/1"
@@ -38,6 +39,7 @@ def _describe(name: str, source: str | None, cfg, params, fingerprint: str | Non
     own is named by its absolute path and, as 'relative', by its path from the composition
     export, so that a run directory moved or copied whole still loads."""
     if source is None:
+        params = stack_layers(params)  # a per-layer frozen tree is saved as models are
         relative = os.path.join("frozen", name)
         ckpt.save_model(os.path.join(directory, relative), cfg, params)
         return {"checkpoint": relative, "fingerprint": ckpt.params_fingerprint(cfg, params)}

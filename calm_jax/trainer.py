@@ -12,6 +12,12 @@ arguments (never closed-over constants), placed once, in the compute dtype, and 
 back. The loss is differentiated with respect to `state['params']` only, so XLA builds no weight
 gradients for frozen parameters and the optimizer keeps no state for them.
 
+`frozen_layout="per_layer"` (mode "compose") places the frozen models in the decoding layout
+(`transformer.unstack_layers`: one array per layer, the projections that share an input fused):
+their layers run unrolled and read their weights where they lie, where the stacked layout's
+layer loop copies every layer's weights out of the stack at every use (bench/RESULTS.md). It
+changes how the weights are held, not the function; exports stay in the stacked layout.
+
 Restore order (t5x's): the latest checkpoint in `<model_dir>/checkpoints`, else
 `checkpoint.restore_from`, else scratch. A compose/lora checkpoint records the fingerprints of the
 frozen model exports it was trained against and refuses to resume against different ones.
@@ -45,11 +51,13 @@ from calm_jax.composition import ComposedLM, CompositionConfig
 from calm_jax.losses import chunked_cross_entropy, cross_entropy
 from calm_jax.models import Decoder, TransformerConfig
 from calm_jax.models.config import RUNTIME_FIELDS
+from calm_jax.models.transformer import unstack_layers
 from calm_jax.optim import OptimizerConfig, make_optimizer, schedule, state_layers
 
 log = logging.getLogger("calm_jax")
 
 MODES = ("pretrain", "compose", "finetune", "lora")
+FROZEN_LAYOUTS = ("stacked", "per_layer")
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12,
               "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12}
 
@@ -140,13 +148,22 @@ def _abstract_decoder(cfg: TransformerConfig) -> Any:
 
 
 def _place_frozen(spec: ModelSpec, cfg: TransformerConfig, mesh, rules, rng, field: str,
-                  fingerprints: dict[str, str]) -> Any:
-    """Loads (or randomly initialises) a model, sharded and cast to its compute dtype."""
+                  fingerprints: dict[str, str], layout: str = "stacked") -> Any:
+    """Loads (or randomly initialises) a model, sharded and cast to its compute dtype, in
+    `layout` ("per_layer": `unstack_layers`, in the same program as the cast, so the stacked
+    cast copy is never held beside it; each per-layer array keeps its stack's sharding less
+    the layer axis, as XLA propagates it)."""
     boxed = _abstract_decoder(cfg)
     shardings = part.shardings_for(boxed, mesh, rules)
     part.check_divisible(nn.unbox(boxed), shardings, f"{field} ")
-    cast = jax.jit(lambda t: jax.tree.map(lambda x: x.astype(cfg.compute_dtype), t),
-                   out_shardings=shardings)
+
+    def to_compute(tree):
+        return jax.tree.map(lambda x: x.astype(cfg.compute_dtype), tree)
+
+    if layout == "per_layer":
+        cast = jax.jit(lambda t: unstack_layers(to_compute(t)))
+    else:
+        cast = jax.jit(to_compute, out_shardings=shardings)
     if spec.checkpoint is None:
         init = jax.jit(lambda k: nn.unbox(Decoder(cfg).init(
             k, jnp.zeros((1, min(8, cfg.max_len)), jnp.int32))["params"]),
@@ -172,6 +189,16 @@ def _decoder_final_states(model: Decoder, params, batch):
     return h, lambda x: model.apply(variables, x, method=Decoder.head)
 
 
+def _check_frozen_layout(frozen_layout, mode: str) -> None:
+    if frozen_layout not in FROZEN_LAYOUTS:
+        raise ValueError(f"frozen_layout: expected one of {FROZEN_LAYOUTS}, "
+                         f"got {frozen_layout!r}")
+    if frozen_layout != "stacked" and mode != "compose":
+        raise ValueError(f"frozen_layout: expected 'stacked' in mode={mode!r} (only the "
+                         f"compose mode's frozen models can be held per layer), "
+                         f"got {frozen_layout!r}")
+
+
 def _check_loss_chunk(loss_chunk) -> None:
     if loss_chunk is not None and (not isinstance(loss_chunk, int)
                                    or isinstance(loss_chunk, bool) or loss_chunk <= 0):
@@ -192,16 +219,18 @@ def _setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
            composition: CompositionConfig, lora: lora_lib.LoraConfig, mesh, rules,
            rng: jax.Array,
            multi_token: mtp_lib.MultiTokenConfig = mtp_lib.MultiTokenConfig(),
-           loss_chunk: int | None = None) -> _Setup:
+           loss_chunk: int | None = None, frozen_layout: str = "stacked") -> _Setup:
     """The mode's forward, trained tree and frozen trees. With `loss_chunk` the training loss
     applies the output layer `loss_chunk` positions at a time (`losses.chunked_cross_entropy`):
-    no [batch, length, vocab] logits are kept for the backward pass."""
+    no [batch, length, vocab] logits are kept for the backward pass. `frozen_layout`: see the
+    module docstring."""
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     _check_loss_chunk(loss_chunk)
+    _check_frozen_layout(frozen_layout, mode)
     s = _mode_setup(mode, anchor=anchor, augments=augments, composition=composition, lora=lora,
                     mesh=mesh, rules=rules, rng=rng, multi_token=multi_token,
-                    loss_chunk=loss_chunk)
+                    loss_chunk=loss_chunk, frozen_layout=frozen_layout)
     if loss_chunk is not None and s.loss_fn is None:
         def loss_fn(params, frozen, batch):
             h, head_fn = s.final_states(params, frozen, batch)
@@ -215,7 +244,7 @@ def _setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
 def _mode_setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
                 composition: CompositionConfig, lora: lora_lib.LoraConfig, mesh, rules,
                 rng: jax.Array, multi_token: mtp_lib.MultiTokenConfig,
-                loss_chunk: int | None) -> _Setup:
+                loss_chunk: int | None, frozen_layout: str = "stacked") -> _Setup:
     anchor_cfg = anchor.resolve("anchor")
     fingerprints: dict[str, str] = {}
     n_anchor = anchor_cfg.num_params(include_embedding=False)
@@ -255,7 +284,7 @@ def _mode_setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpe
     augment_cfgs = {name: spec.resolve(f"augments[{name!r}]") for name, spec in augments.items()}
     keys = dict(zip(["anchor", *augment_cfgs], jax.random.split(rng, 1 + len(augment_cfgs))))
     frozen = {"anchor": _place_frozen(anchor, anchor_cfg, mesh, rules, keys["anchor"],
-                                      "anchor", fingerprints)}
+                                      "anchor", fingerprints, frozen_layout)}
 
     if mode == "lora":
         if lora.rank is None:
@@ -294,7 +323,8 @@ def _mode_setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpe
                          "got none")
     composed = ComposedLM(anchor_cfg, augment_cfgs, composition)
     frozen["augments"] = {name: _place_frozen(spec, augment_cfgs[name], mesh, rules, keys[name],
-                                              f"augments[{name!r}]", fingerprints)
+                                              f"augments[{name!r}]", fingerprints,
+                                              frozen_layout)
                           for name, spec in augments.items()}
     boxed = jax.eval_shape(composed.init_composition, jax.random.key(0))
 
@@ -413,7 +443,7 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
           seed: int = 0, peak_flops: float | None = None,
           stop_after: int | None = None,
           multi_token: mtp_lib.MultiTokenConfig | None = None,
-          loss_chunk: int | None = None) -> dict[str, Any]:
+          loss_chunk: int | None = None, frozen_layout: str = "stacked") -> dict[str, Any]:
     """Trains in `mode` for `num_steps` steps.
 
     Returns {'state', 'params' (the trained model's tree as exported: the decoder without
@@ -428,6 +458,10 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
     kept for the backward pass; each chunk's gradient is taken while its logits are live, so
     the output layer's products are the same as without chunks. None: all at once.
 
+    `frozen_layout` ("stacked" or, in mode "compose", "per_layer") is how the frozen models
+    are held on the devices: see the module docstring. The trained parameters, checkpoints and
+    exports are the same either way; 'frozen' is returned in this layout.
+
     `history` is a list of (step, metrics) for logged steps and evaluations. `stop_after` ends
     this invocation (with a checkpoint) after that many steps, as a preemption would; the
     learning-rate schedule still spans `num_steps` and the next invocation resumes.
@@ -441,6 +475,7 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
     if not isinstance(num_steps, int) or num_steps <= 0:
         raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
     _check_loss_chunk(loss_chunk)
+    _check_frozen_layout(frozen_layout, mode)
     if mode in ("pretrain", "finetune") and augments:
         raise ValueError(f"augments: expected none in mode={mode!r}, got {sorted(augments)}")
     multi_token = multi_token or mtp_lib.MultiTokenConfig()
@@ -466,7 +501,7 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
     with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
         s = _setup(mode, anchor=anchor, augments=augments, composition=composition, lora=lora,
                    mesh=mesh, rules=rules, rng=rng_setup, multi_token=multi_token,
-                   loss_chunk=loss_chunk)
+                   loss_chunk=loss_chunk, frozen_layout=frozen_layout)
         opt = make_optimizer(optimizer, num_steps)
         lr_schedule = schedule(optimizer, num_steps)
         prog = steps_lib.build_program(s, opt, lr_schedule, optimizer.grad_accum_steps, mesh,

@@ -316,6 +316,26 @@ def test_fused_projections_decode_alike_with_fewer_products(which, saved):
     assert out["unfused"][2] - out["fused"][2] == saved * layers, out
 
 
+@pytest.mark.parametrize("which", ["gpt2", "llama", "gemma"])
+def test_stack_layers_undoes_the_per_layer_layout(which):
+    # query/key/value fused (gpt2: as many heads, biases), key/value (llama, gemma: grouped),
+    # gate/up: every leaf comes back as the Decoder initialised it, bit for bit.
+    from calm_jax.models.transformer import stack_layers, unstack_layers
+
+    _, params = plain(which)
+    for fuse in (True, False):
+        again = stack_layers(unstack_layers(params, fuse=fuse))
+        assert jax.tree.structure(again) == jax.tree.structure(params)
+        for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+    # Already stacked: the same arrays back.
+    assert all(a is b for a, b in zip(jax.tree.leaves(stack_layers(params)),
+                                      jax.tree.leaves(params)))
+    with pytest.raises(ValueError, match="expected a Decoder's parameter tree"):
+        stack_layers({"embedder": params["embedder"]})
+
+
 def test_fused_projections_keep_a_sharded_heads_axis_and_decode_alike():
     # Weights sharded as the trainer places them on a (data, fsdp, tensor) = (1, 2, 2) mesh:
     # heads, KV heads and the MLP axis over "tensor". The fused kernels are stacked on a new

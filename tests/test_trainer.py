@@ -554,3 +554,51 @@ def test_model_spec_runtime_fields_override_a_stored_model(exports):
     assert trainer.ModelSpec(checkpoint=exports["anchor"]).resolve("anchor") == CFG
     with pytest.raises(ValueError, match=r"anchor\.remat_policy: expected one of .*got 'some'"):
         trainer.ModelSpec(checkpoint=exports["anchor"], remat_policy="some").resolve("anchor")
+
+
+def test_per_layer_frozen_layout_trains_alike_and_exports_stacked(tmp_path, exports):
+    # The frozen models held one array per layer (fused projections, layers unrolled), on a
+    # (2, 2, 2) mesh, against the stacked layout on one device: the same losses and trained
+    # composition. The randomly initialised augmenting model is saved with the export in the
+    # stacked layout a Decoder loads, and the export is the model that was trained.
+    from calm_jax.models.transformer import LayerList
+
+    kw = dict(augments={"kv": trainer.ModelSpec(config=AUG_CFG)})
+    stacked = _compose(tmp_path / "stacked", exports,
+                       partitioning=PartitioningConfig(mesh_shape=(1, 1, 1), num_devices=1), **kw)
+    per_layer = _compose(tmp_path / "per_layer", exports, frozen_layout="per_layer",
+                         partitioning=PartitioningConfig(mesh_shape=(2, 2, 2)), **kw)
+    np.testing.assert_allclose([m["loss"] for _, m in per_layer["history"]],
+                               [m["loss"] for _, m in stacked["history"]], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(per_layer["state"]["params"]),
+                    jax.tree.leaves(stacked["state"]["params"])):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    layers = per_layer["frozen"]["anchor"]["layers"]
+    assert isinstance(layers["mlp"]["gate_up"]["kernel"], LayerList)
+    assert len(layers["mlp"]["gate_up"]["kernel"].arrays) == CFG.num_layers
+    directory = str(tmp_path / "per_layer" / "export")
+    cfg, saved = ckpt.load_model(os.path.join(directory, "frozen", "augment_kv"))
+    assert cfg == AUG_CFG
+    assert saved["layers"]["attn"]["query"]["kernel"].shape[0] == AUG_CFG.num_layers
+    model, params = load_composition(directory)
+    tokens = jax.numpy.asarray(_arrays()["decoder_input_tokens"][:4])
+    trained = {**per_layer["frozen"], "composition": per_layer["state"]["params"]}
+    np.testing.assert_allclose(model.apply(params, tokens),
+                               ComposedLM(CFG, {"kv": AUG_CFG}).apply(trained, tokens),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode, layout, message", [
+    ("compose", "rows", "frozen_layout: expected one of ('stacked', 'per_layer'), got 'rows'"),
+    ("pretrain", "per_layer", "frozen_layout: expected 'stacked' in mode='pretrain'"),
+    ("lora", "per_layer", "frozen_layout: expected 'stacked' in mode='lora'"),
+])
+def test_bad_frozen_layout_is_refused_before_anything_runs(tmp_path, exports, mode, layout,
+                                                            message):
+    anchor = (trainer.ModelSpec(config=CFG) if mode == "pretrain"
+              else trainer.ModelSpec(checkpoint=exports["anchor"]))
+    augments = {} if mode == "pretrain" else {"kv": trainer.ModelSpec(checkpoint=exports["augment"])}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        trainer.train(mode=mode, model_dir=str(tmp_path / "r"), num_steps=2, anchor=anchor,
+                      augments=augments, dataset=DATA, frozen_layout=layout, **FAST)
+    assert not os.path.exists(tmp_path / "r")

@@ -173,6 +173,44 @@ def fuse_projections(layers: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def stack_layers(params: Any) -> Any:
+    """The inverse of `unstack_layers`: a Decoder's parameters with every per-layer block
+    parameter (`LayerList`) stacked again on a leading layer axis and the fused projections
+    split back into query, key and value, gate and up; the stacked tree a Decoder initialises,
+    saves and loads. A stacked tree is returned unchanged."""
+    params = nn.unbox(params)
+    if not isinstance(params, Mapping) or "layers" not in params:
+        raise ValueError(f"params: expected a Decoder's parameter tree with a 'layers' entry, "
+                         f"got {type(params).__name__}")
+    if not layers_unstacked(params["layers"]):
+        return params
+    return {**params, "layers": _stack(params["layers"])}
+
+
+@jax.jit
+def _stack(layers: Any) -> Any:
+    def split(dense, names):  # a fused Dense -> one Dense per part, as `fuse_projections` stacked
+        axis = {"kernel": 1, "bias": 0}
+        return {part: {k: LayerList(tuple(jnp.take(x, i, axis=axis[k]) for x in v.arrays))
+                       for k, v in dense.items()}
+                for i, part in enumerate(names)}
+
+    out = dict(layers)
+    attn = dict(out.get("attn", {}))
+    if "qkv" in attn:
+        attn.update(split(attn.pop("qkv"), ("query", "key", "value")))
+    if "kv" in attn:
+        attn.update(split(attn.pop("kv"), ("key", "value")))
+    if "attn" in out:
+        out["attn"] = attn
+    mlp = dict(out.get("mlp", {}))
+    if "gate_up" in mlp:
+        mlp.update(split(mlp.pop("gate_up"), ("gate", "up")))
+        out["mlp"] = mlp
+    return jax.tree.map(lambda x: jnp.stack(x.arrays) if _is_layer_list(x) else x, out,
+                        is_leaf=_is_layer_list)
+
+
 def unstack_leaves(tree: Any) -> Any:
     """Every stacked leaf of `tree` split along its leading axis into a `LayerList` (already
     split ones are kept)."""
