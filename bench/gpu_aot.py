@@ -184,6 +184,10 @@ def category(instr: Instr) -> str:
                                              rest))
         if "gemm" in label or "__cublas" in rest or "__triton_gemm" in rest:
             return "gemm"
+        if '"name":"dynamic_slice_fusion"' in rest:
+            # A library call (a cuBLAS product) reading and writing slices of its operands in
+            # place: its shape is the whole buffer it writes into, not a copy.
+            return "gemm"
         if "dynamic_update_slice" in label:
             return "update"
         if re.search(r"(^|[\s_])(dynamic_slice|slice|transpose|copy)(\b|_)", label):

@@ -105,6 +105,11 @@ def test_categories_follow_the_launching_instruction():
                'custom_call_target="__cublas$gemm"') == "gemm"
     assert cat('  %c = (bf16[8,64]{1,0}) custom-call(%a), '
                'custom_call_target="__cudnn$fmhaSoftmaxBackward"') == "attention_backward"
+    # XLA's dynamic-slice fusion: a cuBLAS product writing into a slice of a stacked buffer.
+    assert cat('  %dynamic_slice_fusion.1 = (bf16[24,8,64]{2,1,0}, s8[64]{0}) fusion(%a, %b), '
+               'kind=kCustom, calls=%dynamic-slice-fusion.1, backend_config={"fusion_backend_'
+               'config":{"kind":"__custom_fusion","custom_fusion_config":{"name":'
+               '"dynamic_slice_fusion","kernel_index":0}}}') == "gemm"
     assert cat("  %f = bf16[8,64]{1,0} fusion(%a), kind=kLoop, calls=%fused_transpose") == "copy"
     assert cat("  %wrapped_slice = bf16[1,64]{1,0} fusion(%a), kind=kLoop, "
                "calls=%wrapped_slice_computation") == "copy"
