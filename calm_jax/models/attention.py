@@ -99,8 +99,9 @@ def attend(q: Array, k: Array, v: Array, *, mask: Array | None, is_causal: bool,
     takes an explicit einsum path.
     """
     backend = _TARGET_BACKEND.get() or jax.default_backend()
-    impl = choose_attention_impl(impl, backend=backend, dtype=q.dtype, head_dim=q.shape[-1], q_len=q.shape[1],
-                                 kv_len=k.shape[1], has_mask=mask is not None, logit_softcap=logit_softcap)
+    impl = choose_attention_impl(impl, backend=backend, dtype=q.dtype, head_dim=q.shape[-1],
+                                 q_len=q.shape[1], kv_len=k.shape[1], has_mask=mask is not None,
+                                 logit_softcap=logit_softcap)
     if logit_softcap is None:
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal and mask is None, scale=scale,
