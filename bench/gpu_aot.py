@@ -1,7 +1,7 @@
 """GPU programs compiled on a CPU: what XLA's GPU compiler makes of a step, without a GPU.
 
     python bench/gpu_aot.py train --shape large --remat dots --loss_chunk 512
-    python bench/gpu_aot.py train --shape large --remat dots --loss_chunk 512 --frozen_layout per_layer
+    python bench/gpu_aot.py train --modes compose --frozen_layout per_layer  # large, dots, 512
     python bench/gpu_aot.py decode --batch 8                   # bench/decode.py's small shape
     python bench/gpu_aot.py train --tiny ; python bench/gpu_aot.py decode --tiny   # seconds
 
@@ -39,11 +39,12 @@ their dependencies, not by bandwidth (bench/RESULTS.md, 2026-12-04 H200 entry), 
                   connection, so its critical path can be far below its kernel count.
 
 Counts are read from the compiled HLO text (`kernel_inventory`, `critical_path`); categories
-follow the launching instruction: "gemm" (matrix-product fusions and cuBLAS calls),
-"attention" and "attention_backward" (cuDNN's fused attention), "copy", "update" (in-place dynamic-update-slice: cache and stacked-
-activation writes), "reduce" (XLA's input fusions: reductions, concatenations), "elementwise"
-(other fusions) and "other". Record what this prints in bench/RESULTS.md as compiled, not
-measured, with the target, the command and the date.
+follow the launching instruction: "gemm" (matrix-product fusions, cuBLAS calls, XLA's
+dynamic-slice fusions around them), "attention" and "attention_backward" (cuDNN's fused
+attention), "copy", "update" (in-place dynamic-update-slice: cache and stacked-activation
+writes), "reduce" (XLA's input fusions: reductions, concatenations), "elementwise" (other
+fusions) and "other". Record what this prints in bench/RESULTS.md as compiled, not measured,
+with the target, the command and the date.
 """
 
 from __future__ import annotations

@@ -597,7 +597,8 @@ def test_bad_frozen_layout_is_refused_before_anything_runs(tmp_path, exports, mo
                                                             message):
     anchor = (trainer.ModelSpec(config=CFG) if mode == "pretrain"
               else trainer.ModelSpec(checkpoint=exports["anchor"]))
-    augments = {} if mode == "pretrain" else {"kv": trainer.ModelSpec(checkpoint=exports["augment"])}
+    augments = ({} if mode == "pretrain"
+                else {"kv": trainer.ModelSpec(checkpoint=exports["augment"])})
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         trainer.train(mode=mode, model_dir=str(tmp_path / "r"), num_steps=2, anchor=anchor,
                       augments=augments, dataset=DATA, frozen_layout=layout, **FAST)
