@@ -20,7 +20,8 @@ processes exchange data through gloo collectives, which `initialize` switches on
 
 A process that dies is noticed by the others through the coordination service's heartbeats:
 after `heartbeat_timeout_seconds` without one, every other process is terminated with an
-error instead of waiting forever in a collective.
+error instead of waiting forever in a collective. A SIGTERM (a preemption) stops the training
+loop at a step all processes agree on (`Preemption`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import logging
 import math
 import os
 import re
+import signal
 from typing import Any, Mapping, Sequence
 
 log = logging.getLogger("calm_jax")
@@ -369,3 +371,43 @@ def check_process_batch_layout(sharding, batch_size: int, what: str = "dataset")
             f"split {what}.batch_size={batch_size} over all {jax.process_count()} processes "
             f"({local} rows each), got rows per process {sorted(owned)}; make data x fsdp a "
             f"multiple of the process count and keep tensor parallelism inside a host")
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop checks after every step.
+
+    With several processes the stop must happen at the same step everywhere (the checkpoint
+    save is collective), so the handler is left to JAX's preemption service, which spreads a
+    SIGTERM seen by any process and agrees on a step (`should_stop`).
+    """
+
+    def __init__(self):
+        import jax
+
+        self.requested = False
+        self._previous = None
+        self._multi_process = jax.process_count() > 1
+
+    def __enter__(self):
+        if self._multi_process:
+            return self
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler
+            self._previous = None
+        return self
+
+    def should_stop(self, step: int) -> bool:
+        if self._multi_process:
+            from jax.experimental import multihost_utils
+            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(
+                step)
+        return self.requested
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

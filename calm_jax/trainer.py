@@ -30,7 +30,6 @@ import functools
 import logging
 import math
 import os
-import signal
 import time
 from typing import Any, Callable, Mapping
 
@@ -392,44 +391,6 @@ def _peak_flops(override: float | None) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after every step.
-
-    With several processes the stop must happen at the same step everywhere (the checkpoint
-    save is collective), so the handler is left to JAX's preemption service, which spreads a
-    SIGTERM seen by any process and agrees on a step (`should_stop`).
-    """
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-        self._multi_process = jax.process_count() > 1
-
-    def __enter__(self):
-        if self._multi_process:
-            return self
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no handler
-            self._previous = None
-        return self
-
-    def should_stop(self, step: int) -> bool:
-        if self._multi_process:
-            from jax.experimental import multihost_utils
-            self.requested = self.requested or multihost_utils.reached_preemption_sync_point(
-                step)
-        return self.requested
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM: saving a checkpoint and stopping")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
           dataset: data_lib.DatasetConfig,
           augments: Mapping[str, ModelSpec] | None = None,
@@ -557,7 +518,7 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
         last_step = start
         skipped = 0
         try:
-            with _Preemption() as preemption:
+            with distributed.Preemption() as preemption:
                 step = start
                 while step < num_steps:
                     batch = first if step == start else data_lib.to_global(source.batch(step),

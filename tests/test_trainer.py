@@ -186,7 +186,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, exports):
 
 
 def test_sigterm_sets_the_preemption_flag():
-    with trainer._Preemption() as preemption:
+    from calm_jax.distributed import Preemption
+
+    with Preemption() as preemption:
         assert not preemption.requested
         signal.raise_signal(signal.SIGTERM)
         assert preemption.requested
