@@ -122,7 +122,7 @@ from bench.step_analysis import dot_output_shapes  # noqa: E402,F401 (tests use 
 
 H100_PEAK_FLOPS = 989e12  # dense bf16, SXM; the denominator for "ideal MFU"
 MODES = ("compose", "finetune")
-FROZEN_LAYOUTS = ("stacked", "per_layer")
+FROZEN_LAYOUTS = trainer.FROZEN_LAYOUTS
 
 # name -> (anchor fields, augment fields, vocab, batch, length)
 SHAPES: dict[str, tuple[dict, dict, int, int, int]] = {
