@@ -165,17 +165,29 @@ def layer_array_elements(model, params, batch: int, cache_len: int) -> int:
 _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "s32": "int32"}
 
 
-def step_copies(model, stacked, run, batch: int, args) -> dict:
-    """The large copies in one compiled decode step of `run` (the parameters in the layout
-    measured; `stacked`, the same in the stacked layout, gives the layer arrays' sizes)."""
+def lowered_decode_step(model, run, batch: int, args, sharding=None):
+    """One `decoding.decode_step` of `model` with parameters `run` (arrays or shapes), lowered
+    for `batch` rows and a cache of `args.prompt_len + args.new_tokens` slots made by
+    `prefill` (its shapes only). With `sharding`, parameters, cache and tokens are given it
+    (shapes for a device this process does not have: `bench/gpu_aot.py`)."""
     cache_len = args.prompt_len + args.new_tokens
     prompts = jax.ShapeDtypeStruct((batch, args.prompt_len), jax.numpy.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jax.numpy.int32)
     _, cache = jax.eval_shape(
         lambda p, t, n: decoding.prefill(model, p, t, n, cache_len=cache_len), run, prompts,
         lengths)
-    hlo = decoding.decode_step.lower(model, run, cache, jax.ShapeDtypeStruct(
-        (batch,), jax.numpy.int32)).compile().as_text()
+    tokens = jax.ShapeDtypeStruct((batch,), jax.numpy.int32, sharding=sharding)
+    if sharding is not None:
+        run, cache = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), (run, cache))
+    return decoding.decode_step.lower(model, run, cache, tokens)
+
+
+def step_copies(model, stacked, run, batch: int, args) -> dict:
+    """The large copies in one compiled decode step of `run` (the parameters in the layout
+    measured; `stacked`, the same in the stacked layout, gives the layer arrays' sizes)."""
+    cache_len = args.prompt_len + args.new_tokens
+    hlo = lowered_decode_step(model, run, batch, args).compile().as_text()
     copies = large_copies(hlo, layer_array_elements(model, stacked, batch, cache_len))
     nbytes = sum(np.prod(s) * jax.numpy.dtype(_DTYPES.get(d, d)).itemsize for _, d, s in copies)
     return {"count": len(copies), "mib": round(float(nbytes) / 2**20, 3),

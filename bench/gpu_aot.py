@@ -351,8 +351,6 @@ def compile_train(mode: str, args, device) -> dict[str, Any]:
     from bench import step_analysis as sa
     from bench import train_step as ts
     from calm_jax import partitioning as part
-    from calm_jax import steps as steps_lib
-    from calm_jax.optim import OptimizerConfig, make_optimizer, schedule
 
     anchor, augment = ts.model_configs(args.shape, remat=args.remat,
                                        attention_impl=args.attention_impl)
@@ -361,18 +359,9 @@ def compile_train(mode: str, args, device) -> dict[str, Any]:
     rules = part.DEFAULT_RULES
     per_layer = args.frozen_layout == "per_layer" and mode == "compose"
     with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
-        s, _ = sa.abstract_setup(mode, anchor, augment, mesh=mesh, rules=rules,
-                                 loss_chunk=args.loss_chunk,
-                                 frozen_layout="per_layer" if per_layer else "stacked")
-        if per_layer:  # unstacked under eval_shape: no sharding recorded; one device here
-            sharding = jax.sharding.SingleDeviceSharding(device)
-            s.frozen = jax.tree.map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), s.frozen)
-        opt = OptimizerConfig()
-        prog = steps_lib.build_program(s, make_optimizer(opt, 1000), schedule(opt, 1000),
-                                       opt.grad_accum_steps, mesh, rules)
-        lowered = prog.train_step.lower(prog.abstract_state, s.frozen,
-                                        sa.abstract_batch(batch, length, prog.batch_sharding))
+        lowered = sa.lowered_step(mode, anchor, augment, batch=batch, length=length, mesh=mesh,
+                                  rules=rules, loss_chunk=args.loss_chunk,
+                                  frozen_layout="per_layer" if per_layer else "stacked")
         start = time.perf_counter()
         compiled = lowered.compile()
         compile_s = time.perf_counter() - start
@@ -392,7 +381,6 @@ def compile_decode(args, device) -> list[dict[str, Any]]:
     """One decode step of the anchor alone and of the composed model, per layout, compiled
     for the target `device`."""
     import jax
-    import jax.numpy as jnp
     import flax.linen as nn
 
     from bench import decode as bd
@@ -407,11 +395,7 @@ def compile_decode(args, device) -> list[dict[str, Any]]:
     composed = ComposedLM(anchor, {"augment": augment})
     params = jax.eval_shape(lambda: nn.unbox(composed.init(jax.random.key(0))))
     sharding = jax.sharding.SingleDeviceSharding(device)
-    place = lambda tree: jax.tree.map(  # noqa: E731
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
     cache_len = dargs.prompt_len + dargs.new_tokens
-    prompts = jax.ShapeDtypeStruct((args.batch, dargs.prompt_len), jnp.int32)
-    lengths = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
     out = []
     for name, (model, stacked) in {"anchor": (Decoder(anchor), params["anchor"]),
                                    "composed": (composed, params)}.items():
@@ -420,13 +404,9 @@ def compile_decode(args, device) -> list[dict[str, Any]]:
                                                                              fuse=args.fuse),
                                   stacked)
                    if layout == "per_layer" else stacked)
-            _, cache = jax.eval_shape(
-                lambda p, t, n, m=model: decoding.prefill(m, p, t, n, cache_len=cache_len),
-                run, prompts, lengths)
-            tokens = jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=sharding)
+            lowered = bd.lowered_decode_step(model, run, args.batch, dargs, sharding)
             start = time.perf_counter()
-            compiled = decoding.decode_step.lower(model, place(run), place(cache),
-                                                  tokens).compile()
+            compiled = lowered.compile()
             compile_s = time.perf_counter() - start
             text = compiled.as_text()
             inventory = kernel_inventory(text)

@@ -178,7 +178,9 @@ def abstract_setup(mode: str, anchor_cfg: TransformerConfig, augment_cfg: Transf
                    frozen_layout: str = "stacked"):
     """(the trainer's `_Setup` for `mode`, its frozen trees as ShapeDtypeStructs with their
     shardings): the setup runs under `jax.eval_shape`, so no weight is created or placed.
-    `frozen_layout`: the trainer's (compose only)."""
+    `frozen_layout`: the trainer's (compose only). Per-layer trees have no sharding of their
+    own (XLA propagates the stacks' when they are placed); on a one-device mesh they are given
+    that device, so that a step lowered from them targets the mesh's devices."""
     holder = {}
 
     def setup():
@@ -193,6 +195,10 @@ def abstract_setup(mode: str, anchor_cfg: TransformerConfig, augment_cfg: Transf
         return s.frozen
 
     frozen = jax.eval_shape(setup)
+    if mesh.size == 1:
+        device = jax.sharding.SingleDeviceSharding(mesh.devices.flat[0])
+        frozen = jax.tree.map(lambda x: x if x.sharding is not None else
+                              jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), frozen)
     s = holder.pop("s")
     s.frozen = frozen
     return s, frozen
@@ -206,11 +212,12 @@ def abstract_batch(batch: int, length: int, sharding=None) -> dict[str, jax.Shap
 
 
 def lowered_step(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig,
-                 *, batch: int, length: int, mesh, rules, loss_chunk: int | None = None):
+                 *, batch: int, length: int, mesh, rules, loss_chunk: int | None = None,
+                 frozen_layout: str = "stacked"):
     """The trainer's jitted training step for `mode`, lowered from shapes alone (no weights
     are created; `abstract_setup`, `abstract_batch`) under `mesh` and `rules`."""
     s, _ = abstract_setup(mode, anchor_cfg, augment_cfg, mesh=mesh, rules=rules,
-                          loss_chunk=loss_chunk)
+                          loss_chunk=loss_chunk, frozen_layout=frozen_layout)
     opt_cfg = OptimizerConfig()
     prog = steps_lib.build_program(s, make_optimizer(opt_cfg, 1000), schedule(opt_cfg, 1000),
                                    opt_cfg.grad_accum_steps, mesh, rules)
