@@ -25,6 +25,12 @@ trainer's option of that name), compiled for the target. Fields:
                   its known trip count times), total and by category
   copy_mib        MiB written per step by the "copy" kernels (slices, dynamic slices,
                   transposes and copies: weights indexed out of layer stacks, mostly)
+  traffic         bytes the kernels read and write (`traffic`, `kernel_bytes`: from the
+                  shapes of their operands and outputs), MiB by category; memory_bound_ms,
+                  the kernels other than products and attention at the target's bandwidth
+                  (their time if they ran at the peak: a floor, what fewer passes over
+                  memory can save); and the `--top` heaviest of them with the jax op that
+                  made each (which layer, norm, loss or copy to look at)
 
 `decode` (per model, anchor and composed, and layout in `--layouts`): one compiled
 `decoding.decode_step` at `--batch` (the small shape of `bench/decode.py`, 128-token prompts +
@@ -32,6 +38,7 @@ trainer's option of that name), compiled for the target. Fields:
 their dependencies, not by bandwidth (bench/RESULTS.md, 2026-12-04 H200 entry), so:
 
   kernels         kernel launches per generated token, total and by category
+  traffic         as for `train`, per generated token
   critical_path   kernels on the longest chain of data dependencies through the step: what a
                   CUDA graph that runs independent kernels side by side (XLA's concurrent
                   command-buffer scheduling) cannot overlap. For the composed model, the
@@ -101,6 +108,13 @@ TARGETS = {
     "h200": _SM90.format(bandwidth=4800000000000, memory=150754820096, name="NVIDIA H200"),
 }
 AOT_FLAGS = "--xla_gpu_autotune_level=0"
+
+
+def bandwidth(target: str) -> float:
+    """The target's memory bandwidth in bytes/s, from its description."""
+    return float(re.search(r"memory_bandwidth: (\d+)", TARGETS[target]).group(1))
+
+
 # Matrix products without autotuning: cuBLAS's default algorithm ("cublas"; the large step's
 # products were cuBLAS kernels on the H200, bench/RESULTS.md) or XLA's Triton products with
 # their default tiling ("triton"; for some small shapes Triton has no default and compiling
@@ -122,6 +136,7 @@ _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", 
 _COPY_OPS = ("copy", "transpose", "slice", "dynamic-slice", "copy-start")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_COMPUTE_BOUND = ("gemm", "attention", "attention_backward")
 _ARRAY = re.compile(r"\b(pred|[su](?:8|16|32|64)|f16|bf16|f32|f64)\[([0-9,]*)\]")
 
 
@@ -256,7 +271,109 @@ def kernel_inventory(text: str) -> dict[str, Any]:
 
     walk(entry, 1)
     return {"total": sum(counts.values()), "by_category": dict(counts.most_common()),
-            "copy_mib": round(copy_bytes / 2**20, 1)}
+            "copy_mib": _mib(copy_bytes)}
+
+
+
+# What a kernel reads in part: a fused parameter used only by these reads only their outputs.
+_PARTIAL_READS = ("slice", "dynamic-slice", "gather")
+
+
+def _op_name(instr: Instr) -> str:
+    m = re.search(r'op_name="([^"]*)"', instr.rest)
+    return m.group(1) if m else ""
+
+
+def kernel_bytes(instr: Instr, scope: dict[str, Instr],
+                 comps: dict[str, list[Instr]]) -> tuple[int, int]:
+    """(bytes read, bytes written) by one kernel-launching instruction, from the shapes of its
+    operands (`scope`: the instructions of its computation by name) and of its output. A fused
+    operand that the fusion only slices counts the slices; the buffer an in-place
+    dynamic-update-slice writes into counts neither read nor written in full, only the update.
+    An estimate of the traffic to memory: caches and a kernel that reads less than a whole
+    operand by other means are not seen."""
+    operands = _operands(instr.rest)
+    sizes = [array_bytes(scope[o].shape) if o in scope else 0 for o in operands]
+    written = array_bytes(written_shape(instr))
+    callee = _called(instr, "calls")
+    if instr.op not in ("fusion", "fusion-start") or not callee or callee[0] not in comps:
+        if instr.op in ("slice", "dynamic-slice"):
+            return written, written
+        if instr.op == "dynamic-update-slice":
+            return 2 * sum(sizes[1:2]), sum(sizes[1:2])
+        return sum(sizes), written
+    body = comps[callee[0]]
+    params = {}
+    for i in body:
+        if i.op == "parameter":
+            params[int(re.match(r"\s*(\d+)", i.rest).group(1))] = i.name
+    users: dict[str, list[Instr]] = collections.defaultdict(list)
+    for i in body:
+        for o in _operands(i.rest):
+            users[o].append(i)
+    read = 0
+    for k, full in enumerate(sizes):
+        uses = users.get(params.get(k, ""), [])
+        if uses and all(u.op in _PARTIAL_READS for u in uses):
+            read += min(full, sum(array_bytes(u.shape) for u in uses))
+        elif uses and all(u.op == "dynamic-update-slice" and _operands(u.rest)[0] == params[k]
+                          for u in uses):
+            # Written in place: only the update goes to memory (counted as the update's read
+            # below, and written once here).
+            inner = {i.name: i for i in body}
+            update = sum(array_bytes(inner[o].shape) for u in uses
+                         for o in _operands(u.rest)[1:2] if o in inner)
+            written = min(written, update or written)
+        else:
+            read += full
+    return read, written
+
+
+def traffic(text: str, bandwidth: float, top: int = 15) -> dict[str, Any]:
+    """Estimated memory traffic of one execution of a compiled module (`kernel_bytes` per
+    launch, loops times their trip count): {"mib_by_category", "memory_bound_ms": the
+    non-product, non-attention kernels' traffic at `bandwidth` bytes/s (a lower bound on their
+    time: no kernel reaches the peak), "top": the `top` heaviest of those kernels with their
+    launches, MiB per execution and jax op name}. Products and attention are bound by their
+    arithmetic at these shapes and are left out of the time."""
+    comps, entry = parse_hlo(text)
+    scopes = {name: {i.name: i for i in instrs} for name, instrs in comps.items()}
+    by_category: collections.Counter = collections.Counter()
+    per_kernel: dict[str, list] = {}
+
+    def walk(name: str, times: int) -> None:
+        for instr in comps[name]:
+            if instr.op == "while":
+                for body in _called(instr, "body"):
+                    walk(body, times * _trip_count(instr))
+            elif instr.op == "conditional":
+                for branch in _called(instr, "branch_computations") or (
+                        _called(instr, "true_computation") + _called(instr, "false_computation")):
+                    walk(branch, times)
+            elif instr.op in ("call", "call-start"):
+                for callee in _called(instr, "to_apply"):
+                    walk(callee, times)
+            elif instr.op not in _NO_KERNEL:
+                kind = category(instr)
+                n = times * sum(kernel_bytes(instr, scopes[name], comps))
+                by_category[kind] += n
+                entry_ = per_kernel.setdefault(f"{name}/{instr.name}",
+                                               [instr.name, kind, 0, 0, _op_name(instr)])
+                entry_[2] += times
+                entry_[3] += n
+
+    walk(entry, 1)
+    bound = sum(v for k, v in by_category.items() if k not in _COMPUTE_BOUND)
+    heavy = sorted((k for k in per_kernel.values() if k[1] not in _COMPUTE_BOUND),
+                   key=lambda k: -k[3])[:top]
+    return {"mib_by_category": {k: _mib(v) for k, v in by_category.most_common()},
+            "memory_bound_ms": round(bound / bandwidth * 1e3, 3),
+            "top": [{"kernel": k[0], "category": k[1], "launches": k[2], "mib": _mib(k[3]),
+                     "op_name": k[4]} for k in heavy]}
+
+
+def _mib(n: int) -> float:
+    return round(n / 2**20, 1)
 
 
 def _operands(rest: str) -> list[str]:
@@ -374,7 +491,8 @@ def compile_train(mode: str, args, device) -> dict[str, Any]:
             "frozen_layout": "per_layer" if per_layer else "stacked",
             "compile_s": round(compile_s, 1), "memory_gib": memory_gib(compiled),
             "kernels": {"total": inventory["total"], **inventory["by_category"]},
-            "copy_mib": inventory["copy_mib"]}
+            "copy_mib": inventory["copy_mib"],
+            "traffic": traffic(text, bandwidth(args.target), top=args.top)}
 
 
 def compile_decode(args, device) -> list[dict[str, Any]]:
@@ -418,7 +536,8 @@ def compile_decode(args, device) -> list[dict[str, Any]]:
                         "compile_s": round(compile_s, 1),
                         "kernels": {"total": inventory["total"], **inventory["by_category"]},
                         "critical_path": critical_path(text),
-                        "copy_mib": inventory["copy_mib"]})
+                        "copy_mib": inventory["copy_mib"],
+                        "traffic": traffic(text, bandwidth(args.target), top=args.top)})
     return out
 
 
@@ -439,6 +558,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="auto: as on a GPU (`attention.compiling_for`)")
     p.add_argument("--frozen_layout", default="stacked", choices=ts.FROZEN_LAYOUTS,
                    help="train only, composed step: as train_step.py's")
+    p.add_argument("--top", type=int, default=10,
+                   help="the heaviest memory-bound kernels listed under traffic.top")
     p.add_argument("--batch", type=int, default=8, help="decode only")
     p.add_argument("--layouts", default="per_layer,stacked", help="decode only")
     p.add_argument("--no_fuse", dest="fuse", action="store_false",
@@ -451,6 +572,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.loss_chunk = args.loss_chunk or None
     if args.loss_chunk is not None and args.loss_chunk < 0:
         p.error(f"--loss_chunk: expected a positive integer or 0, got {args.loss_chunk}")
+    if args.top < 0:
+        p.error(f"--top: expected a non-negative integer, got {args.top}")
     if args.batch <= 0:
         p.error(f"--batch: expected a positive integer, got {args.batch}")
     args.modes = [m for m in args.modes.split(",") if m]

@@ -8,6 +8,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 Array = jax.Array
@@ -25,14 +26,10 @@ def cross_entropy(logits: Array, targets: Array, weights: Array | None = None) -
       {'loss': weighted mean, 'loss_sum', 'weight_sum', 'correct_sum'}: sums let callers
       average exactly over micro-batches and devices.
     """
-    logits = logits.astype(jnp.float32)
     if weights is None:
         weights = jnp.ones(targets.shape, jnp.float32)
     weights = weights.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = log_z - target_logit
-    loss_sum = jnp.sum(nll * weights)
+    loss_sum = _nll_sum(logits, targets, weights)
     weight_sum = jnp.sum(weights)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return {
@@ -41,6 +38,42 @@ def cross_entropy(logits: Array, targets: Array, weights: Array | None = None) -
         "weight_sum": weight_sum,
         "correct_sum": jnp.sum(correct * weights),
     }
+
+
+def _nll(logits: Array, targets: Array) -> tuple[Array, Array]:
+    """(negative log-likelihood of each target, log-partition) in float32, [batch, length]."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - target_logit, log_z
+
+
+@jax.custom_vjp
+def _nll_sum(logits: Array, targets: Array, weights: Array) -> Array:
+    """sum(weights x nll): float32 math on logits of any float dtype. Its gradient with
+    respect to the logits is written out, (softmax - one_hot(targets)) x weights, one
+    elementwise pass in the logits' dtype: differentiated automatically, the gather of the
+    target logit becomes a scatter into float32 zeros of the logits' shape, and the float32
+    copy of the logits a second pass and buffer."""
+    return jnp.sum(_nll(logits, targets)[0] * weights)
+
+
+def _nll_sum_fwd(logits, targets, weights):
+    nll, log_z = _nll(logits, targets)
+    return jnp.sum(nll * weights), (logits, targets, weights, nll, log_z)
+
+
+def _nll_sum_bwd(res, g):
+    logits, targets, weights, nll, log_z = res
+    probs = jnp.exp(logits.astype(jnp.float32) - log_z[..., None])
+    ids = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
+    one_hot = (ids == targets[..., None]).astype(jnp.float32)
+    dlogits = (probs - one_hot) * (g * weights)[..., None]
+    dtargets = np.zeros(targets.shape, jax.dtypes.float0)  # integer ids: no gradient
+    return dlogits.astype(logits.dtype), dtargets, (g * nll).astype(weights.dtype)
+
+
+_nll_sum.defvjp(_nll_sum_fwd, _nll_sum_bwd)
 
 
 def chunked_cross_entropy(h: Array, head_fn: Callable[[Array], Array], targets: Array,

@@ -153,3 +153,107 @@ def test_bad_arguments_name_the_flag_and_the_value(argv, message, capsys):
 def test_defaults():
     args = gpu_aot.parse_args(["train", "--tiny", "--loss_chunk", "0"])
     assert (args.shape, args.loss_chunk, args.gemm) == ("tiny", None, "cublas")
+
+
+# Traffic: a loop that slices a weight stack (a fusion that reads only the slice) and writes
+# an activation stack in place (only the update moves), an elementwise fusion reading two whole
+# operands, and a product, which the memory-bound time leaves out.
+TRAFFIC_MODULE = """HloModule jit_traffic, is_scheduled=true
+
+%fused_ds (p0: bf16[3,64,64], p1: s32[]) -> bf16[1,64,64] {
+  %p0 = bf16[3,64,64]{2,1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  ROOT %ds = bf16[1,64,64]{2,1,0} dynamic-slice(%p0, %p1, %p1, %p1), dynamic_slice_sizes={1,64,64}
+}
+
+%fused_dus (q0: bf16[3,8,64], q1: bf16[8,64], q2: s32[]) -> bf16[3,8,64] {
+  %q0 = bf16[3,8,64]{2,1,0} parameter(0)
+  %q1 = bf16[8,64]{1,0} parameter(1)
+  %q2 = s32[] parameter(2)
+  %t = bf16[8,64]{1,0} tanh(%q1)
+  %r = bf16[1,8,64]{2,1,0} bitcast(%t)
+  %z = s32[] constant(0)
+  ROOT %u = bf16[3,8,64]{2,1,0} dynamic-update-slice(%q0, %r, %q2, %z, %z)
+}
+
+%fused_inc (c0: s32[]) -> s32[] {
+  %c0 = s32[] parameter(0)
+  %one = s32[] constant(1)
+  ROOT %sum = s32[] add(%c0, %one)
+}
+
+%fused_mul (a0: f32[8,64], a1: f32[8,64]) -> f32[8,64] {
+  %a0 = f32[8,64]{1,0} parameter(0)
+  %a1 = f32[8,64]{1,0} parameter(1)
+  ROOT %m = f32[8,64]{1,0} multiply(%a0, %a1)
+}
+
+%body (carry: (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64])) -> (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64]) {
+  %carry = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%carry), index=0
+  %h = bf16[8,64]{1,0} get-tuple-element(%carry), index=1
+  %w = bf16[3,64,64]{2,1,0} get-tuple-element(%carry), index=2
+  %acts = bf16[3,8,64]{2,1,0} get-tuple-element(%carry), index=3
+  %loop_dynamic_slice_fusion = bf16[1,64,64]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused_ds, metadata={op_name="jit(step)/while/body/Block/mlp/dynamic_slice"}
+  %loop_dynamic_update_slice_fusion = bf16[3,8,64]{2,1,0} fusion(%acts, %h, %i), kind=kLoop, calls=%fused_dus
+  %loop_add_fusion = s32[] fusion(%i), kind=kLoop, calls=%fused_inc
+  ROOT %t = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) tuple(%loop_add_fusion, %h, %w, %loop_dynamic_update_slice_fusion)
+}
+
+%cond (c: (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64])) -> pred[] {
+  %c = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) parameter(0)
+  %n = s32[] get-tuple-element(%c), index=0
+  %three = s32[] constant(3)
+  ROOT %lt = pred[] compare(%n, %three), direction=LT
+}
+
+ENTRY %main (x: bf16[8,64], w: bf16[3,64,64], f: f32[8,64], acts: bf16[3,8,64]) -> (bf16[3,8,64], f32[8,64], bf16[8,64]) {
+  %x = bf16[8,64]{1,0} parameter(0)
+  %w = bf16[3,64,64]{2,1,0} parameter(1)
+  %f = f32[8,64]{1,0} parameter(2)
+  %acts = bf16[3,8,64]{2,1,0} parameter(3)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) tuple(%zero, %x, %w, %acts)
+  %while = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %out = bf16[3,8,64]{2,1,0} get-tuple-element(%while), index=3
+  %loop_multiply_fusion = f32[8,64]{1,0} fusion(%f, %f), kind=kLoop, calls=%fused_mul, metadata={op_name="jit(step)/mul"}
+  %w0 = bf16[64,64]{1,0} bitcast(%w)
+  %gemm = (bf16[8,64]{1,0}, s8[4]{0}) custom-call(%x, %w0), custom_call_target="__cublas$gemm"
+  %y = bf16[8,64]{1,0} get-tuple-element(%gemm), index=0
+  ROOT %result = (bf16[3,8,64]{2,1,0}, f32[8,64]{1,0}, bf16[8,64]{1,0}) tuple(%out, %loop_multiply_fusion, %y)
+}
+"""
+
+
+def test_kernel_bytes_counts_slices_read_and_in_place_updates_written():
+    comps, _ = gpu_aot.parse_hlo(TRAFFIC_MODULE)
+    body = {i.name: i for i in comps["body"]}
+    main = {i.name: i for i in comps["main"]}
+
+    def moved(name, scope):
+        return gpu_aot.kernel_bytes(scope[name], scope, comps)
+
+    # The slice of the [3, 64, 64] stack is read (and the index), not the stack.
+    assert moved("loop_dynamic_slice_fusion", body) == (64 * 64 * 2 + 4, 64 * 64 * 2)
+    # The stack written in place is neither read nor written whole: the [8, 64] update is
+    # read (with the index) and written.
+    assert moved("loop_dynamic_update_slice_fusion", body) == (8 * 64 * 2 + 4, 8 * 64 * 2)
+    assert moved("loop_multiply_fusion", main) == (2 * 8 * 64 * 4, 8 * 64 * 4)
+    # A library call: its operands (as shaped where it reads them: a bitcast's shape) and its
+    # output tuple.
+    assert moved("gemm", main) == (8 * 64 * 2 + 64 * 64 * 2, 8 * 64 * 2 + 4)
+
+
+def test_traffic_multiplies_loops_and_leaves_products_out_of_the_time():
+    slice_, update, inc = 2 * 64 * 64 * 2 + 4, 8 * 64 * 2 * 2 + 4, 8
+    mul = 3 * 8 * 64 * 4
+    out = gpu_aot.traffic(TRAFFIC_MODULE, bandwidth=1e6, top=2)
+    bound = 3 * (slice_ + update + inc) + mul
+    assert out["memory_bound_ms"] == round(bound / 1e6 * 1e3, 3)
+    assert out["mib_by_category"]["copy"] == round(3 * slice_ / 2**20, 1)
+    assert set(out["mib_by_category"]) == {"copy", "update", "elementwise", "gemm"}
+    # The heaviest two, with their launches per execution and the jax op that made them.
+    assert [(k["kernel"], k["launches"]) for k in out["top"]] == [
+        ("loop_dynamic_slice_fusion", 3), ("loop_dynamic_update_slice_fusion", 3)]
+    assert out["top"][0]["op_name"] == "jit(step)/while/body/Block/mlp/dynamic_slice"
+    assert [k["category"] for k in out["top"]] == ["copy", "update"]
