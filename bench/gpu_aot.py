@@ -275,6 +275,8 @@ def kernel_inventory(text: str) -> dict[str, Any]:
 
 
 
+# The scratch buffer a cuBLAS or cuDNN call returns last in its output tuple.
+_WORKSPACE = re.compile(r"(?<=, )[su]8\[\d*\]")
 # What a kernel reads in part: a fused parameter used only by these reads only their outputs.
 _PARTIAL_READS = ("slice", "dynamic-slice", "gather")
 
@@ -295,6 +297,8 @@ def kernel_bytes(instr: Instr, scope: dict[str, Instr],
     operands = _operands(instr.rest)
     sizes = [array_bytes(scope[o].shape) if o in scope else 0 for o in operands]
     written = array_bytes(written_shape(instr))
+    if instr.op == "custom-call":  # a library call's byte workspace is scratch, not output
+        written -= sum(array_bytes(w) for w in _WORKSPACE.findall(instr.shape))
     callee = _called(instr, "calls")
     if instr.op not in ("fusion", "fusion-start") or not callee or callee[0] not in comps:
         if instr.op in ("slice", "dynamic-slice"):
