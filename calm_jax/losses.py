@@ -54,7 +54,8 @@ def _nll_sum(logits: Array, targets: Array, weights: Array) -> Array:
     respect to the logits is written out, (softmax - one_hot(targets)) x weights, one
     elementwise pass in the logits' dtype: differentiated automatically, the gather of the
     target logit becomes a scatter into float32 zeros of the logits' shape, and the float32
-    copy of the logits a second pass and buffer."""
+    copy of the logits a second pass and buffer. Reverse mode only, as any custom VJP:
+    `jax.jvp` through the loss is refused by jax."""
     return jnp.sum(_nll(logits, targets)[0] * weights)
 
 
