@@ -242,6 +242,25 @@ def _called(instr: Instr, key: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", m.group(1)) if m else []
 
 
+def _launches(comps: dict[str, list[Instr]], name: str, times: int = 1):
+    """(computation, instruction, launches) for every kernel-launching instruction reached
+    from computation `name` run `times` times: a while loop's body its known trip count times
+    (once without one), both branches of a conditional, a call's callee."""
+    for instr in comps[name]:
+        if instr.op == "while":
+            for body in _called(instr, "body"):
+                yield from _launches(comps, body, times * _trip_count(instr))
+        elif instr.op == "conditional":
+            for branch in _called(instr, "branch_computations") or (
+                    _called(instr, "true_computation") + _called(instr, "false_computation")):
+                yield from _launches(comps, branch, times)
+        elif instr.op in ("call", "call-start"):
+            for callee in _called(instr, "to_apply"):
+                yield from _launches(comps, callee, times)
+        elif instr.op not in _NO_KERNEL:
+            yield name, instr, times
+
+
 def kernel_inventory(text: str) -> dict[str, Any]:
     """Kernel launches of one execution of a compiled module: {"total", "by_category":
     {category: count}, "copy_mib": MiB written by "copy" kernels}. A while loop's body counts
@@ -249,27 +268,11 @@ def kernel_inventory(text: str) -> dict[str, Any]:
     comps, entry = parse_hlo(text)
     counts: collections.Counter = collections.Counter()
     copy_bytes = 0
-
-    def walk(name: str, times: int) -> None:
-        nonlocal copy_bytes
-        for instr in comps[name]:
-            if instr.op == "while":
-                for body in _called(instr, "body"):
-                    walk(body, times * _trip_count(instr))
-            elif instr.op == "conditional":
-                for branch in _called(instr, "branch_computations") or (
-                        _called(instr, "true_computation") + _called(instr, "false_computation")):
-                    walk(branch, times)
-            elif instr.op in ("call", "call-start"):
-                for callee in _called(instr, "to_apply"):
-                    walk(callee, times)
-            elif instr.op not in _NO_KERNEL:
-                kind = category(instr)
-                counts[kind] += times
-                if kind == "copy":
-                    copy_bytes += times * array_bytes(written_shape(instr))
-
-    walk(entry, 1)
+    for _, instr, times in _launches(comps, entry):
+        kind = category(instr)
+        counts[kind] += times
+        if kind == "copy":
+            copy_bytes += times * array_bytes(written_shape(instr))
     return {"total": sum(counts.values()), "by_category": dict(counts.most_common()),
             "copy_mib": _mib(copy_bytes)}
 
@@ -345,28 +348,14 @@ def traffic(text: str, bandwidth: float, top: int = 15) -> dict[str, Any]:
     by_category: collections.Counter = collections.Counter()
     per_kernel: dict[str, list] = {}
 
-    def walk(name: str, times: int) -> None:
-        for instr in comps[name]:
-            if instr.op == "while":
-                for body in _called(instr, "body"):
-                    walk(body, times * _trip_count(instr))
-            elif instr.op == "conditional":
-                for branch in _called(instr, "branch_computations") or (
-                        _called(instr, "true_computation") + _called(instr, "false_computation")):
-                    walk(branch, times)
-            elif instr.op in ("call", "call-start"):
-                for callee in _called(instr, "to_apply"):
-                    walk(callee, times)
-            elif instr.op not in _NO_KERNEL:
-                kind = category(instr)
-                n = times * sum(kernel_bytes(instr, scopes[name], comps))
-                by_category[kind] += n
-                entry_ = per_kernel.setdefault(f"{name}/{instr.name}",
-                                               [instr.name, kind, 0, 0, _op_name(instr)])
-                entry_[2] += times
-                entry_[3] += n
-
-    walk(entry, 1)
+    for name, instr, times in _launches(comps, entry):
+        kind = category(instr)
+        n = times * sum(kernel_bytes(instr, scopes[name], comps))
+        by_category[kind] += n
+        row = per_kernel.setdefault(f"{name}/{instr.name}",
+                                    [instr.name, kind, 0, 0, _op_name(instr)])
+        row[2] += times
+        row[3] += n
     bound = sum(v for k, v in by_category.items() if k not in _COMPUTE_BOUND)
     heavy = sorted((k for k in per_kernel.values() if k[1] not in _COMPUTE_BOUND),
                    key=lambda k: -k[3])[:top]

@@ -5,6 +5,23 @@ import pytest
 
 from bench import gpu_aot
 
+# The loop both modules share: its body's carried values (a counter, a hidden state, a weight
+# stack and an activation stack) and its condition (three trips).
+_LOOP_HEAD = """%body (carry: (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64])) -> (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64]) {
+  %carry = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%carry), index=0
+  %h = bf16[8,64]{1,0} get-tuple-element(%carry), index=1
+  %w = bf16[3,64,64]{2,1,0} get-tuple-element(%carry), index=2
+  %acts = bf16[3,8,64]{2,1,0} get-tuple-element(%carry), index=3
+"""
+_LOOP_COND = """%cond (c: (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64])) -> pred[] {
+  %c = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) parameter(0)
+  %n = s32[] get-tuple-element(%c), index=0
+  %three = s32[] constant(3)
+  ROOT %lt = pred[] compare(%n, %three), direction=LT
+}
+"""
+
 # A scheduled module in the GPU compiler's text form: a three-layer loop whose body indexes a
 # weight stack (a copy), multiplies (a cuBLAS-free Triton product) and writes a stacked
 # activation (an in-place update); around it an independent chain, a cuDNN attention call, an
@@ -17,13 +34,7 @@ MODULE = """HloModule jit_step, is_scheduled=true
   ROOT %ds = bf16[1,64,64]{2,1,0} dynamic-slice(%p0, %p1, %p1, %p1), dynamic_slice_sizes={1,64,64}
 }
 
-%body (carry: (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64])) -> (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64]) {
-  %carry = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) parameter(0)
-  %i = s32[] get-tuple-element(%carry), index=0
-  %h = bf16[8,64]{1,0} get-tuple-element(%carry), index=1
-  %w = bf16[3,64,64]{2,1,0} get-tuple-element(%carry), index=2
-  %acts = bf16[3,8,64]{2,1,0} get-tuple-element(%carry), index=3
-  %loop_dynamic_slice_fusion = bf16[1,64,64]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused_dynamic_slice
+""" + _LOOP_HEAD + """  %loop_dynamic_slice_fusion = bf16[1,64,64]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused_dynamic_slice
   %bitcast.1 = bf16[64,64]{1,0} bitcast(%loop_dynamic_slice_fusion)
   %gemm_fusion_dot.1 = bf16[8,64]{1,0} fusion(%h, %bitcast.1), kind=kCustom, calls=%gemm_fusion_dot.1_computation, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
   %loop_dynamic_update_slice_fusion = bf16[3,8,64]{2,1,0} fusion(%acts, %gemm_fusion_dot.1, %i), kind=kLoop, calls=%fused_dus
@@ -31,13 +42,7 @@ MODULE = """HloModule jit_step, is_scheduled=true
   ROOT %t = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) tuple(%loop_add_fusion, %gemm_fusion_dot.1, %w, %loop_dynamic_update_slice_fusion)
 }
 
-%cond (c: (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64])) -> pred[] {
-  %c = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) parameter(0)
-  %n = s32[] get-tuple-element(%c), index=0
-  %three = s32[] constant(3)
-  ROOT %lt = pred[] compare(%n, %three), direction=LT
-}
-
+""" + _LOOP_COND + """
 ENTRY %main (x: bf16[8,64], w: bf16[3,64,64], q: bf16[8,16,128,64]) -> (bf16[8,64], bf16[8,64]) {
   %x = bf16[8,64]{1,0} parameter(0)
   %w = bf16[3,64,64]{2,1,0} parameter(1)
@@ -188,25 +193,13 @@ TRAFFIC_MODULE = """HloModule jit_traffic, is_scheduled=true
   ROOT %m = f32[8,64]{1,0} multiply(%a0, %a1)
 }
 
-%body (carry: (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64])) -> (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64]) {
-  %carry = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) parameter(0)
-  %i = s32[] get-tuple-element(%carry), index=0
-  %h = bf16[8,64]{1,0} get-tuple-element(%carry), index=1
-  %w = bf16[3,64,64]{2,1,0} get-tuple-element(%carry), index=2
-  %acts = bf16[3,8,64]{2,1,0} get-tuple-element(%carry), index=3
-  %loop_dynamic_slice_fusion = bf16[1,64,64]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused_ds, metadata={op_name="jit(step)/while/body/Block/mlp/dynamic_slice"}
+""" + _LOOP_HEAD + """  %loop_dynamic_slice_fusion = bf16[1,64,64]{2,1,0} fusion(%w, %i), kind=kLoop, calls=%fused_ds, metadata={op_name="jit(step)/while/body/Block/mlp/dynamic_slice"}
   %loop_dynamic_update_slice_fusion = bf16[3,8,64]{2,1,0} fusion(%acts, %h, %i), kind=kLoop, calls=%fused_dus
   %loop_add_fusion = s32[] fusion(%i), kind=kLoop, calls=%fused_inc
   ROOT %t = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) tuple(%loop_add_fusion, %h, %w, %loop_dynamic_update_slice_fusion)
 }
 
-%cond (c: (s32[], bf16[8,64], bf16[3,64,64], bf16[3,8,64])) -> pred[] {
-  %c = (s32[], bf16[8,64]{1,0}, bf16[3,64,64]{2,1,0}, bf16[3,8,64]{2,1,0}) parameter(0)
-  %n = s32[] get-tuple-element(%c), index=0
-  %three = s32[] constant(3)
-  ROOT %lt = pred[] compare(%n, %three), direction=LT
-}
-
+""" + _LOOP_COND + """
 ENTRY %main (x: bf16[8,64], w: bf16[3,64,64], f: f32[8,64], acts: bf16[3,8,64]) -> (bf16[3,8,64], f32[8,64], bf16[8,64]) {
   %x = bf16[8,64]{1,0} parameter(0)
   %w = bf16[3,64,64]{2,1,0} parameter(1)
