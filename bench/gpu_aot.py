@@ -300,14 +300,16 @@ def kernel_bytes(instr: Instr, scope: dict[str, Instr],
     operands = _operands(instr.rest)
     sizes = [array_bytes(scope[o].shape) if o in scope else 0 for o in operands]
     written = array_bytes(written_shape(instr))
-    if instr.op == "custom-call":  # a library call's byte workspace is scratch, not output
+    if instr.op == "custom-call" or "kind=kCustom" in instr.rest:
+        # A library call's byte workspace (a cuBLAS call's, also inside XLA's custom fusions
+        # around one) is scratch, not output.
         written -= sum(array_bytes(w) for w in _WORKSPACE.findall(instr.shape))
     callee = _called(instr, "calls")
     if instr.op not in ("fusion", "fusion-start") or not callee or callee[0] not in comps:
         if instr.op in ("slice", "dynamic-slice"):
             return written, written
-        if instr.op == "dynamic-update-slice":
-            return 2 * sum(sizes[1:2]), sum(sizes[1:2])
+        if instr.op == "dynamic-update-slice":  # in place: the update (and indices) read
+            return sum(sizes[1:]), sum(sizes[1:2])
         return sum(sizes), written
     body = comps[callee[0]]
     params = {}
@@ -325,12 +327,12 @@ def kernel_bytes(instr: Instr, scope: dict[str, Instr],
             read += min(full, sum(array_bytes(u.shape) for u in uses))
         elif uses and all(u.op == "dynamic-update-slice" and _operands(u.rest)[0] == params[k]
                           for u in uses):
-            # Written in place: only the update goes to memory (counted as the update's read
-            # below, and written once here).
+            # The buffer written in place: not read, and of the output it becomes only the
+            # update is written (what the update is made of is read through other operands).
             inner = {i.name: i for i in body}
             update = sum(array_bytes(inner[o].shape) for u in uses
                          for o in _operands(u.rest)[1:2] if o in inner)
-            written = min(written, update or written)
+            written = max(written - full + update, 0)
         else:
             read += full
     return read, written

@@ -232,6 +232,14 @@ def test_kernel_bytes_counts_slices_read_and_in_place_updates_written():
     # read (with the index) and written.
     assert moved("loop_dynamic_update_slice_fusion", body) == (8 * 64 * 2 + 4, 8 * 64 * 2)
     assert moved("loop_multiply_fusion", main) == (2 * 8 * 64 * 4, 8 * 64 * 4)
+    # An unfused in-place update likewise: the [2, 64] update and two indices.
+    comps2, _ = gpu_aot.parse_hlo(
+        "ENTRY %m (a: bf16[4,64], b: bf16[2,64], i: s32[]) -> bf16[4,64] {\n"
+        "  %a = bf16[4,64]{1,0} parameter(0)\n  %b = bf16[2,64]{1,0} parameter(1)\n"
+        "  %i = s32[] parameter(2)\n"
+        "  ROOT %d = bf16[4,64]{1,0} dynamic-update-slice(%a, %b, %i, %i)\n}\n")
+    scope = {i.name: i for i in comps2["m"]}
+    assert moved("d", scope) == (2 * 64 * 2 + 2 * 4, 2 * 64 * 2)
     # A library call: its operands (as shaped where it reads them: a bitcast's shape) and its
     # output, not the byte workspace that ends its output tuple.
     assert moved("gemm", main) == (8 * 64 * 2 + 64 * 64 * 2, 8 * 64 * 2)
