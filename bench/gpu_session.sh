@@ -34,7 +34,8 @@
 #   scheduling (the composed step's dependency chain is about half its kernel count: the
 #   augmenting model's layers may run beside the anchor's lower ones); the large step with
 #   "dots" (what the policy is worth); the large step without the chunked loss; the profile
-#   with command buffers off (kernels named by HLO op); the small step with "dots_attention";
+#   with command buffers off (kernels named by HLO op, so its "bandwidth" field gives each
+#   memory-bound kernel's achieved TB/s); the small step with "dots_attention";
 #   decoding without both decoding changes (as in part 1, on this machine); the layer scans
 #   unrolled; the small step's flop count. About 10 minutes of runs: the last are skipped for
 #   the budget (session.log says so). (XLA's dynamic-slice fusion, once in this list, is out:

@@ -16,6 +16,13 @@ back with `jax.profiler.ProfileData` (no TensorBoard needed). Prints one JSON ob
   top             the `--top` kernels by total time: name (cut to 90 characters), HLO op where
                   the trace names it, calls per step and ms per step
   top_by_category per category, its 6 longest kernels by name, calls and ms per step
+  bandwidth       where the trace names each kernel's HLO op (command buffers off, below):
+                  the bytes each memory-bound kernel moves (`gpu_aot.kernel_bytes` of that op
+                  in the compiled program: not products or attention) against its traced
+                  time. `achieved_tb_s`: all of them together, TB/s; `covered_ms`: the kernel
+                  time that could be matched to an op; `top`: the longest of them with GiB
+                  per step and TB/s. What `bench/gpu_aot.py`'s floor leaves out is how far
+                  below the peak each such kernel runs: this measures it.
 
 With XLA's command buffers (CUDA graphs; on by default) a kernel's `hlo_op` is the command
 buffer that launched it ("command_buffer_N"); `XLA_FLAGS=--xla_gpu_enable_command_buffer=`
@@ -153,6 +160,47 @@ def top_by_category(events, steps: int, n: int) -> dict[str, list[dict[str, Any]
             for cat, names in per.items()}
 
 
+def op_bytes(hlo_text: str) -> dict[str, tuple[int, bool]]:
+    """{HLO instruction name: (bytes one launch reads and writes, memory-bound)} for every
+    kernel-launching instruction of a compiled module (`gpu_aot.kernel_bytes`; memory-bound:
+    neither a product nor attention, `gpu_aot.category`)."""
+    from bench import gpu_aot
+
+    comps, entry = gpu_aot.parse_hlo(hlo_text)
+    scopes = {name: {i.name: i for i in instrs} for name, instrs in comps.items()}
+    out = {}
+    for name, instr, _ in gpu_aot._launches(comps, entry):
+        out[instr.name] = (sum(gpu_aot.kernel_bytes(instr, scopes[name], comps)),
+                           gpu_aot.category(instr) not in gpu_aot._COMPUTE_BOUND)
+    return out
+
+
+def bandwidth(events, steps: int, moved: dict[str, tuple[int, bool]],
+              top: int = 15) -> dict[str, Any] | None:
+    """Achieved bandwidth of the memory-bound kernels whose HLO op the trace names and
+    `moved` (`op_bytes`) knows; None where no event names one (command buffers on)."""
+    per: dict[str, list[float]] = {}
+    for _, op, _, dur in events:
+        if op in moved and moved[op][1]:
+            entry = per.setdefault(op, [0, 0])
+            entry[0] += 1
+            entry[1] += dur
+    if not per:
+        return None
+    total_b = sum(calls * moved[op][0] for op, (calls, _) in per.items())
+    total_ns = sum(ns for _, ns in per.values())
+    ranked = sorted(per.items(), key=lambda kv: -kv[1][1])[:top]
+    return {
+        "achieved_tb_s": round(total_b / total_ns / 1e3, 3) if total_ns else None,
+        "covered_ms": round(total_ns / 1e6 / steps, 3),
+        "gib": round(total_b / 2**30 / steps, 3),
+        "top": [{"hlo_op": op, "calls": round(calls / steps, 2), "ms": round(ns / 1e6 / steps, 3),
+                 "gib": round(calls * moved[op][0] / 2**30 / steps, 3),
+                 "tb_s": round(calls * moved[op][0] / ns / 1e3, 3) if ns else None}
+                for op, (calls, ns) in ranked],
+    }
+
+
 def traced_events(fn) -> tuple[float, str, list[tuple[str, str | None, int, int]]]:
     """Runs `fn()` (to `block_until_ready` of what it returns) under `jax.profiler.trace`:
     (its wall seconds, `device_events` of the trace read back with `ProfileData`)."""
@@ -198,6 +246,7 @@ def profile(mode: str, args, mesh, rules) -> dict[str, Any]:
     rec["source"] = source
     rec["tokens_per_s"] = round(b.tokens * args.steps / wall, 1)
     rec.update(summarize(events, args.steps, wall, args.top))
+    rec["bandwidth"] = bandwidth(events, args.steps, op_bytes(compiled.as_text()))
     return rec
 
 

@@ -57,3 +57,41 @@ def test_device_plane_streams_are_preferred_over_the_host():
     assert source == "/device:GPU:0" and events == [("k", "dot.1", 0, 4)]
     source, events = ps.device_events([host])
     assert source.startswith("/host:CPU") and events == [("h", None, 0, 9)]
+
+
+# A compiled module in the GPU compiler's text form: an elementwise fusion over two f32[262144]
+# operands, and a product (bound by its arithmetic, so left out of the bandwidth).
+_HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_mul (a0: f32[262144], a1: f32[262144]) -> f32[262144] {
+  %a0 = f32[262144]{0} parameter(0)
+  %a1 = f32[262144]{0} parameter(1)
+  ROOT %m = f32[262144]{0} multiply(%a0, %a1)
+}
+
+ENTRY %main (x: f32[262144], w: bf16[16,16]) -> (f32[262144], bf16[16,16]) {
+  %x = f32[262144]{0} parameter(0)
+  %w = bf16[16,16]{1,0} parameter(1)
+  %loop_multiply_fusion = f32[262144]{0} fusion(%x, %x), kind=kLoop, calls=%fused_mul
+  %gemm = (bf16[16,16]{1,0}, s8[8]{0}) custom-call(%w, %w), custom_call_target="__cublas$gemm"
+  %y = bf16[16,16]{1,0} get-tuple-element(%gemm), index=0
+  ROOT %r = (f32[262144]{0}, bf16[16,16]{1,0}) tuple(%loop_multiply_fusion, %y)
+}
+"""
+
+
+def test_bandwidth_joins_traced_kernels_with_the_bytes_their_ops_move():
+    moved = ps.op_bytes(_HLO)
+    assert moved["loop_multiply_fusion"] == (3 * 262144 * 4, True)
+    assert moved["gemm"][1] is False
+    # Two steps: the fusion runs once a step for 3,072 ns (3 MiB: 1.024 TB/s), the product
+    # is not counted, and a kernel whose op the module lacks is not either.
+    events = [("loop_multiply_fusion", "loop_multiply_fusion", 0, 3072),
+              ("nvjet_gemm", "gemm", 4000, 50000), ("memset", None, 60000, 1000),
+              ("loop_multiply_fusion", "loop_multiply_fusion", 100000, 3072)]
+    out = ps.bandwidth(events, steps=2, moved=moved)
+    assert out["achieved_tb_s"] == 1.024 and out["covered_ms"] == 0.003
+    assert out["top"] == [{"hlo_op": "loop_multiply_fusion", "calls": 1.0, "ms": 0.003,
+                           "gib": round(3 / 1024, 3), "tb_s": 1.024}]
+    # Command buffers on: the trace names command buffers, not ops, and nothing is matched.
+    assert ps.bandwidth([("k", "command_buffer_3", 0, 5)], steps=1, moved=moved) is None
