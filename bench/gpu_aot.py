@@ -136,7 +136,7 @@ _NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", 
 _COPY_OPS = ("copy", "transpose", "slice", "dynamic-slice", "copy-start")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
-_COMPUTE_BOUND = ("gemm", "attention", "attention_backward")
+COMPUTE_BOUND = ("gemm", "attention", "attention_backward")
 _ARRAY = re.compile(r"\b(pred|[su](?:8|16|32|64)|f16|bf16|f32|f64)\[([0-9,]*)\]")
 
 
@@ -242,21 +242,21 @@ def _called(instr: Instr, key: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", m.group(1)) if m else []
 
 
-def _launches(comps: dict[str, list[Instr]], name: str, times: int = 1):
+def launches(comps: dict[str, list[Instr]], name: str, times: int = 1):
     """(computation, instruction, launches) for every kernel-launching instruction reached
     from computation `name` run `times` times: a while loop's body its known trip count times
     (once without one), both branches of a conditional, a call's callee."""
     for instr in comps[name]:
         if instr.op == "while":
             for body in _called(instr, "body"):
-                yield from _launches(comps, body, times * _trip_count(instr))
+                yield from launches(comps, body, times * _trip_count(instr))
         elif instr.op == "conditional":
             for branch in _called(instr, "branch_computations") or (
                     _called(instr, "true_computation") + _called(instr, "false_computation")):
-                yield from _launches(comps, branch, times)
+                yield from launches(comps, branch, times)
         elif instr.op in ("call", "call-start"):
             for callee in _called(instr, "to_apply"):
-                yield from _launches(comps, callee, times)
+                yield from launches(comps, callee, times)
         elif instr.op not in _NO_KERNEL:
             yield name, instr, times
 
@@ -268,7 +268,7 @@ def kernel_inventory(text: str) -> dict[str, Any]:
     comps, entry = parse_hlo(text)
     counts: collections.Counter = collections.Counter()
     copy_bytes = 0
-    for _, instr, times in _launches(comps, entry):
+    for _, instr, times in launches(comps, entry):
         kind = category(instr)
         counts[kind] += times
         if kind == "copy":
@@ -350,7 +350,7 @@ def traffic(text: str, bandwidth: float, top: int = 15) -> dict[str, Any]:
     by_category: collections.Counter = collections.Counter()
     per_kernel: dict[str, list] = {}
 
-    for name, instr, times in _launches(comps, entry):
+    for name, instr, times in launches(comps, entry):
         kind = category(instr)
         n = times * sum(kernel_bytes(instr, scopes[name], comps))
         by_category[kind] += n
@@ -358,8 +358,8 @@ def traffic(text: str, bandwidth: float, top: int = 15) -> dict[str, Any]:
                                     [instr.name, kind, 0, 0, _op_name(instr)])
         row[2] += times
         row[3] += n
-    bound = sum(v for k, v in by_category.items() if k not in _COMPUTE_BOUND)
-    heavy = sorted((k for k in per_kernel.values() if k[1] not in _COMPUTE_BOUND),
+    bound = sum(v for k, v in by_category.items() if k not in COMPUTE_BOUND)
+    heavy = sorted((k for k in per_kernel.values() if k[1] not in COMPUTE_BOUND),
                    key=lambda k: -k[3])[:top]
     return {"mib_by_category": {k: _mib(v) for k, v in by_category.most_common()},
             "memory_bound_ms": round(bound / bandwidth * 1e3, 3),

@@ -169,9 +169,9 @@ def op_bytes(hlo_text: str) -> dict[str, tuple[int, bool]]:
     comps, entry = gpu_aot.parse_hlo(hlo_text)
     scopes = {name: {i.name: i for i in instrs} for name, instrs in comps.items()}
     out = {}
-    for name, instr, _ in gpu_aot._launches(comps, entry):
+    for name, instr, _ in gpu_aot.launches(comps, entry):
         out[instr.name] = (sum(gpu_aot.kernel_bytes(instr, scopes[name], comps)),
-                           gpu_aot.category(instr) not in gpu_aot._COMPUTE_BOUND)
+                           gpu_aot.category(instr) not in gpu_aot.COMPUTE_BOUND)
     return out
 
 
