@@ -277,7 +277,6 @@ def kernel_inventory(text: str) -> dict[str, Any]:
             "copy_mib": _mib(copy_bytes)}
 
 
-
 # The scratch buffer a cuBLAS or cuDNN call returns last in its output tuple.
 _WORKSPACE = re.compile(r"(?<=, )[su]8\[\d*\]")
 # What a kernel reads in part: a fused parameter used only by these reads only their outputs.
@@ -320,6 +319,7 @@ def kernel_bytes(instr: Instr, scope: dict[str, Instr],
     for i in body:
         for o in _operands(i.rest):
             users[o].append(i)
+    inner = {i.name: i for i in body}
     read = 0
     for k, full in enumerate(sizes):
         uses = users.get(params.get(k, ""), [])
@@ -329,13 +329,21 @@ def kernel_bytes(instr: Instr, scope: dict[str, Instr],
                           for u in uses):
             # The buffer written in place: not read, and of the output it becomes only the
             # update is written (what the update is made of is read through other operands).
-            inner = {i.name: i for i in body}
             update = sum(array_bytes(inner[o].shape) for u in uses
                          for o in _operands(u.rest)[1:2] if o in inner)
             written = max(written - full + update, 0)
         else:
             read += full
     return read, written
+
+
+def launch_bytes(text: str):
+    """(instruction, launches, bytes one launch reads and writes) for every kernel-launching
+    instruction of a compiled module (`launches`, `kernel_bytes`)."""
+    comps, entry = parse_hlo(text)
+    scopes = {name: {i.name: i for i in instrs} for name, instrs in comps.items()}
+    for name, instr, times in launches(comps, entry):
+        yield instr, times, sum(kernel_bytes(instr, scopes[name], comps))
 
 
 def traffic(text: str, bandwidth: float, top: int = 15) -> dict[str, Any]:
@@ -345,19 +353,14 @@ def traffic(text: str, bandwidth: float, top: int = 15) -> dict[str, Any]:
     time: no kernel reaches the peak), "top": the `top` heaviest of those kernels with their
     launches, MiB per execution and jax op name}. Products and attention are bound by their
     arithmetic at these shapes and are left out of the time."""
-    comps, entry = parse_hlo(text)
-    scopes = {name: {i.name: i for i in instrs} for name, instrs in comps.items()}
     by_category: collections.Counter = collections.Counter()
     per_kernel: dict[str, list] = {}
-
-    for name, instr, times in launches(comps, entry):
+    for instr, times, moved in launch_bytes(text):
         kind = category(instr)
-        n = times * sum(kernel_bytes(instr, scopes[name], comps))
-        by_category[kind] += n
-        row = per_kernel.setdefault(f"{name}/{instr.name}",
-                                    [instr.name, kind, 0, 0, _op_name(instr)])
+        by_category[kind] += times * moved
+        row = per_kernel.setdefault(instr.name, [instr.name, kind, 0, 0, _op_name(instr)])
         row[2] += times
-        row[3] += n
+        row[3] += times * moved
     bound = sum(v for k, v in by_category.items() if k not in COMPUTE_BOUND)
     heavy = sorted((k for k in per_kernel.values() if k[1] not in COMPUTE_BOUND),
                    key=lambda k: -k[3])[:top]

@@ -162,17 +162,12 @@ def top_by_category(events, steps: int, n: int) -> dict[str, list[dict[str, Any]
 
 def op_bytes(hlo_text: str) -> dict[str, tuple[int, bool]]:
     """{HLO instruction name: (bytes one launch reads and writes, memory-bound)} for every
-    kernel-launching instruction of a compiled module (`gpu_aot.kernel_bytes`; memory-bound:
+    kernel-launching instruction of a compiled module (`gpu_aot.launch_bytes`; memory-bound:
     neither a product nor attention, `gpu_aot.category`)."""
     from bench import gpu_aot
 
-    comps, entry = gpu_aot.parse_hlo(hlo_text)
-    scopes = {name: {i.name: i for i in instrs} for name, instrs in comps.items()}
-    out = {}
-    for name, instr, _ in gpu_aot.launches(comps, entry):
-        out[instr.name] = (sum(gpu_aot.kernel_bytes(instr, scopes[name], comps)),
-                           gpu_aot.category(instr) not in gpu_aot.COMPUTE_BOUND)
-    return out
+    return {instr.name: (moved, gpu_aot.category(instr) not in gpu_aot.COMPUTE_BOUND)
+            for instr, _, moved in gpu_aot.launch_bytes(hlo_text)}
 
 
 def bandwidth(events, steps: int, moved: dict[str, tuple[int, bool]],
