@@ -389,7 +389,7 @@ def _reference_loss_sum(logits, targets, weights):
                     * weights)
 
 
-def test_cross_entropy_gradient_is_softmax_minus_one_hot_in_one_pass():
+def test_cross_entropy_gradient_is_softmax_minus_one_hot_without_a_scatter():
     h, w, targets, weights = _head_problem()
     logits = jnp.tanh(h) @ w
 
