@@ -33,8 +33,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from calm_jax.sandbox import ExecutionResult, run_program
 
 __all__ = [
+    "TEXT_METRICS",
     "bleu",
     "chrf",
+    "corpus_score",
     "evaluate_humaneval",
     "exact_match",
     "humaneval_problems",
@@ -42,6 +44,8 @@ __all__ = [
     "mean_pass_at_k",
     "pass_at_k",
     "run_humaneval_samples",
+    "sentence_scores",
+    "seqio_metric",
 ]
 
 _EXTRA_HINT = "install it with `pip install 'calm-jax[eval]'`"
@@ -84,16 +88,20 @@ def _check_pairs(predictions, references) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------------------
 
 
-def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+def exact_match(predictions: Sequence[str], references: Sequence[str], *,
+                strip: bool = True) -> float:
     """Percentage of predictions equal to their reference.
 
     Strings are compared after stripping surrounding whitespace only (no case
     folding or punctuation removal), so ``" 42\\n"`` matches ``"42"`` but
-    ``"42."`` does not.
+    ``"42."`` does not; with ``strip=False`` they must be equal as they are.
+    This is the project's one exact match: predictions first, references
+    second (:func:`seqio_metric` adapts it to seqio's order).
 
     Args:
       predictions: model outputs, one string per example.
       references: the expected outputs, aligned with ``predictions``.
+      strip: compare with surrounding whitespace removed.
 
     Returns:
       The accuracy as a percentage in ``[0, 100]`` (``100.0`` when every
@@ -104,7 +112,10 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
       ValueError: if the lengths differ or there are no examples.
     """
     predictions, references = _check_pairs(predictions, references)
-    matches = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+    if strip:
+        predictions = [p.strip() for p in predictions]
+        references = [r.strip() for r in references]
+    matches = sum(p == r for p, r in zip(predictions, references))
     return 100.0 * matches / len(predictions)
 
 
@@ -144,6 +155,73 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     predictions, references = _check_pairs(predictions, references)
     sacrebleu = _import_optional("sacrebleu", "sacrebleu", "bleu()")
     return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+
+
+#: The text metrics by name, for configurations and reports: chrF++ is chrF with
+#: word bigrams (``word_order=2``).
+TEXT_METRICS = ("exact_match", "chrf", "chrf++", "bleu")
+
+
+def _check_metric_name(name) -> str:
+    if name not in TEXT_METRICS:
+        raise ValueError(f"metric: expected one of {list(TEXT_METRICS)}, got {name!r}")
+    return name
+
+
+def corpus_score(name: str, predictions: Sequence[str], references: Sequence[str]) -> float:
+    """The corpus-level text metric ``name`` (one of :data:`TEXT_METRICS`), in ``[0, 100]``.
+
+    Raises:
+      ValueError: on an unknown name, or as :func:`exact_match` does.
+    """
+    name = _check_metric_name(name)
+    if name == "exact_match":
+        return exact_match(predictions, references)
+    if name == "bleu":
+        return bleu(predictions, references)
+    return chrf(predictions, references, word_order=2 if name == "chrf++" else 0)
+
+
+def sentence_scores(name: str, predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Each example's own score under the text metric ``name``, in ``[0, 100]``.
+
+    exact match: 100 or 0; chrF and chrF++: sacrebleu's ``sentence_chrf``
+    (equal to the corpus score of that one pair); BLEU: sacrebleu's
+    ``sentence_bleu`` (effective n-gram order, so a short hypothesis is not
+    zero merely for lacking 4-grams; the corpus BLEU of several sentences is
+    not their mean).
+
+    Raises:
+      ImportError: if sacrebleu is needed and not installed.
+      ValueError: on an unknown name, or as :func:`exact_match` does.
+    """
+    name = _check_metric_name(name)
+    predictions, references = _check_pairs(predictions, references)
+    if name == "exact_match":
+        return [100.0 * (p.strip() == r.strip()) for p, r in zip(predictions, references)]
+    sacrebleu = _import_optional("sacrebleu", "sacrebleu", f"sentence_scores({name!r})")
+    if name == "bleu":
+        return [float(sacrebleu.sentence_bleu(p, [r]).score) for p, r in zip(predictions, references)]
+    word_order = 2 if name == "chrf++" else 0
+    return [float(sacrebleu.sentence_chrf(p, [r], word_order=word_order).score)
+            for p, r in zip(predictions, references)]
+
+
+def seqio_metric(name: str, *, key: str | None = None):
+    """The text metric ``name`` as a seqio ``metric_fns`` entry.
+
+    seqio calls a task's metric functions as ``fn(targets, predictions)`` and
+    expects a dict; the returned function does that with
+    :func:`corpus_score`, keyed ``key`` (default: ``name``).
+    """
+    name = _check_metric_name(name)
+    key = name if key is None else key
+
+    def metric(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
+        return {key: corpus_score(name, list(predictions), list(targets))}
+
+    metric.__name__ = f"seqio_{name.replace('+', 'p')}"
+    return metric
 
 
 # ---------------------------------------------------------------------------

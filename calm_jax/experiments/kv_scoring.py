@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from calm_jax import decoding
+from calm_jax import evaluation
 from calm_jax.models import Decoder, TransformerConfig
 from tasks import kv_arithmetic as kv
 
@@ -72,7 +73,8 @@ def score(eval_set: str, predictions: Sequence[str], examples: Sequence[Mapping[
     With one, a model may write the substitution, `=`, then the answer (what the composition is
     trained to do), so each row scores its own part: KV-Substitution the text before the first
     `=`, the arithmetic rows the answer after it (`kv.split_target`; a text without `=` is all
-    answer, as mB writes it). The answer must match exactly, digit for digit.
+    answer, as mB writes it). The answer must match exactly, digit for digit
+    (`evaluation.exact_match` without stripping whitespace).
     """
     if config.scratchpad:
         if eval_set == "kv_substitution":
@@ -80,8 +82,7 @@ def score(eval_set: str, predictions: Sequence[str], examples: Sequence[Mapping[
         else:
             predictions = [kv.split_target(p, config)[1] for p in predictions]
             examples = [{"targets": kv.split_target(e["targets"], config)[1]} for e in examples]
-    hits = sum(p == e["targets"] for p, e in zip(predictions, examples, strict=True))
-    return 100.0 * hits / len(examples)
+    return evaluation.exact_match(predictions, [e["targets"] for e in examples], strip=False)
 
 
 ERROR_KINDS = ("correct", "substitution", "arithmetic", "other")
