@@ -1,25 +1,45 @@
-"""Batches for the trainer: an in-memory numpy source (no TensorFlow) and the seqio bridge.
+"""Batches for the trainer: one source interface over in-memory, file and seqio/TFDS data.
 
 A batch is a dict of [batch, length] arrays with t5x's decoder feature names:
 `decoder_input_tokens`, `decoder_target_tokens`, `decoder_loss_weights` (loss on targets only),
 and optionally `decoder_segment_ids`, `decoder_positions` (packing) and `prompt_mask` (True on
 prompt positions; t5x's prefix-LM `decoder_causal_attention`).
 
-`NumpySource.batch(step)` is a pure function of the step: batch i is rows `perm[i*B:(i+1)*B]` of
-an epoch-wise seeded permutation, so a resumed run sees exactly the batches it would have seen.
-With several processes each takes its own slice of every global batch.
+Every source (`make_source`) has the same interface, which is all the trainer uses:
+
+* `next_batch()`: this process's rows of the next global batch (`batch_size / process_count`
+  rows; each process reads its own shard);
+* `get_state()` -> a small JSON-able dict: where this process's stream stands;
+  `set_state(state)` puts a fresh source there, so the batches that follow are exactly those an
+  uninterrupted run would have read next;
+* `sequential(num_batches)`: batches in order, without shuffling, from the start (evaluation);
+* `length`: the row length.
+
+The kinds (`DatasetConfig.source`):
+
+* "numpy": `NumpySource`, arrays in memory (synthetic tasks). Batch i is a pure function of i
+  (`batch(step)`): rows `perm[i*B:(i+1)*B]` of an epoch-wise seeded permutation; its state is
+  the step.
+* "text", "jsonl": `calm_jax.sources`, files streamed in plain Python + numpy (no TensorFlow),
+  tokenized with `vocabulary`, packed into rows, shuffled by blocks.
+* "seqio", "tfds": `calm_jax.input_pipeline`, tf.data pipelines (needs `calm-jax[data]`).
+
+The trainer stores every process's state in the training checkpoint's metadata
+(`checkpoint_meta`) and gives it back on resume (`restore_state`); see docs/data.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+import json
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import numpy as np
 
 REQUIRED = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
 OPTIONAL = ("decoder_segment_ids", "decoder_positions", "prompt_mask")
+SOURCES = ("numpy", "seqio", "tfds", "text", "jsonl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,51 +47,99 @@ class DatasetConfig:
     """Where batches come from.
 
     Attributes:
-      source: "numpy" (arrays from `arrays_fn`, a callable returning the feature dict, e.g. a
-        `tasks` generator) or "seqio" (a registered seqio task or mixture, `calm_jax[data]`).
-      name: seqio task/mixture name (source="seqio").
+      source: one of SOURCES: "numpy" (arrays from `arrays_fn`, e.g. a `tasks` generator),
+        "text" (one example per non-empty line of `paths`), "jsonl" (one JSON object per line
+        of `paths`), "seqio" (a registered seqio task or mixture) or "tfds" (a prepared TFDS
+        dataset); "seqio" and "tfds" need `calm-jax[data]`.
+      name: seqio task/mixture name (source="seqio"), TFDS name such as "my_set:1.0.0"
+        (source="tfds").
       arrays_fn: callable returning {feature: [N, length] array} (source="numpy").
-      split: dataset split.
+      paths: files or glob patterns (source="text"/"jsonl"); a single string is one pattern.
+      data_dir: TFDS data directory (source="tfds"; None: TFDS's default).
+      vocabulary: "byte" (`calm_jax.tokenizers.ByteTokenizer`, seqio's ByteVocabulary ids) or
+        a tokenizer directory (`Tokenizer.save`, a Hugging Face model directory, or a model
+        export with a `tokenizer/` folder), for "text", "jsonl" and "tfds".
+      text_field: the text of an example ("jsonl", "tfds"); its target when `inputs_field`
+        is set.
+      inputs_field: if set, the prompt of an example ("jsonl", "tfds"): rows are prefix-LM
+        (loss on the text only, `prompt_mask` set).
+      add_eos: append the vocabulary's EOS to every example ("text", "jsonl", "tfds").
+      split: dataset split ("seqio", "tfds").
       batch_size: global batch size (all processes together).
       length: sequence length.
       seed: shuffling seed.
-      pack: pack several examples per row (seqio feature converters).
+      shuffle: shuffle the streamed sources ("numpy" always shuffles by epoch).
+      shuffle_buffer: tf.data shuffle buffer in examples ("seqio", "tfds").
+      block_bytes: shuffling unit of "text"/"jsonl" files: each epoch visits the blocks of this
+        many bytes in a new order and the examples of a block in a new order.
+      num_epochs: passes over the data of the streamed sources (None: without end).
+      pack: pack several examples per row (seqio's feature converters for "seqio").
       prefix_lm: seqio `PrefixLMFeatureConverter` (loss on targets only, prompt_mask set)
         instead of the plain LM converter.
       target_length: seqio prefix-LM target length (inputs get `length - target_length`);
         None splits the length in half.
-      max_examples: cap on examples read from seqio into memory.
+      max_examples: cap on examples read per epoch ("seqio", "tfds").
     """
 
     source: str = "numpy"
     name: str | None = None
     arrays_fn: Callable[[], Mapping[str, np.ndarray]] | None = None
+    paths: tuple[str, ...] | str = ()
+    data_dir: str | None = None
+    vocabulary: str = "byte"
+    text_field: str = "text"
+    inputs_field: str | None = None
+    add_eos: bool = True
     split: str = "train"
     batch_size: int = 8
     length: int = 64
     seed: int = 0
+    shuffle: bool = True
+    shuffle_buffer: int = 10_000
+    block_bytes: int = 1 << 20
+    num_epochs: int | None = None
     pack: bool = False
     prefix_lm: bool = True
     target_length: int | None = None
     max_examples: int | None = None
 
     def __post_init__(self):
-        if self.source not in ("numpy", "seqio"):
-            raise ValueError(f"dataset.source: expected 'numpy' or 'seqio', got {self.source!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"dataset.source: expected one of {', '.join(map(repr, SOURCES))}, "
+                             f"got {self.source!r}")
+        if isinstance(self.paths, str):
+            object.__setattr__(self, "paths", (self.paths,))
+        object.__setattr__(self, "paths", tuple(self.paths))
         if self.source == "numpy" and self.arrays_fn is None:
             raise ValueError("dataset.arrays_fn: expected a callable returning the feature "
                              "arrays with source='numpy', got None")
         if self.source == "seqio" and not self.name:
             raise ValueError("dataset.name: expected a seqio task or mixture name with "
                              "source='seqio', got None")
-        for name in ("batch_size", "length"):
+        if self.source == "tfds" and not self.name:
+            raise ValueError("dataset.name: expected a TFDS dataset name with source='tfds', "
+                             "got None")
+        if self.source in ("text", "jsonl") and not self.paths:
+            raise ValueError(f"dataset.paths: expected files or glob patterns with "
+                             f"source={self.source!r}, got {self.paths!r}")
+        if self.source == "text" and self.inputs_field is not None:
+            raise ValueError(f"dataset.inputs_field: expected None with source='text' (a line "
+                             f"is one text), got {self.inputs_field!r}")
+        for name in ("batch_size", "length", "shuffle_buffer", "block_bytes"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"dataset.{name}: expected a positive integer, got {value!r}")
+        for name in ("num_epochs", "max_examples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"dataset.{name}: expected a positive integer or None, "
+                                 f"got {value!r}")
 
 
 class NumpySource:
     """Deterministic, resumable batches over in-memory arrays (see the module docstring)."""
+
+    kind = "numpy"
 
     def __init__(self, arrays: Mapping[str, np.ndarray], batch_size: int, seed: int = 0, *,
                  process_index: int | None = None, process_count: int | None = None):
@@ -98,6 +166,7 @@ class NumpySource:
             raise ValueError(f"dataset.batch_size: expected a multiple of the "
                              f"{self.process_count} processes, got {batch_size}")
         self._perm_cache: dict[int, np.ndarray] = {}
+        self.step = 0  # the batch next_batch() gives
 
     @property
     def length(self) -> int:
@@ -121,7 +190,19 @@ class NumpySource:
         rows = rows[self.process_index * local:(self.process_index + 1) * local]
         return {k: v[rows] for k, v in self.arrays.items()}
 
-    def sequential(self, num_batches: int | None = None):
+    def next_batch(self) -> dict[str, np.ndarray]:
+        batch = self.batch(self.step)
+        self.step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"source": self.kind, "step": self.step}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        _check_state_kind(state, self.kind)
+        self.step = int(state["step"])
+
+    def sequential(self, num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Batches in order without shuffling (for evaluation); the tail batch is dropped."""
         total = self.num_rows // self.batch_size
         for i in range(total if num_batches is None else min(num_batches, total)):
@@ -131,19 +212,85 @@ class NumpySource:
             yield {k: v[rows] for k, v in self.arrays.items()}
 
 
-def make_source(config: DatasetConfig) -> NumpySource:
-    if config.source == "numpy":
-        arrays = config.arrays_fn()
-    else:
-        from calm_jax import input_pipeline  # seqio / TensorFlow, only here
+def make_source(config: DatasetConfig, *, process_index: int | None = None,
+                process_count: int | None = None):
+    """The source `config` names (see the module docstring for the interface).
 
-        arrays = input_pipeline.seqio_arrays(config)
-    arrays = dict(arrays)
-    got = arrays["decoder_input_tokens"].shape[1]
-    if got != config.length:
-        raise ValueError(f"dataset.length: expected the arrays' length {got}, "
-                         f"got {config.length}")
-    return NumpySource(arrays, config.batch_size, config.seed)
+    `process_index`/`process_count` default to JAX's; each process reads its own shard.
+    """
+    where = dict(process_index=process_index, process_count=process_count)
+    if config.source == "numpy":
+        arrays = dict(config.arrays_fn())
+        got = arrays["decoder_input_tokens"].shape[1]
+        if got != config.length:
+            raise ValueError(f"dataset.length: expected the arrays' length {got}, "
+                             f"got {config.length}")
+        return NumpySource(arrays, config.batch_size, config.seed, **where)
+    if config.source in ("text", "jsonl"):
+        from calm_jax import sources
+
+        return sources.file_source(config, **where)
+    from calm_jax import input_pipeline  # seqio / TFDS / TensorFlow, only here
+
+    if config.source == "seqio":
+        return input_pipeline.seqio_source(config, **where)
+    return input_pipeline.tfds_source(config, **where)
+
+
+def _check_state_kind(state: Mapping[str, Any], kind: str) -> None:
+    if not isinstance(state, Mapping) or state.get("source") != kind:
+        got = state.get("source") if isinstance(state, Mapping) else state
+        raise ValueError(f"checkpoint: the data position was saved by a {got!r} source; this "
+                         f"run reads dataset.source={kind!r}. Resume with the dataset it was "
+                         f"saved with, or use another model_dir")
+
+
+def checkpoint_meta(source) -> dict[str, Any]:
+    """{'data_state': [state of process 0, 1, ...]} for the checkpoint's metadata.
+
+    Collective: with several processes every process must call it at the same step.
+    """
+    return {"data_state": _gather_json(source.get_state())}
+
+
+def restore_state(source, meta: Mapping[str, Any]) -> None:
+    """Puts `source` where the checkpoint with metadata `meta` stopped reading.
+
+    A checkpoint without 'data_state' (saved before streamed sources) holds only
+    'data_position', the step, which is the position of a numpy source.
+    """
+    states = meta.get("data_state")
+    if states is None:
+        if not isinstance(source, NumpySource):
+            raise ValueError(f"checkpoint: it stores no data_state (only data_position="
+                             f"{meta.get('data_position')}), so a dataset.source="
+                             f"{source.kind!r} stream cannot resume where it stopped; use "
+                             f"another model_dir")
+        source.set_state({"source": "numpy", "step": int(meta["data_position"])})
+        return
+    if isinstance(source, NumpySource):  # the same position in every process
+        source.set_state(states[0])
+        return
+    if len(states) != jax.process_count():
+        raise ValueError(f"checkpoint: its data_state holds the stream positions of "
+                         f"{len(states)} processes, this run has {jax.process_count()}; "
+                         f"resume with {len(states)} processes (each reads its own shard)")
+    source.set_state(states[jax.process_index()])
+
+
+def _gather_json(value: Any) -> list[Any]:
+    """[value of process 0, 1, ...] for a JSON-able value (collective)."""
+    if jax.process_count() == 1:
+        return [json.loads(json.dumps(value))]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int32)))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(every[i, :int(sizes[i, 0])]).decode())
+            for i in range(every.shape[0])]
 
 
 def to_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, Any]:

@@ -498,12 +498,13 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
                          "over", step, ", ".join(changed))
             state = to_this_run(state)
             start = int(meta["data_position"])
+            data_lib.restore_state(source, meta)
             log.info("restored step %d from %s", step, manager.directory)
             break
         if state is None:
             state = prog.init_state(rng_init)
         batch_sharding, eval_step = prog.batch_sharding, prog.eval_step
-        first = data_lib.to_global(source.batch(start), batch_sharding)
+        first = data_lib.to_global(source.next_batch(), batch_sharding)
         compiled = prog.train_step.lower(state, s.frozen, first).compile()
         _log_memory(compiled)
 
@@ -521,7 +522,7 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
             with distributed.Preemption() as preemption:
                 step = start
                 while step < num_steps:
-                    batch = first if step == start else data_lib.to_global(source.batch(step),
+                    batch = first if step == start else data_lib.to_global(source.next_batch(),
                                                                            batch_sharding)
                     state, metrics = compiled(state, s.frozen, batch)
                     step += 1
@@ -558,7 +559,8 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
                         log.info("step %d eval loss %.4f acc %.3f", step, ev["eval/loss"],
                                  ev["eval/accuracy"])
                     if save:
-                        checkpointer.save(step, state, {**meta, "data_position": step},
+                        checkpointer.save(step, state, {**meta, "data_position": step,
+                                                        **data_lib.checkpoint_meta(source)},
                                           force=True)
                     if stop and step < num_steps:
                         stopped_early = True

@@ -1,10 +1,12 @@
-"""Numpy batches: a pure function of the step, epochs, per-process slices, config checks."""
+"""Numpy batches: a pure function of the step, epochs, per-process slices, resume state, config
+checks."""
 
 import jax
 import numpy as np
 import pytest
 
 from calm_jax import partitioning as part
+from calm_jax import data as data_lib
 from calm_jax.data import DatasetConfig, NumpySource, make_source, to_global
 
 ROWS, LENGTH = 20, 6
@@ -98,7 +100,16 @@ def test_bad_arrays_are_refused_with_the_feature_named(change, kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"source": "tfds"}, r"dataset.source: expected 'numpy' or 'seqio', got 'tfds'"),
+    ({"source": "arrow"}, r"dataset.source: expected one of 'numpy', 'seqio', 'tfds', 'text', "
+                          r"'jsonl', got 'arrow'"),
+    ({"source": "tfds"}, r"dataset.name: expected a TFDS dataset name with source='tfds', "
+                         r"got None"),
+    ({"source": "text"}, r"dataset.paths: expected files or glob patterns with "
+                         r"source='text', got \(\)"),
+    ({"source": "text", "paths": "a.txt", "inputs_field": "q"},
+     r"dataset.inputs_field: expected None with source='text'"),
+    ({"num_epochs": 0}, r"dataset.num_epochs: expected a positive integer or None, got 0"),
+    ({"block_bytes": -1}, r"dataset.block_bytes: expected a positive integer, got -1"),
     ({"arrays_fn": None}, r"dataset.arrays_fn: expected a callable"),
     ({"source": "seqio"}, r"dataset.name: expected a seqio task or mixture name"),
     ({"batch_size": 0}, r"dataset.batch_size: expected a positive integer, got 0"),
@@ -125,3 +136,30 @@ def test_to_global_splits_the_batch_over_data_and_fsdp():
         assert v.shape == batch[k].shape and v.dtype == batch[k].dtype
         assert {s.data.shape for s in v.addressable_shards} == {(2, LENGTH)}
         np.testing.assert_array_equal(jax.device_get(v), batch[k])
+
+
+def test_next_batch_walks_the_steps_and_its_state_resumes_there():
+    source = NumpySource(_arrays(), 4, seed=3)
+    walked = [source.next_batch() for _ in range(7)]  # past an epoch (5 batches)
+    for step, batch in enumerate(walked):
+        assert _row_ids(batch) == _row_ids(source.batch(step))
+    state = source.get_state()
+    assert state == {"source": "numpy", "step": 7}
+    resumed = NumpySource(_arrays(), 4, seed=3)
+    resumed.set_state(state)
+    assert [_row_ids(resumed.next_batch()) for _ in range(4)] == \
+        [_row_ids(source.next_batch()) for _ in range(4)]
+
+
+def test_restore_state_reads_data_state_or_an_older_checkpoints_data_position():
+    source = NumpySource(_arrays(), 4)
+    meta = {"data_position": 6, **data_lib.checkpoint_meta(source)}
+    assert meta["data_state"] == [{"source": "numpy", "step": 0}]
+    data_lib.restore_state(source, {"data_position": 6})  # no data_state: the step
+    assert source.step == 6
+    data_lib.restore_state(source, meta)
+    assert source.step == 0
+    with pytest.raises(ValueError, match=r"checkpoint: the data position was saved by a 'text' "
+                                         r"source; this run reads dataset.source='numpy'"):
+        data_lib.restore_state(source, {"data_position": 6, "data_state": [
+            {"source": "text", "batches": 6}]})
