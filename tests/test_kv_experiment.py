@@ -20,7 +20,7 @@ from tasks import kv_arithmetic as kv
 TINY_STEPS = {"mA": 1500, "mB": 1500, "calm": 800}
 
 
-def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path):
+def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path, monkeypatch):
     model = TransformerConfig.tiny(vocab_size=384, embed_dim=32, num_layers=2, num_heads=2,
                                    num_kv_heads=2, mlp_dim=64, max_len=32)
     stage = kvx.Stage(steps=6, batch_size=16, learning_rate=3e-3, warmup_steps=0)
@@ -66,6 +66,20 @@ def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path):
     assert results["config"]["compose_rows"] == rows
     assert (f"{rows['kv_arithmetic_heldin']} KV-Arithmetic examples over held-in keys and "
             f"{rows['numeric_arithmetic']} Numeric-Arithmetic ones") in table
+    # Run again in the same directory: every stage is done, nothing trains or decodes again.
+    def no_training(**kw):
+        raise AssertionError(f"trained again: {kw['model_dir']}")
+
+    monkeypatch.setattr(kvx.trainer, "train", no_training)
+    monkeypatch.setattr(kvx.kv_scoring, "greedy_decode", no_training)
+    again = kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
+                    kv_config="tiny", length=32, connections=((1, 1), (2, 2)),
+                    pretrain_augment=dataclasses.replace(stage, min_skill=0.0, attempts=3),
+                    pretrain_anchor=dataclasses.replace(stage, min_skill=90.0, attempts=2),
+                    compose=stage, ablations=("fusion",), compose_numeric=0.2,
+                    eval_examples=16, seed=5)
+    for key in ("accuracy", "ablations", "pretraining", "stages", "value_probe"):
+        assert again[key] == results[key]
 
 
 def test_bad_experiment_settings_raise_before_training(tmp_path):

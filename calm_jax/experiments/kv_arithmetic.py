@@ -3,8 +3,9 @@ r"""The paper's key-value arithmetic experiment (Table 1 and the Table 5 ablatio
     python -m calm_jax.experiments.kv_arithmetic --gin_file=experiments/kv_reproduction.gin \
         --gin.RUN_DIR="'runs/kv'"
 
-Stages, each a `calm_jax.trainer.train` run in its own directory under `run_dir` (a finished
-stage is skipped when the pipeline is run again):
+Stages of a `calm_jax.experiments.pipeline.Pipeline`, each a `calm_jax.trainer.train` run in
+its own directory under `run_dir` (a finished stage, recorded in `run_dir/pipeline.json`, is
+skipped when the experiment runs again; one killed midway resumes from its checkpoints):
 
   mA          pretrain on the key dictionary + KV-Substitution (it knows every key), numbers
               standing for themselves (`numeric_substitution`);
@@ -13,7 +14,8 @@ stage is skipped when the pipeline is run again):
   lora        LoRA on mB, rank matched to CALM's parameter count, same data;
   finetune    full fine-tune of mB, same data;
   random_mA   CALM with a randomly initialised mA;
-  fusion      the attention-free fusion variant of CALM.
+  fusion      the attention-free fusion variant of CALM;
+  evaluate    every model read back from its stage's export and scored.
 
 Evaluation (`kv_scoring`) is greedy decoding (`calm_jax.decoding.generate`) and exact match of
 the whole answer: mA, mB and CALM on KV-Substitution, Numeric-Arithmetic and KV-Arithmetic over
@@ -31,16 +33,17 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from calm_jax import checkpoints as ckpt
-from calm_jax import lora as lora_lib
 from calm_jax import trainer
 from calm_jax.composition import ComposedLM, CompositionConfig
 from calm_jax.data import DatasetConfig
 from calm_jax.experiments import kv_report, kv_scoring
+from calm_jax.experiments import pipeline as pl
+from calm_jax.exports import load_composition
 from calm_jax.models import Decoder, TransformerConfig
 from calm_jax.multi_token import MultiTokenConfig
 from calm_jax.optim import OptimizerConfig
@@ -121,56 +124,86 @@ def numeric_rows(fraction: float, kv_rows: int) -> int:
     return round(fraction * kv_rows / (1.0 - fraction))
 
 
-def _train_stage(name: str, run_dir: str, stage: Stage, **kw) -> dict:
-    path = os.path.join(run_dir, name)
-    log.info("=== stage %s (%d steps) ===", name, stage.steps)
-    t = time.time()
+def _train(directory: str, stage: Stage, **kw) -> dict:
+    """One `trainer.train` run in `directory`; {'export': its export directory}."""
     if stage.multi_token > 1:
         kw["multi_token"] = MultiTokenConfig(depth=stage.multi_token)
-    out = trainer.train(model_dir=path, num_steps=stage.steps, log_every=max(stage.steps // 10, 1),
-                        optimizer=OptimizerConfig(learning_rate=stage.learning_rate,
-                                                  warmup_steps=stage.warmup_steps),
-                        checkpoint=ckpt.CheckpointConfig(save_every=0, use_async=False), **kw)
-    return {"params": out["params"], "frozen": out["frozen"],
-            "seconds": time.time() - t}
+    trainer.train(model_dir=directory, num_steps=stage.steps,
+                  log_every=max(stage.steps // 10, 1),
+                  optimizer=OptimizerConfig(learning_rate=stage.learning_rate,
+                                            warmup_steps=stage.warmup_steps),
+                  checkpoint=ckpt.CheckpointConfig(save_every=0, use_async=False), **kw)
+    return {"export": os.path.join(directory, "export")}
 
 
-def _pretrain(name: str, run_dir: str, stage: Stage, model: TransformerConfig,
-              dataset: DatasetConfig, seed: int, kv_config: str, length: int,
-              partitioning: PartitioningConfig | None) -> dict:
-    """Pretrains `name` in `run_dir/name` (attempt k >= 2 in `run_dir/name_attemptk`, with seed
-    + (k - 1) * SEED_STRIDE) until one passes `stage.min_skill`; see `Stage`.
+def _pretrain_stage(name: str, stage: Stage, model: TransformerConfig, dataset: DatasetConfig,
+                    seed: int, kv_config: str, length: int,
+                    partitioning: PartitioningConfig | None) -> pl.Stage:
+    """Pretraining of mA or mB, checked on its own skill when `stage.min_skill` is set."""
+    def fn(run: pl.StageRun) -> dict:
+        out = _train(run.directory, stage, mode="pretrain",
+                     anchor=trainer.ModelSpec(config=model), seed=seed + run.seed_offset,
+                     dataset=dataset, partitioning=partitioning)
+        return {**out, "seed": seed + run.seed_offset}
 
-    Returns {'stage': the chosen attempt's directory name, 'params', 'trained': {directory name:
-    `_train_stage` result}, 'attempts': [{'stage', 'seed', 'skill'}]}.
-    """
-    trained, attempts = {}, []
-    for k in range(stage.attempts):
-        stage_name = name if k == 0 else f"{name}_attempt{k + 1}"
-        attempt_seed = seed + k * SEED_STRIDE
-        out = _train_stage(stage_name, run_dir, stage, mode="pretrain",
-                           anchor=trainer.ModelSpec(config=model), seed=attempt_seed,
-                           dataset=dataset, partitioning=partitioning)
-        trained[stage_name] = out
-        if stage.min_skill is None:
-            attempts.append({"stage": stage_name, "seed": attempt_seed, "skill": None})
-            break
-        skill = kv_scoring.own_skill(name, model, out["params"], kv_config, length)
-        attempts.append({"stage": stage_name, "seed": attempt_seed, "skill": skill})
-        if skill >= stage.min_skill:
-            log.info("%s (seed %d): %.1f%% on %s (training prompts), at least %g%%", stage_name,
-                     attempt_seed, skill, kv_scoring.OWN_SKILL[name], stage.min_skill)
-            break
-        left = stage.attempts - k - 1
-        log.warning("%s (seed %d): %.1f%% on %s (training prompts), below %g%%; %s", stage_name,
-                    attempt_seed, skill, kv_scoring.OWN_SKILL[name], stage.min_skill,
-                    f"training it again with seed {attempt_seed + SEED_STRIDE}" if left
-                    else "no attempts left, going on with the best one")
-    last = attempts[-1]
-    passed = last["skill"] is None or last["skill"] >= stage.min_skill
-    chosen = last if passed else max(attempts, key=lambda a: a["skill"])
-    return {"stage": chosen["stage"], "params": trained[chosen["stage"]]["params"],
-            "trained": trained, "attempts": attempts}
+    def measure(run: pl.StageRun, result: dict) -> float:
+        _, params = ckpt.load_model(result["export"])
+        return kv_scoring.own_skill(name, model, params, kv_config, length)
+
+    check = None if stage.min_skill is None else pl.SkillCheck(
+        measure, stage.min_skill, stage.attempts, SEED_STRIDE)
+    return pl.Stage(name, "pretrain", fn, cost=stage.steps, check=check)
+
+
+def _evaluate(run_dir: str, done: dict[str, pl.StageResult], *, kv_config: str, length: int,
+              eval_examples: int, ablations: Sequence[str]) -> dict:
+    """Greedy decoding and exact match of every model, read back from the stages' exports:
+    mA, mB and CALM on the three sets, the ablations on KV-Arithmetic over held-out keys."""
+    cfg = kv.CONFIGS[kv_config]
+    evals = {k: kv.get_examples(d, s, cfg)[:eval_examples] for k, (d, s) in EVAL_SETS.items()}
+    max_new = 1 + max(len(kv.encode_text(e["targets"])) for ex in evals.values() for e in ex)
+    out: dict[str, Any] = {"accuracy": {}, "ablations": {}, "samples": {}, "errors": {}}
+
+    def decode(model, params, examples, eval_set, name):
+        """Accuracy of one model on one set; its first generations go into the results."""
+        predictions = kv_scoring.greedy_decode(model, params, examples, length=length,
+                                               max_new=max_new)
+        out["samples"].setdefault(name, {})[eval_set] = [
+            {"inputs": e["inputs"], "target": e["targets"], "generated": p}
+            for e, p in zip(examples[:3], predictions)]
+        errors = (kv_scoring.scratchpad_errors(predictions, examples, cfg)
+                  if eval_set != "kv_substitution" else None)
+        if errors is not None:  # None: answers without a scratchpad
+            out["errors"].setdefault(name, {})[eval_set] = errors
+        return kv_scoring.score(eval_set, predictions, examples, cfg)
+
+    def export(stage: str) -> str:
+        return done[stage].result["export"]
+
+    ma_cfg, ma_params = ckpt.load_model(export("mA"))
+    models = {"mA": (Decoder(ma_cfg), ma_params)}
+    mb_cfg, mb_params = ckpt.load_model(export("mB"))
+    models["mB"] = (Decoder(mb_cfg), mb_params)
+    models["CALM"] = load_composition(export("calm"))
+    for name, (model, params) in models.items():
+        out["accuracy"][name] = {k: decode(model, params, ex, k, name)
+                                 for k, ex in evals.items()}
+        log.info("%s: %s", name, out["accuracy"][name])
+    for warning in kv_scoring.pretraining_warnings(out["accuracy"]):
+        log.warning(warning)
+    for name in ablations:
+        if name in ("lora", "finetune"):  # a model export (LoRA merged into mB's weights)
+            cfg_, params = ckpt.load_model(export(name))
+            model = Decoder(cfg_)
+        else:
+            model, params = load_composition(export(name))
+        out["ablations"][name] = decode(model, params, evals["kv_arithmetic"],
+                                        "kv_arithmetic", name)
+        log.info("%s on KV-Arithmetic: %.1f", name, out["ablations"][name])
+    out["ablations"]["CALM"] = out["accuracy"]["CALM"]["kv_arithmetic"]
+    out["value_probe"] = kv_scoring.value_probe(ma_cfg, ma_params, kv_config)
+    log.info("mA value probe (%% by layer): %s", out["value_probe"])
+    return out
 
 
 def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: TransformerConfig,
@@ -181,7 +214,9 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
         pretrain_augment: Stage = Stage(), pretrain_anchor: Stage = Stage(),
         compose: Stage = Stage(), ablations: Sequence[str] = ABLATIONS,
         compose_numeric: float = 0.0, eval_examples: int = 500, seed: int = 0) -> dict:
-    """Runs every stage and writes results.json / results.md / results.png into run_dir.
+    """Runs every stage (`calm_jax.experiments.pipeline`: a finished stage is skipped when the
+    experiment runs again in the same `run_dir`) and writes results.json / results.md /
+    results.png into run_dir.
 
     `connections` and `rope_theta` configure CALM's cross-attention (`CompositionConfig`; the
     fusion ablation has no positions); `partitioning` is every stage's mesh (default: all
@@ -234,100 +269,65 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     dc = _dataset([("kv_arithmetic_heldin", "train")]
                   + ([("numeric_arithmetic", "train", num_rows)] if num_rows else []),
                   compose, length, kv_config)
-    os.makedirs(run_dir, exist_ok=True)
+
+    def spec(done: Mapping[str, pl.StageResult], name: str) -> trainer.ModelSpec:
+        return trainer.ModelSpec(checkpoint=done[name].result["export"])
+
+    def composed(mode: str, augment: str | None, comp: CompositionConfig | None):
+        """A composition-data stage on mB (and mA, or a random mA when `augment` is None)."""
+        def fn(run: pl.StageRun) -> dict:
+            kw = {}
+            if mode != "finetune":
+                kw = {"augments": {"mA": spec(run.results, "mA") if augment else
+                                   trainer.ModelSpec(config=augment_model)},
+                      "composition": comp}
+            return _train(run.directory, compose, mode=mode, anchor=spec(run.results, "mB"),
+                          dataset=dc, seed=seed + 2, partitioning=partitioning, **kw)
+        return fn
+
+    variants = {"lora": ("lora", "mA", composition), "finetune": ("finetune", None, None),
+                "random_mA": ("compose", None, composition),
+                "fusion": ("compose", "mA", fusion)}
+    eval_cost = 0.1 * (pretrain_augment.steps + pretrain_anchor.steps)  # for the ETA only
+    stages = [
+        _pretrain_stage("mA", pretrain_augment, augment_model, ma_ds, seed, kv_config, length,
+                        partitioning),
+        _pretrain_stage("mB", pretrain_anchor, anchor_model, mb_ds, seed + 1, kv_config, length,
+                        partitioning),
+        pl.Stage("calm", "compose", composed("compose", "mA", composition), cost=compose.steps),
+        *[pl.Stage(name, "baselines", composed(*variants[name]), cost=compose.steps)
+          for name in ablations],
+        pl.Stage("evaluate", "evaluate", lambda r: _evaluate(
+            run_dir, dict(r.results), kv_config=kv_config, length=length,
+            eval_examples=eval_examples, ablations=ablations), cost=eval_cost),
+    ]
     t0 = time.time()
-    results: dict[str, Any] = {"stages": {}, "accuracy": {}, "ablations": {}}
-
-    stages = {}
-    pretrained = {
-        name: _pretrain(name, run_dir, stage, cfg, ds, stage_seed, kv_config, length, partitioning)
-        for name, stage, cfg, ds, stage_seed in (
-            ("mA", pretrain_augment, augment_model, ma_ds, seed),
-            ("mB", pretrain_anchor, anchor_model, mb_ds, seed + 1))}
-    for p in pretrained.values():
-        stages.update(p["trained"])
-    results["pretraining"] = {name: {"chosen": p["stage"], "attempts": p["attempts"]}
-                              for name, p in pretrained.items()}
-    ma_spec = trainer.ModelSpec(checkpoint=os.path.join(run_dir, pretrained["mA"]["stage"],
-                                                        "export"))
-    mb_spec = trainer.ModelSpec(checkpoint=os.path.join(run_dir, pretrained["mB"]["stage"],
-                                                        "export"))
-    common = dict(anchor=mb_spec, dataset=dc, seed=seed + 2, partitioning=partitioning)
-    stages["calm"] = _train_stage("calm", run_dir, compose, mode="compose",
-                                  augments={"mA": ma_spec}, composition=composition, **common)
-    extra = {
-        "lora": dict(mode="lora", augments={"mA": ma_spec}, composition=composition),
-        "finetune": dict(mode="finetune"),
-        "random_mA": dict(mode="compose", augments={"mA": trainer.ModelSpec(
-            config=augment_model)}, composition=composition),
-        "fusion": dict(mode="compose", augments={"mA": ma_spec}, composition=fusion),
-    }
-    for name in ablations:
-        stages[name] = _train_stage(name, run_dir, compose, **extra[name], **common)
-    results["stages"] = {k: {"seconds": round(v["seconds"], 1)} for k, v in stages.items()}
-
-    # Evaluation ---------------------------------------------------------------------------
-    cfg = kv.CONFIGS[kv_config]
-    evals = {k: kv.get_examples(d, s, cfg)[:eval_examples] for k, (d, s) in EVAL_SETS.items()}
-    max_new = 1 + max(len(kv.encode_text(e["targets"])) for ex in evals.values() for e in ex)
-    results["samples"], results["errors"] = {}, {}
-
-    def decode(model, params, examples, eval_set, name):
-        """Accuracy of one model on one set; its first generations go into results."""
-        predictions = kv_scoring.greedy_decode(model, params, examples, length=length,
-                                               max_new=max_new)
-        results["samples"].setdefault(name, {})[eval_set] = [
-            {"inputs": e["inputs"], "target": e["targets"], "generated": p}
-            for e, p in zip(examples[:3], predictions)]
-        errors = (kv_scoring.scratchpad_errors(predictions, examples, cfg)
-                  if eval_set != "kv_substitution" else None)
-        if errors is not None:
-            results["errors"].setdefault(name, {})[eval_set] = errors
-        return kv_scoring.score(eval_set, predictions, examples, cfg)
-
-    ma_params, mb_params = pretrained["mA"]["params"], pretrained["mB"]["params"]
-    calm_model = ComposedLM(anchor_model, {"mA": augment_model}, composition)
-    frozen = {"anchor": mb_params, "augments": {"mA": ma_params}}
-    models = {
-        "mA": (Decoder(augment_model), ma_params),
-        "mB": (Decoder(anchor_model), mb_params),
-        "CALM": (calm_model, {**frozen, "composition": stages["calm"]["params"]}),
-    }
-    for name, (model, params) in models.items():
-        results["accuracy"][name] = {
-            k: decode(model, params, ex, k, name) for k, ex in evals.items()}
-        log.info("%s: %s", name, results["accuracy"][name])
-    for warning in kv_scoring.pretraining_warnings(results["accuracy"]):
-        log.warning(warning)
-    fusion_model = ComposedLM(anchor_model, {"mA": augment_model}, fusion)
-    for name in ablations:
-        p, used = stages[name]["params"], stages[name]["frozen"]
-        if name == "lora":
-            model, params = Decoder(anchor_model), lora_lib.merge(mb_params, p,
-                                                                  lora_lib.LoraConfig())
-        elif name == "finetune":
-            model, params = Decoder(anchor_model), p
-        else:
-            model = calm_model if name == "random_mA" else fusion_model
-            params = {**used, "composition": p}
-        results["ablations"][name] = decode(model, params, evals["kv_arithmetic"],
-                                            "kv_arithmetic", name)
-        log.info("%s on KV-Arithmetic: %.1f", name, results["ablations"][name])
-    results["ablations"]["CALM"] = results["accuracy"]["CALM"]["kv_arithmetic"]
-    results["value_probe"] = kv_scoring.value_probe(augment_model, ma_params, kv_config)
-    log.info("mA value probe (%% by layer): %s", results["value_probe"])
+    done = pl.Pipeline(run_dir, stages).run()
+    results: dict[str, Any] = dict(done["evaluate"].result)
+    results["stages"] = {a["directory"]: {"seconds": a["seconds"]}
+                         for name, r in done.items() if name != "evaluate"
+                         for a in r.attempts}
+    results["pretraining"] = {
+        name: {"chosen": done[name].chosen,
+               "attempts": [{"stage": a["directory"],
+                             "seed": (seed if name == "mA" else seed + 1) + a["seed_offset"],
+                             "skill": a["score"]} for a in done[name].attempts]}
+        for name in ("mA", "mB")}
     results["config"] = {"kv_config": kv_config, "length": length, "eval_examples": eval_examples,
                          "compose_numeric": compose_numeric,
                          "compose_rows": {"kv_arithmetic_heldin": kv_rows,
                                           "numeric_arithmetic": num_rows},
-                         "connections": {k: list(v) for k, v in calm_model.connections.items()},
+                         "connections": {k: [list(p) for p in v] for k, v in ComposedLM(
+                             anchor_model, {"mA": augment_model},
+                             composition).connections.items()},
                          "rope_theta": rope_theta,
                          "augment_model": ckpt.config_to_dict(augment_model),
                          "anchor_model": ckpt.config_to_dict(anchor_model),
                          "stages": {n: dataclasses.asdict(s) for n, s in (
                              ("pretrain_augment", pretrain_augment),
                              ("pretrain_anchor", pretrain_anchor), ("compose", compose))}}
-    results["seconds"] = round(time.time() - t0, 1)
+    results["seconds"] = round(sum(r.seconds for r in done.values()), 1)
+    results["this_run_seconds"] = round(time.time() - t0, 1)
     kv_report.write_reports(run_dir, results)
     return results
 

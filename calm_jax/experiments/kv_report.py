@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
+from calm_jax.experiments.pipeline import plot_summary
 from calm_jax.experiments.kv_scoring import ERROR_KINDS, SKILL_CHECK_EXAMPLES, pretraining_warnings
 
 # Table 1 of the paper (accuracy %): dataset -> (mA, mB, CALM).
@@ -76,32 +75,15 @@ def write_reports(run_dir: str, results: dict) -> None:
 
 
 def _plot(run_dir: str, results: dict) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for stage in results["stages"]:
-        path = os.path.join(run_dir, stage, "metrics.jsonl")
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if '"loss"' in line]
-        curves.plot([r["step"] for r in rows],  # null: a non-finite loss (skipped update)
-                    [np.nan if r["loss"] is None else r["loss"] for r in rows], label=stage)
-    curves.set(xlabel="step", ylabel="training loss (target tokens)", yscale="log",
-               title="Training curves")
-    if curves.lines:  # no stage logs (a report rewritten from results alone): no legend
-        curves.legend()
-    acc = results["accuracy"]
-    names = list(PAPER_TABLE1)
-    width = 0.25
-    for i, model in enumerate(("mA", "mB", "CALM")):
-        xs = np.arange(len(names)) + (i - 1) * width
-        bars.bar(xs, [acc[model][n] for n in names], width, label=model)
-    bars.set_xticks(np.arange(len(names)), names)
-    bars.set(ylabel="exact match (%)", ylim=(0, 100), title="Accuracy (greedy decoding)")
-    bars.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "results.png"), dpi=110)
-    plt.close(fig)
+    """results.png: every stage's training curve, and every model's and ablation's accuracy
+    as a labelled bar (`pipeline.plot_summary`)."""
+    bars = {name: {model: results["accuracy"][model][name] for model in ("mA", "mB", "CALM")}
+            for name in PAPER_TABLE1}
+    ablations = {k: v for k, v in results.get("ablations", {}).items() if k != "CALM"}
+    if ablations:
+        bars["kv_arithmetic ablations"] = ablations
+    plot_summary(os.path.join(run_dir, "results.png"),
+                 curves={stage: os.path.join(run_dir, stage, "metrics.jsonl")
+                         for stage in results["stages"]},
+                 bars=bars, score_label="exact match (%), greedy decoding",
+                 title="Key-value arithmetic (held-out keys for KV-Arithmetic)")
