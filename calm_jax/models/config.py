@@ -22,6 +22,7 @@ expected value and the given one, before anything is compiled.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -37,6 +38,9 @@ RopeScaling = Literal["none", "linear", "llama3"]
 RUNTIME_FIELDS = ("dtype", "attention_impl", "remat_policy", "scan_unroll")
 # `transformer.REMAT_POLICIES` holds the policy of each name but "none".
 REMAT_POLICY_NAMES = ("none", "full", "dots", "dots_attention")
+
+BOOL_FIELDS = ("norm_scale_plus_one", "post_norms", "qk_norm", "gated_mlp", "use_bias",
+               "qkv_bias", "tie_embeddings", "scale_embeddings")
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -68,6 +72,29 @@ def _check_choice(field: str, value: Any, choices: tuple[Any, ...]) -> None:
 def _check_positive(field: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{field}: expected a positive integer, got {value!r}")
+
+
+def is_real(value: Any) -> bool:
+    """Whether `value` is a finite int or float (bools, NaN and infinities are not)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def check_real(field: str, value: Any, *, above: float = 0.0, allow_none: bool = False) -> None:
+    """Raises ValueError naming `field` unless `value` is a finite number > `above` (or None
+    where allowed). Bools are not numbers here: `True` would silently mean 1."""
+    if value is None and allow_none:
+        return
+    if not is_real(value) or value <= above:
+        what = "a positive number" if above == 0 else f"a number > {above:g}"
+        raise ValueError(f"{field}: expected {'None or ' if allow_none else ''}{what}, "
+                         f"got {value!r}")
+
+
+def check_bool(field: str, value: Any) -> None:
+    """Raises ValueError naming `field` unless `value` is True or False."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{field}: expected True or False, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,12 +209,22 @@ class TransformerConfig:
         _check_choice("remat_policy", self.remat_policy, REMAT_POLICY_NAMES)
         if self.position == "rope" and self.dims_per_head % 2:
             raise ValueError(f"head_dim: expected an even value for RoPE, got {self.dims_per_head}")
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps: expected a positive float, got {self.norm_eps!r}")
+        for name in BOOL_FIELDS:
+            check_bool(name, getattr(self, name))
+        for name in ("norm_eps", "rope_scaling_factor", "rope_low_freq_factor",
+                     "rope_high_freq_factor"):
+            check_real(name, getattr(self, name))
+        # A RoPE base <= 1 turns every rotary pair at the same rate or faster at higher
+        # dimensions (0 and below give NaN).
+        check_real("rope_theta", self.rope_theta, above=1.0)
+        check_real("rope_local_theta", self.rope_local_theta, above=1.0, allow_none=True)
+        if self.rope_scaling == "llama3" and (
+                self.rope_high_freq_factor <= self.rope_low_freq_factor):
+            raise ValueError(f"rope_high_freq_factor: expected a value > rope_low_freq_factor="
+                             f"{self.rope_low_freq_factor} with rope_scaling='llama3', got "
+                             f"{self.rope_high_freq_factor!r}")
         for name in ("attn_logit_softcap", "final_logit_softcap", "query_scale"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name}: expected None or a positive float, got {value!r}")
+            check_real(name, getattr(self, name), allow_none=True)
         if self.norm_scale_plus_one and self.norm != "rmsnorm":
             raise ValueError("norm_scale_plus_one: expected False unless norm='rmsnorm', got True")
         resolve_dtype(self.dtype, "dtype")

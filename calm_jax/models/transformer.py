@@ -24,10 +24,12 @@ from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 from flax import struct
 
 from calm_jax.models.config import TransformerConfig
+from calm_jax.validation import check_like, check_token_array
 from calm_jax.models import layers as L
 from calm_jax.models.attention import (AttentionContext, CacheContext, KVCache, SelfAttention,
                                        make_cache_context, make_context)
@@ -273,7 +275,10 @@ class Decoder(nn.Module):
 
     def context(self, tokens: Array, positions: Array | None = None,
                 segment_ids: Array | None = None) -> tuple[Array, AttentionContext]:
-        """Default positions (0..T-1, or restarting per packed segment) and attention inputs."""
+        """Default positions (0..T-1, or restarting per packed segment) and attention inputs.
+
+        Checks the inputs' shapes and dtypes (`check_inputs`) when traced."""
+        check_inputs(self.config, tokens, positions, segment_ids)
         positions = default_positions(tokens, segment_ids) if positions is None else positions
         return positions, make_context(self.config, positions, segment_ids)
 
@@ -410,6 +415,7 @@ class Decoder(nn.Module):
         if logits not in ("last", "all", None):
             raise ValueError(f"logits: expected 'last', 'all' or None, got {logits!r}")
         layers = validate_layers(cfg, return_states, "return_states")
+        check_token_array(tokens, "tokens")
         t = tokens.shape[1]
         ctx = make_cache_context(cfg, cache, t)
         h = self.embed(tokens, ctx.positions)
@@ -456,8 +462,28 @@ class Decoder(nn.Module):
         return self.head(h), states
 
 
+def check_inputs(cfg: TransformerConfig, tokens: Any, positions: Any = None,
+                 segment_ids: Any = None) -> None:
+    """Static checks of a forward's inputs (shapes and dtypes; tracers are fine): integer
+    tokens [batch, length], positions and segment ids of the same shape, and with learned
+    positions and no explicit `positions`, length <= `max_len` (past it the position table
+    is read out of range, which gives NaN). Raises ValueError naming the argument. Token ids'
+    values are checked where they are concrete (`calm_jax.validation.check_tokens`) or in the
+    checked mode (`calm_jax.validation.checked_apply`)."""
+    shape = check_token_array(tokens, "tokens")
+    check_like(positions, shape, "positions")
+    check_like(segment_ids, shape, "segment_ids")
+    if cfg.position == "learned" and positions is None and shape[1] > cfg.max_len:
+        raise ValueError(f"tokens: expected length <= max_len={cfg.max_len} (the size of the "
+                         f"learned position table), got length {shape[1]}")
+
+
 def validate_layers(cfg: TransformerConfig, layers: Iterable[int], field: str) -> tuple[int, ...]:
-    """Sorted unique layer numbers, each in [0, num_layers]."""
+    """Sorted unique layer numbers, each an integer in [0, num_layers]."""
+    layers = tuple(layers)
+    odd = [x for x in layers if isinstance(x, bool) or not isinstance(x, (int, np.integer))]
+    if odd:
+        raise ValueError(f"{field}: expected integer layer numbers, got {odd}")
     layers = tuple(sorted(set(int(x) for x in layers)))
     bad = [x for x in layers if not 0 <= x <= cfg.num_layers]
     if bad:
