@@ -57,8 +57,10 @@ def make_train_step(forward, optimizer: optax.GradientTransformation, lr_schedul
                 return jax.tree.map(jnp.add, carry, (g, m)), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            zero_m = {k: jnp.zeros((), jnp.float32)
-                      for k in ("loss", "loss_sum", "weight_sum", "correct_sum")}
+            # The carry holds whatever metric sums loss_fn returns (their shapes and dtypes).
+            _, metric_shapes = jax.eval_shape(loss_fn, params, frozen,
+                                              jax.tree.map(lambda x: x[0], micro))
+            zero_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
             (grads, sums), _ = jax.lax.scan(body, (zeros, zero_m), micro)
         denom = jnp.maximum(sums["weight_sum"], 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
