@@ -38,22 +38,22 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 from tasks import kv_arithmetic
 
 SEQIO_AVAILABLE = False
-_SEQIO_IMPORT_ERROR: Optional[BaseException] = None
+_SEQIO_IMPORT_ERROR: BaseException | None = None
 
 if os.environ.get("CALM_JAX_NO_SEQIO", "") not in ("", "0"):
-  _SEQIO_IMPORT_ERROR = ImportError("seqio import disabled by CALM_JAX_NO_SEQIO")
+    _SEQIO_IMPORT_ERROR = ImportError("seqio import disabled by CALM_JAX_NO_SEQIO")
 else:
-  try:
-    import seqio  # noqa: F401  (imports TensorFlow)
-    import tensorflow as tf  # noqa: F401
-    SEQIO_AVAILABLE = True
-  except ImportError as e:  # no seqio / TensorFlow on this machine: numpy path only
-    _SEQIO_IMPORT_ERROR = e
+    try:
+        import seqio  # noqa: F401  (imports TensorFlow)
+        import tensorflow as tf  # noqa: F401
+
+        SEQIO_AVAILABLE = True
+    except ImportError as e:  # no seqio / TensorFlow on this machine: numpy path only
+        _SEQIO_IMPORT_ERROR = e
 
 MIXTURES = {
     "kv_ma_pretrain": ("kv_dictionary", "kv_substitution", "numeric_substitution"),
@@ -63,97 +63,111 @@ MIXTURES = {
 
 
 def _require_seqio():
-  if not SEQIO_AVAILABLE:
-    raise ImportError(
-        "seqio (and TensorFlow) are needed to register seqio tasks; install e.g. "
-        "'seqio==0.0.20 tensorflow==2.21.0 tensorflow-text==2.21.1 "
-        "tensorflow-datasets==4.9.10', or use tasks.kv_arithmetic.to_numpy_batches "
-        f"for the TensorFlow-free path. (import failed with: {_SEQIO_IMPORT_ERROR!r})")
+    if not SEQIO_AVAILABLE:
+        raise ImportError(
+            "seqio (and TensorFlow) are needed to register seqio tasks; install e.g. "
+            "'seqio==0.0.20 tensorflow==2.21.0 tensorflow-text==2.21.1 "
+            "tensorflow-datasets==4.9.10', or use tasks.kv_arithmetic.to_numpy_batches "
+            f"for the TensorFlow-free path. (import failed with: {_SEQIO_IMPORT_ERROR!r})"
+        )
 
 
 def vocabulary():
-  """The byte vocabulary shared by every task and both models."""
-  _require_seqio()
-  return seqio.ByteVocabulary()
+    """The byte vocabulary shared by every task and both models."""
+    _require_seqio()
+    return seqio.ByteVocabulary()
 
 
 def output_features():
-  vocab = vocabulary()
-  return {
-      "inputs": seqio.Feature(vocabulary=vocab, add_eos=False),
-      "targets": seqio.Feature(vocabulary=vocab, add_eos=True),
-  }
+    vocab = vocabulary()
+    return {
+        "inputs": seqio.Feature(vocabulary=vocab, add_eos=False),
+        "targets": seqio.Feature(vocabulary=vocab, add_eos=True),
+    }
 
 
-def _dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None, *,
-                config: kv_arithmetic.KVConfig, dataset: str):
-  """tf.data source over the generated examples (the whole split; it is small)."""
-  del shuffle_files, seed  # one in-memory "file"; shuffling is done downstream by seqio
-  examples = kv_arithmetic.get_examples(dataset, split, config)
-  return tf.data.Dataset.from_tensor_slices({
-      "inputs": [ex["inputs"] for ex in examples],
-      "targets": [ex["targets"] for ex in examples],
-  })
+def _dataset_fn(
+    split: str,
+    shuffle_files: bool,
+    seed: int | None = None,
+    *,
+    config: kv_arithmetic.KVConfig,
+    dataset: str,
+):
+    """tf.data source over the generated examples (the whole split; it is small)."""
+    del shuffle_files, seed  # one in-memory "file"; shuffling is done downstream by seqio
+    examples = kv_arithmetic.get_examples(dataset, split, config)
+    return tf.data.Dataset.from_tensor_slices(
+        {
+            "inputs": [ex["inputs"] for ex in examples],
+            "targets": [ex["targets"] for ex in examples],
+        }
+    )
 
 
 def _exact_match_metric(targets, predictions):
-  return kv_arithmetic.exact_match(list(targets), list(predictions))
+    return kv_arithmetic.exact_match(list(targets), list(predictions))
 
 
-def register_kv_tasks(config: kv_arithmetic.KVConfig = kv_arithmetic.LAPTOP,
-                      prefix: str = "") -> list:
-  """Registers the key-value tasks and mixtures of ``config`` as ``prefix + name``.
+def register_kv_tasks(
+    config: kv_arithmetic.KVConfig = kv_arithmetic.LAPTOP, prefix: str = ""
+) -> list:
+    """Registers the key-value tasks and mixtures of ``config`` as ``prefix + name``.
 
-  Idempotent: names already in the registries are skipped. Generation happens lazily, the
-  first time a dataset is read. Returns the list of names this config owns.
-  """
-  _require_seqio()
-  names = []
-  existing_tasks = set(seqio.TaskRegistry.names())
-  for dataset, splits in kv_arithmetic.DATASET_SPLITS.items():
-    name = prefix + dataset
-    names.append(name)
-    if name in existing_tasks:
-      continue
-    num_examples = (config.num_keys if dataset == "kv_dictionary" else None)
-    sizes = {}
-    for split in splits:
-      if num_examples is not None:
-        sizes[split] = num_examples
-      elif split == "train":
-        own = {"numeric_arithmetic": config.num_train_numeric,
-               "kv_substitution": config.num_train_substitution}.get(dataset)
-        sizes[split] = config.num_train if own is None else own
-      else:
-        sizes[split] = config.num_eval
-    seqio.TaskRegistry.add(
-        name,
-        source=seqio.FunctionDataSource(
-            dataset_fn=functools.partial(_dataset_fn, config=config, dataset=dataset),
-            splits=splits,
-            num_input_examples=sizes),
-        preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
-        output_features=output_features(),
-        metric_fns=[_exact_match_metric])
-  existing_mixtures = set(seqio.MixtureRegistry.names())
-  for mixture, members in MIXTURES.items():
-    name = prefix + mixture
-    names.append(name)
-    if name in existing_mixtures:
-      continue
-    seqio.MixtureRegistry.add(name, [prefix + m for m in members], default_rate=1.0)
-  return names
+    Idempotent: names already in the registries are skipped. Generation happens lazily, the
+    first time a dataset is read. Returns the list of names this config owns.
+    """
+    _require_seqio()
+    names = []
+    existing_tasks = set(seqio.TaskRegistry.names())
+    for dataset, splits in kv_arithmetic.DATASET_SPLITS.items():
+        name = prefix + dataset
+        names.append(name)
+        if name in existing_tasks:
+            continue
+        num_examples = config.num_keys if dataset == "kv_dictionary" else None
+        sizes = {}
+        for split in splits:
+            if num_examples is not None:
+                sizes[split] = num_examples
+            elif split == "train":
+                own = {
+                    "numeric_arithmetic": config.num_train_numeric,
+                    "kv_substitution": config.num_train_substitution,
+                }.get(dataset)
+                sizes[split] = config.num_train if own is None else own
+            else:
+                sizes[split] = config.num_eval
+        seqio.TaskRegistry.add(
+            name,
+            source=seqio.FunctionDataSource(
+                dataset_fn=functools.partial(_dataset_fn, config=config, dataset=dataset),
+                splits=splits,
+                num_input_examples=sizes,
+            ),
+            preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+            output_features=output_features(),
+            metric_fns=[_exact_match_metric],
+        )
+    existing_mixtures = set(seqio.MixtureRegistry.names())
+    for mixture, members in MIXTURES.items():
+        name = prefix + mixture
+        names.append(name)
+        if name in existing_mixtures:
+            continue
+        seqio.MixtureRegistry.add(name, [prefix + m for m in members], default_rate=1.0)
+    return names
 
 
 def register_all() -> list:
-  """Registers the default (laptop) config without prefix and every other named config with
-  ``'<config name>_'`` as prefix. Idempotent."""
-  names = register_kv_tasks(kv_arithmetic.LAPTOP, prefix="")
-  for cfg_name, cfg in kv_arithmetic.CONFIGS.items():
-    if cfg_name != "laptop":
-      names += register_kv_tasks(cfg, prefix=cfg_name + "_")
-  return names
+    """Registers the default (laptop) config without prefix and every other named config with
+    ``'<config name>_'`` as prefix. Idempotent."""
+    names = register_kv_tasks(kv_arithmetic.LAPTOP, prefix="")
+    for cfg_name, cfg in kv_arithmetic.CONFIGS.items():
+        if cfg_name != "laptop":
+            names += register_kv_tasks(cfg, prefix=cfg_name + "_")
+    return names
 
 
 if SEQIO_AVAILABLE:
-  register_all()
+    register_all()

@@ -99,7 +99,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -122,7 +122,7 @@ from tasks.kv_config import (  # noqa: F401  (re-exported)
 )
 
 # Dataset names and their splits.
-DATASET_SPLITS: Mapping[str, Tuple[str, ...]] = {
+DATASET_SPLITS: Mapping[str, tuple[str, ...]] = {
     "kv_dictionary": ("train", "validation"),
     "numeric_substitution": ("train",),
     "kv_substitution": ("train", "validation"),
@@ -137,118 +137,118 @@ DATASET_SPLITS: Mapping[str, Tuple[str, ...]] = {
 
 
 def evaluate(operands: Sequence[int], ops: Sequence[str]) -> int:
-  """Exact value of ``operands[0] ops[0] operands[1] ...`` with standard precedence.
+    """Exact value of ``operands[0] ops[0] operands[1] ...`` with standard precedence.
 
-  'x' binds tighter than '+'/'-'; equal precedence associates left to right.
-  """
-  if len(ops) != len(operands) - 1:
-    raise ValueError("need exactly one operator between consecutive operands")
-  total = 0
-  sign = 1
-  term = int(operands[0])
-  for op, v in zip(ops, operands[1:]):
-    v = int(v)
-    if op == "x":
-      term *= v
-    elif op in ("+", "-"):
-      total += sign * term
-      sign = 1 if op == "+" else -1
-      term = v
-    else:
-      raise ValueError(f"unknown operator {op!r}")
-  return total + sign * term
+    'x' binds tighter than '+'/'-'; equal precedence associates left to right.
+    """
+    if len(ops) != len(operands) - 1:
+        raise ValueError("need exactly one operator between consecutive operands")
+    total = 0
+    sign = 1
+    term = int(operands[0])
+    for op, v in zip(ops, operands[1:]):
+        v = int(v)
+        if op == "x":
+            term *= v
+        elif op in ("+", "-"):
+            total += sign * term
+            sign = 1 if op == "+" else -1
+            term = v
+        else:
+            raise ValueError(f"unknown operator {op!r}")
+    return total + sign * term
 
 
 def join_expression(tokens: Sequence[str], ops: Sequence[str]) -> str:
-  """``['a','b','c'], ['+','-'] -> 'a+b-c'``."""
-  out = [tokens[0]]
-  for op, t in zip(ops, tokens[1:]):
-    out.append(op)
-    out.append(t)
-  return "".join(out)
+    """``['a','b','c'], ['+','-'] -> 'a+b-c'``."""
+    out = [tokens[0]]
+    for op, t in zip(ops, tokens[1:]):
+        out.append(op)
+        out.append(t)
+    return "".join(out)
 
 
-def split_expression(expr: str) -> Tuple[List[str], List[str]]:
-  """Inverse of ``join_expression`` (a trailing '=' is ignored): returns (operands, operators).
+def split_expression(expr: str) -> tuple[list[str], list[str]]:
+    """Inverse of ``join_expression`` (a trailing '=' is ignored): returns (operands, operators).
 
-  Operands are keys or decimal numbers; neither contains '+', '-' or 'x' (keys never use 'x').
-  """
-  if expr.endswith(PROMPT_SUFFIX):
-    expr = expr[: -len(PROMPT_SUFFIX)]
-  tokens: List[str] = []
-  ops: List[str] = []
-  cur = []
-  for ch in expr:
-    if ch in OPERATORS:
-      tokens.append("".join(cur))
-      ops.append(ch)
-      cur = []
-    else:
-      cur.append(ch)
-  tokens.append("".join(cur))
-  if any(not t for t in tokens):
-    raise ValueError(f"malformed expression {expr!r}")
-  return tokens, ops
+    Operands are keys or decimal numbers; neither contains '+', '-' or 'x' (keys never use 'x').
+    """
+    if expr.endswith(PROMPT_SUFFIX):
+        expr = expr[: -len(PROMPT_SUFFIX)]
+    tokens: list[str] = []
+    ops: list[str] = []
+    cur = []
+    for ch in expr:
+        if ch in OPERATORS:
+            tokens.append("".join(cur))
+            ops.append(ch)
+            cur = []
+        else:
+            cur.append(ch)
+    tokens.append("".join(cur))
+    if any(not t for t in tokens):
+        raise ValueError(f"malformed expression {expr!r}")
+    return tokens, ops
 
 
 def format_answer(value: int, config: KVConfig) -> str:
-  """Arithmetic result -> target string, following ``config.answer_format``."""
-  value = int(value)
-  if config.answer_format == "plain":
-    return str(value)
-  width = config.width
-  digits = str(abs(value))
-  if len(digits) > width:
-    raise ValueError(f"|{value}| does not fit answer width {width}")
-  if config.nonnegative:
-    if value < 0:
-      raise ValueError(f"{value} is negative but the config is nonnegative")
-    return digits.zfill(width)[::-1]
-  return ("-" if value < 0 else "+") + digits.zfill(width)[::-1]
+    """Arithmetic result -> target string, following ``config.answer_format``."""
+    value = int(value)
+    if config.answer_format == "plain":
+        return str(value)
+    width = config.width
+    digits = str(abs(value))
+    if len(digits) > width:
+        raise ValueError(f"|{value}| does not fit answer width {width}")
+    if config.nonnegative:
+        if value < 0:
+            raise ValueError(f"{value} is negative but the config is nonnegative")
+        return digits.zfill(width)[::-1]
+    return ("-" if value < 0 else "+") + digits.zfill(width)[::-1]
 
 
 def format_operand(value: int, config: KVConfig) -> str:
-  """A number as written inside expressions and substitutions (``config.operand_width``)."""
-  return str(int(value)).zfill(config.operand_width or 0)
+    """A number as written inside expressions and substitutions (``config.operand_width``)."""
+    return str(int(value)).zfill(config.operand_width or 0)
 
 
 def arithmetic_target(numeric_expression: str, value: int, config: KVConfig) -> str:
-  """A KV-Arithmetic target: the answer, after the substituted expression when
-  ``config.scratchpad``."""
-  answer = format_answer(value, config)
-  return f"{numeric_expression}{PROMPT_SUFFIX}{answer}" if config.scratchpad else answer
+    """A KV-Arithmetic target: the answer, after the substituted expression when
+    ``config.scratchpad``."""
+    answer = format_answer(value, config)
+    return f"{numeric_expression}{PROMPT_SUFFIX}{answer}" if config.scratchpad else answer
 
 
-def split_target(text: str, config: KVConfig) -> Tuple[Optional[str], str]:
-  """An arithmetic target or prediction -> (substituted expression or None, answer text).
+def split_target(text: str, config: KVConfig) -> tuple[str | None, str]:
+    """An arithmetic target or prediction -> (substituted expression or None, answer text).
 
-  Without ``config.scratchpad``, or without a ``=`` in the text, the whole text is the answer.
-  With it, the text is cut at its first ``=``.
-  """
-  substitution, sep, answer = text.partition(PROMPT_SUFFIX)
-  if not config.scratchpad or not sep:
-    return None, text
-  return substitution, answer
+    Without ``config.scratchpad``, or without a ``=`` in the text, the whole text is the answer.
+    With it, the text is cut at its first ``=``.
+    """
+    substitution, sep, answer = text.partition(PROMPT_SUFFIX)
+    if not config.scratchpad or not sep:
+        return None, text
+    return substitution, answer
 
 
-def parse_answer(text: str, config: KVConfig) -> Optional[int]:
-  """Target/prediction string -> int, or None if it is not a well-formed answer.
+def parse_answer(text: str, config: KVConfig) -> int | None:
+    """Target/prediction string -> int, or None if it is not a well-formed answer.
 
-  With ``config.scratchpad`` the answer after the restated expression is parsed.
-  """
-  text = split_target(text.strip(), config)[1].strip()
-  if config.answer_format == "plain":
-    body = text[1:] if text.startswith("-") else text
-    if not body or not body.isdigit():
-      return None
-    return int(text)
-  width = config.width
-  if config.nonnegative:
-    return int(text[::-1]) if len(text) == width and text.isdigit() else None
-  if len(text) != width + 1 or text[0] not in "+-" or not text[1:].isdigit():
-    return None
-  magnitude = int(text[1:][::-1])
-  return -magnitude if text[0] == "-" else magnitude
+    With ``config.scratchpad`` the answer after the restated expression is parsed.
+    """
+    text = split_target(text.strip(), config)[1].strip()
+    if config.answer_format == "plain":
+        body = text[1:] if text.startswith("-") else text
+        if not body or not body.isdigit():
+            return None
+        return int(text)
+    width = config.width
+    if config.nonnegative:
+        return int(text[::-1]) if len(text) == width and text.isdigit() else None
+    if len(text) != width + 1 or text[0] not in "+-" or not text[1:].isdigit():
+        return None
+    magnitude = int(text[1:][::-1])
+    return -magnitude if text[0] == "-" else magnitude
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,294 +256,359 @@ def parse_answer(text: str, config: KVConfig) -> Optional[int]:
 # --------------------------------------------------------------------------------------------
 
 # One independent random stream per purpose, derived from config.seed.
-(_STREAM_KEYS, _STREAM_HELDOUT, _STREAM_HELDIN, _STREAM_SUBST, _STREAM_NUMERIC,
- _STREAM_CONTEXT, _STREAM_NUMSUB) = range(7)
+(
+    _STREAM_KEYS,
+    _STREAM_HELDOUT,
+    _STREAM_HELDIN,
+    _STREAM_SUBST,
+    _STREAM_NUMERIC,
+    _STREAM_CONTEXT,
+    _STREAM_NUMSUB,
+) = range(7)
 
 
 def _rng(config: KVConfig, stream: int) -> np.random.Generator:
-  return np.random.default_rng(np.random.SeedSequence([config.seed, stream]))
+    return np.random.default_rng(np.random.SeedSequence([config.seed, stream]))
 
 
 def _make_key(rng: np.random.Generator, length: int) -> str:
-  start_with_vowel = bool(rng.integers(0, 2))
-  letters = []
-  for i in range(length):
-    vowel = (i % 2 == 0) == start_with_vowel
-    pool = VOWELS if vowel else CONSONANTS
-    letters.append(pool[int(rng.integers(0, len(pool)))])
-  return "".join(letters)
+    start_with_vowel = bool(rng.integers(0, 2))
+    letters = []
+    for i in range(length):
+        vowel = (i % 2 == 0) == start_with_vowel
+        pool = VOWELS if vowel else CONSONANTS
+        letters.append(pool[int(rng.integers(0, len(pool)))])
+    return "".join(letters)
 
 
-def _context_sentences(config: KVConfig, count: int, keys: Iterable[str]) -> List[str]:
-  """``count`` prefixes for Numeric-Arithmetic training prompts (``KVConfig.context_words``):
-  0 to context_words random words joined by + or -, then ``=`` (or "" for 0). A word is a
-  random letter string that is not a key, or (with probability 1/2) a written number."""
-  rng = _rng(config, _STREAM_CONTEXT)
-  keys = set(keys)
-  out = []
-  for _ in range(count):
-    n = int(rng.integers(0, config.context_words + 1))
-    words = []
-    while len(words) < n:
-      if rng.integers(0, 2):
-        words.append(format_operand(int(rng.integers(config.value_min, config.value_max + 1)),
-                                    config))
-        continue
-      word = _make_key(rng, int(rng.integers(config.key_len_min, config.key_len_max + 1)))
-      if word not in keys:
-        words.append(word)
-    ops = [("+", "-")[int(i)] for i in rng.integers(0, 2, size=max(n - 1, 0))]
-    out.append(join_expression(words, ops) + PROMPT_SUFFIX if words else "")
-  return out
+def _context_sentences(config: KVConfig, count: int, keys: Iterable[str]) -> list[str]:
+    """``count`` prefixes for Numeric-Arithmetic training prompts (``KVConfig.context_words``):
+    0 to context_words random words joined by + or -, then ``=`` (or "" for 0). A word is a
+    random letter string that is not a key, or (with probability 1/2) a written number."""
+    rng = _rng(config, _STREAM_CONTEXT)
+    keys = set(keys)
+    out = []
+    for _ in range(count):
+        n = int(rng.integers(0, config.context_words + 1))
+        words = []
+        while len(words) < n:
+            if rng.integers(0, 2):
+                words.append(
+                    format_operand(
+                        int(rng.integers(config.value_min, config.value_max + 1)), config
+                    )
+                )
+                continue
+            word = _make_key(rng, int(rng.integers(config.key_len_min, config.key_len_max + 1)))
+            if word not in keys:
+                words.append(word)
+        ops = [("+", "-")[int(i)] for i in rng.integers(0, 2, size=max(n - 1, 0))]
+        out.append(join_expression(words, ops) + PROMPT_SUFFIX if words else "")
+    return out
 
 
 def _num_possible_keys(config: KVConfig) -> int:
-  total = 0
-  nc, nv = len(CONSONANTS), len(VOWELS)
-  for n in range(config.key_len_min, config.key_len_max + 1):
-    a, b = (n + 1) // 2, n // 2  # letters at even / odd positions
-    total += nc ** a * nv ** b + nv ** a * nc ** b
-  return total
+    total = 0
+    nc, nv = len(CONSONANTS), len(VOWELS)
+    for n in range(config.key_len_min, config.key_len_max + 1):
+        a, b = (n + 1) // 2, n // 2  # letters at even / odd positions
+        total += nc**a * nv**b + nv**a * nc**b
+    return total
 
 
 @dataclasses.dataclass(frozen=True)
 class KeyTable:
-  """The key -> value dictionary and the held-in / held-out split of the keys."""
+    """The key -> value dictionary and the held-in / held-out split of the keys."""
 
-  keys: Tuple[str, ...]  # in a random (seeded) order
-  values: Tuple[int, ...]  # values[i] belongs to keys[i]
-  heldin: Tuple[str, ...]
-  heldout: Tuple[str, ...]
+    keys: tuple[str, ...]  # in a random (seeded) order
+    values: tuple[int, ...]  # values[i] belongs to keys[i]
+    heldin: tuple[str, ...]
+    heldout: tuple[str, ...]
 
-  @property
-  def mapping(self) -> Dict[str, int]:
-    return dict(zip(self.keys, self.values))
+    @property
+    def mapping(self) -> dict[str, int]:
+        return dict(zip(self.keys, self.values))
 
 
 @functools.lru_cache(maxsize=8)
 def make_key_table(config: KVConfig) -> KeyTable:
-  """Unique English-like keys, unique values, and the held-in/held-out split (deterministic)."""
-  if _num_possible_keys(config) < config.num_keys:
-    raise ValueError("key length range too small for num_keys unique keys")
-  rng = _rng(config, _STREAM_KEYS)
-  keys: List[str] = []
-  seen = set()
-  attempts = 0
-  max_attempts = 100 * config.num_keys + 10_000
-  while len(keys) < config.num_keys:
-    attempts += 1
-    if attempts > max_attempts:
-      raise RuntimeError("could not draw enough unique keys; widen key_len range")
-    # Lengths are drawn uniformly; when short keys run out (2 letters allow only 180 keys)
-    # collisions are simply redrawn, which shifts the mix towards longer keys.
-    length = int(rng.integers(config.key_len_min, config.key_len_max + 1))
-    key = _make_key(rng, length)
-    if key not in seen:
-      seen.add(key)
-      keys.append(key)
-  values = rng.choice(np.arange(config.value_min, config.value_max + 1), size=config.num_keys,
-                      replace=False)
-  values = tuple(int(v) for v in values)
-  order = rng.permutation(config.num_keys)
-  n_in = config.num_heldin
-  heldin = tuple(keys[i] for i in order[:n_in])
-  heldout = tuple(keys[i] for i in order[n_in:])
-  return KeyTable(keys=tuple(keys), values=values, heldin=heldin, heldout=heldout)
+    """Unique English-like keys, unique values, and the held-in/held-out split (deterministic)."""
+    if _num_possible_keys(config) < config.num_keys:
+        raise ValueError("key length range too small for num_keys unique keys")
+    rng = _rng(config, _STREAM_KEYS)
+    keys: list[str] = []
+    seen = set()
+    attempts = 0
+    max_attempts = 100 * config.num_keys + 10_000
+    while len(keys) < config.num_keys:
+        attempts += 1
+        if attempts > max_attempts:
+            raise RuntimeError("could not draw enough unique keys; widen key_len range")
+        # Lengths are drawn uniformly; when short keys run out (2 letters allow only 180 keys)
+        # collisions are simply redrawn, which shifts the mix towards longer keys.
+        length = int(rng.integers(config.key_len_min, config.key_len_max + 1))
+        key = _make_key(rng, length)
+        if key not in seen:
+            seen.add(key)
+            keys.append(key)
+    values = rng.choice(
+        np.arange(config.value_min, config.value_max + 1), size=config.num_keys, replace=False
+    )
+    values = tuple(int(v) for v in values)
+    order = rng.permutation(config.num_keys)
+    n_in = config.num_heldin
+    heldin = tuple(keys[i] for i in order[:n_in])
+    heldout = tuple(keys[i] for i in order[n_in:])
+    return KeyTable(keys=tuple(keys), values=values, heldin=heldin, heldout=heldout)
 
 
-def _sample_ops(rng: np.random.Generator, config: KVConfig, count: int) -> List[str]:
-  ops_all = list(config.operators)
-  w_all = np.asarray(config.operator_weights, dtype=np.float64)
-  ops: List[str] = []
-  n_mul = 0
-  for _ in range(count):
-    if config.max_multiplications is not None and n_mul >= config.max_multiplications:
-      w = np.where(np.array([o == "x" for o in ops_all]), 0.0, w_all)
-    else:
-      w = w_all
-    op = ops_all[int(rng.choice(len(ops_all), p=w / w.sum()))]
-    n_mul += op == "x"
-    ops.append(op)
-  return ops
+def _sample_ops(rng: np.random.Generator, config: KVConfig, count: int) -> list[str]:
+    ops_all = list(config.operators)
+    w_all = np.asarray(config.operator_weights, dtype=np.float64)
+    ops: list[str] = []
+    n_mul = 0
+    for _ in range(count):
+        if config.max_multiplications is not None and n_mul >= config.max_multiplications:
+            w = np.where(np.array([o == "x" for o in ops_all]), 0.0, w_all)
+        else:
+            w = w_all
+        op = ops_all[int(rng.choice(len(ops_all), p=w / w.sum()))]
+        n_mul += op == "x"
+        ops.append(op)
+    return ops
 
 
-def _sample_shape(rng: np.random.Generator, config: KVConfig,
-                  operands_min: Optional[int] = None) -> List[str]:
-  lo = config.operands_min if operands_min is None else operands_min
-  n = int(rng.integers(lo, config.operands_max + 1))
-  return _sample_ops(rng, config, n - 1)
+def _sample_shape(
+    rng: np.random.Generator, config: KVConfig, operands_min: int | None = None
+) -> list[str]:
+    lo = config.operands_min if operands_min is None else operands_min
+    n = int(rng.integers(lo, config.operands_max + 1))
+    return _sample_ops(rng, config, n - 1)
 
 
 def count_expressions(config: KVConfig, num_symbols: int) -> int:
-  """Number of distinct expressions of this config over ``num_symbols`` possible operands."""
-  non_mul = sum(1 for op, w in zip(config.operators, config.operator_weights)
-                if op != "x" and w > 0)
-  has_mul = any(op == "x" and w > 0 for op, w in zip(config.operators, config.operator_weights))
-  total = 0
-  for n in range(config.operands_min, config.operands_max + 1):
-    m_hi = (n - 1) if has_mul else 0
-    if has_mul and config.max_multiplications is not None:
-      m_hi = min(m_hi, config.max_multiplications)
-    shapes = sum(math.comb(n - 1, m) * non_mul ** (n - 1 - m) for m in range(m_hi + 1))
-    total += shapes * num_symbols ** n
-  return total
+    """Number of distinct expressions of this config over ``num_symbols`` possible operands."""
+    non_mul = sum(
+        1 for op, w in zip(config.operators, config.operator_weights) if op != "x" and w > 0
+    )
+    has_mul = any(op == "x" and w > 0 for op, w in zip(config.operators, config.operator_weights))
+    total = 0
+    for n in range(config.operands_min, config.operands_max + 1):
+        m_hi = (n - 1) if has_mul else 0
+        if has_mul and config.max_multiplications is not None:
+            m_hi = min(m_hi, config.max_multiplications)
+        shapes = sum(math.comb(n - 1, m) * non_mul ** (n - 1 - m) for m in range(m_hi + 1))
+        total += shapes * num_symbols**n
+    return total
 
 
-def _unique_samples(sample, count: int, exclude: Iterable[str] = (), what: str = "examples",
-                    capacity: Optional[int] = None):
-  """Draws ``count`` samples with distinct keys ``sample()[0]`` not in ``exclude``.
+def _unique_samples(
+    sample,
+    count: int,
+    exclude: Iterable[str] = (),
+    what: str = "examples",
+    capacity: int | None = None,
+):
+    """Draws ``count`` samples with distinct keys ``sample()[0]`` not in ``exclude``.
 
-  ``capacity`` (number of distinct possible samples) lets an impossible request fail at once.
-  """
-  excluded = set(exclude)
-  if capacity is not None and count > capacity - len(excluded):
-    raise RuntimeError(
-        f"cannot draw {count} distinct {what}: the config allows only {capacity} "
-        f"({len(excluded)} of them reserved for evaluation); lower num_train/num_eval")
-  seen = set()
-  out = []
-  attempts = 0
-  max_attempts = 50 * count + 10_000
-  while len(out) < count:
-    attempts += 1
-    if attempts > max_attempts:
-      raise RuntimeError(
-          f"could not draw {count} distinct {what}; the config allows too few expressions")
-    item = sample()
-    if item is None:  # rejected by the sampler (e.g. a negative result under `nonnegative`)
-      continue
-    if item[0] in seen or item[0] in excluded:
-      continue
-    seen.add(item[0])
-    out.append(item)
-  return out
-
-
-def _key_expressions(rng, config, pool: Sequence[str], count: int, value_of: Mapping[str, int],
-                     exclude=(), what=""):
-  """Distinct expressions over keys from ``pool``: list of (expr, key tokens, ops)."""
-
-  def sample():
-    ops = _sample_shape(rng, config)
-    idx = rng.integers(0, len(pool), size=len(ops) + 1)
-    toks = [pool[int(i)] for i in idx]
-    if config.nonnegative and evaluate([value_of[t] for t in toks], ops) < 0:
-      return None
-    return join_expression(toks, ops), toks, ops
-
-  return _unique_samples(sample, count, exclude, what,
-                         capacity=count_expressions(config, len(pool)))
+    ``capacity`` (number of distinct possible samples) lets an impossible request fail at once.
+    """
+    excluded = set(exclude)
+    if capacity is not None and count > capacity - len(excluded):
+        raise RuntimeError(
+            f"cannot draw {count} distinct {what}: the config allows only {capacity} "
+            f"({len(excluded)} of them reserved for evaluation); lower num_train/num_eval"
+        )
+    seen = set()
+    out = []
+    attempts = 0
+    max_attempts = 50 * count + 10_000
+    while len(out) < count:
+        attempts += 1
+        if attempts > max_attempts:
+            raise RuntimeError(
+                f"could not draw {count} distinct {what}; the config allows too few expressions"
+            )
+        item = sample()
+        if item is None:  # rejected by the sampler (e.g. a negative result under `nonnegative`)
+            continue
+        if item[0] in seen or item[0] in excluded:
+            continue
+        seen.add(item[0])
+        out.append(item)
+    return out
 
 
-def _ex(inputs: str, targets: str) -> Tuple[str, str]:
-  return (inputs + PROMPT_SUFFIX, targets)
+def _key_expressions(
+    rng, config, pool: Sequence[str], count: int, value_of: Mapping[str, int], exclude=(), what=""
+):
+    """Distinct expressions over keys from ``pool``: list of (expr, key tokens, ops)."""
+
+    def sample():
+        ops = _sample_shape(rng, config)
+        idx = rng.integers(0, len(pool), size=len(ops) + 1)
+        toks = [pool[int(i)] for i in idx]
+        if config.nonnegative and evaluate([value_of[t] for t in toks], ops) < 0:
+            return None
+        return join_expression(toks, ops), toks, ops
+
+    return _unique_samples(
+        sample, count, exclude, what, capacity=count_expressions(config, len(pool))
+    )
+
+
+def _ex(inputs: str, targets: str) -> tuple[str, str]:
+    return (inputs + PROMPT_SUFFIX, targets)
 
 
 @functools.lru_cache(maxsize=8)
-def _build(config: KVConfig) -> Dict[str, Dict[str, Tuple[Tuple[str, str], ...]]]:
-  table = make_key_table(config)
-  value_of = table.mapping
+def _build(config: KVConfig) -> dict[str, dict[str, tuple[tuple[str, str], ...]]]:
+    table = make_key_table(config)
+    value_of = table.mapping
 
-  def subst(toks):
-    return [format_operand(value_of[t], config) for t in toks]
+    def subst(toks):
+        return [format_operand(value_of[t], config) for t in toks]
 
-  def answer(toks, ops):
-    return format_answer(evaluate([value_of[t] for t in toks], ops), config)
+    def answer(toks, ops):
+        return format_answer(evaluate([value_of[t] for t in toks], ops), config)
 
-  def kv_answer(toks, ops):
-    return arithmetic_target(join_expression(subst(toks), ops),
-                             evaluate([value_of[t] for t in toks], ops), config)
+    def kv_answer(toks, ops):
+        return arithmetic_target(
+            join_expression(subst(toks), ops), evaluate([value_of[t] for t in toks], ops), config
+        )
 
-  # Held-out evaluation expressions: the same expressions feed the three Table-1 rows.
-  heldout = _key_expressions(_rng(config, _STREAM_HELDOUT), config, table.heldout,
-                             config.num_eval, value_of, what="held-out expressions")
-  heldout_inputs = {e for e, _, _ in heldout}
-  heldout_numeric = {join_expression(subst(t), o) for _, t, o in heldout}
+    # Held-out evaluation expressions: the same expressions feed the three Table-1 rows.
+    heldout = _key_expressions(
+        _rng(config, _STREAM_HELDOUT),
+        config,
+        table.heldout,
+        config.num_eval,
+        value_of,
+        what="held-out expressions",
+    )
+    heldout_inputs = {e for e, _, _ in heldout}
+    heldout_numeric = {join_expression(subst(t), o) for _, t, o in heldout}
 
-  # Composition data (held-in keys only): validation first, then a disjoint train split.
-  heldin = _key_expressions(_rng(config, _STREAM_HELDIN), config, table.heldin,
-                            config.num_eval + config.num_train, value_of, what="held-in expressions")
-  heldin_val, heldin_train = heldin[: config.num_eval], heldin[config.num_eval:]
+    # Composition data (held-in keys only): validation first, then a disjoint train split.
+    heldin = _key_expressions(
+        _rng(config, _STREAM_HELDIN),
+        config,
+        table.heldin,
+        config.num_eval + config.num_train,
+        value_of,
+        what="held-in expressions",
+    )
+    heldin_val, heldin_train = heldin[: config.num_eval], heldin[config.num_eval :]
 
-  # mA's substitution training data over ALL keys, never one of the evaluation inputs.
-  num_subst = (config.num_train if config.num_train_substitution is None
-               else config.num_train_substitution)
-  subst_train = _key_expressions(_rng(config, _STREAM_SUBST), config, table.keys,
-                                 num_subst, value_of, exclude=heldout_inputs,
-                                 what="substitution expressions")
+    # mA's substitution training data over ALL keys, never one of the evaluation inputs.
+    num_subst = (
+        config.num_train if config.num_train_substitution is None else config.num_train_substitution
+    )
+    subst_train = _key_expressions(
+        _rng(config, _STREAM_SUBST),
+        config,
+        table.keys,
+        num_subst,
+        value_of,
+        exclude=heldout_inputs,
+        what="substitution expressions",
+    )
 
-  def numeric_sampler(rng):
-    """Numeric expressions over uniform numbers: (written expression, numbers, operators)."""
+    def numeric_sampler(rng):
+        """Numeric expressions over uniform numbers: (written expression, numbers, operators)."""
 
-    def sample():
-      ops = _sample_shape(rng, config, config.numeric_operands_min)
-      nums = [int(v) for v in rng.integers(config.value_min, config.value_max + 1,
-                                           size=len(ops) + 1)]
-      if config.nonnegative and evaluate(nums, ops) < 0:
-        return None
-      return join_expression([format_operand(v, config) for v in nums], ops), nums, ops
-    return sample
+        def sample():
+            ops = _sample_shape(rng, config, config.numeric_operands_min)
+            nums = [
+                int(v)
+                for v in rng.integers(config.value_min, config.value_max + 1, size=len(ops) + 1)
+            ]
+            if config.nonnegative and evaluate(nums, ops) < 0:
+                return None
+            return join_expression([format_operand(v, config) for v in nums], ops), nums, ops
 
-  # mA's "numbers stand for themselves": numeric expressions substituted (unchanged).
-  numeric_substitution = _unique_samples(
-      numeric_sampler(_rng(config, _STREAM_NUMSUB)), config.num_train, exclude=heldout_numeric,
-      what="numeric substitution expressions",
-      capacity=count_expressions(config, config.value_max - config.value_min + 1))
+        return sample
 
-  # mB's numeric training data over uniform numbers, never one of the evaluation inputs.
-  sample_numeric = numeric_sampler(_rng(config, _STREAM_NUMERIC))
-  num_numeric = config.num_train if config.num_train_numeric is None else (
-      config.num_train_numeric)
-  numeric_train = _unique_samples(
-      sample_numeric, num_numeric, exclude=heldout_numeric, what="numeric expressions",
-      capacity=count_expressions(
-          config.replace(operands_min=config.numeric_operands_min or config.operands_min),
-          config.value_max - config.value_min + 1))
+    # mA's "numbers stand for themselves": numeric expressions substituted (unchanged).
+    numeric_substitution = _unique_samples(
+        numeric_sampler(_rng(config, _STREAM_NUMSUB)),
+        config.num_train,
+        exclude=heldout_numeric,
+        what="numeric substitution expressions",
+        capacity=count_expressions(config, config.value_max - config.value_min + 1),
+    )
 
-  context = (_context_sentences(config, len(numeric_train), table.keys)
-             if config.context_words else [""] * len(numeric_train))
-  dictionary = tuple(_ex(k, format_operand(value_of[k], config)) for k in table.keys)
-  return {
-      "kv_dictionary": {"train": dictionary, "validation": dictionary},
-      "numeric_substitution": {"train": tuple(_ex(e, e) for e, _, _ in numeric_substitution)},
-      "kv_substitution": {
-          "train": tuple(_ex(e, join_expression(subst(t), o)) for e, t, o in subst_train),
-          "validation": tuple(_ex(e, join_expression(subst(t), o)) for e, t, o in heldout),
-      },
-      "numeric_arithmetic": {
-          "train": tuple(_ex(c + e, format_answer(evaluate(n, o), config))
-                         for c, (e, n, o) in zip(context, numeric_train)),
-          "validation": tuple(_ex(join_expression(subst(t), o), answer(t, o))
-                              for _, t, o in heldout),
-      },
-      "kv_arithmetic_heldin": {
-          "train": tuple(_ex(e, kv_answer(t, o)) for e, t, o in heldin_train),
-          "validation": tuple(_ex(e, kv_answer(t, o)) for e, t, o in heldin_val),
-      },
-      "kv_arithmetic_heldout": {
-          "validation": tuple(_ex(e, kv_answer(t, o)) for e, t, o in heldout),
-      },
-  }
+    # mB's numeric training data over uniform numbers, never one of the evaluation inputs.
+    sample_numeric = numeric_sampler(_rng(config, _STREAM_NUMERIC))
+    num_numeric = (
+        config.num_train if config.num_train_numeric is None else (config.num_train_numeric)
+    )
+    numeric_train = _unique_samples(
+        sample_numeric,
+        num_numeric,
+        exclude=heldout_numeric,
+        what="numeric expressions",
+        capacity=count_expressions(
+            config.replace(operands_min=config.numeric_operands_min or config.operands_min),
+            config.value_max - config.value_min + 1,
+        ),
+    )
+
+    context = (
+        _context_sentences(config, len(numeric_train), table.keys)
+        if config.context_words
+        else [""] * len(numeric_train)
+    )
+    dictionary = tuple(_ex(k, format_operand(value_of[k], config)) for k in table.keys)
+    return {
+        "kv_dictionary": {"train": dictionary, "validation": dictionary},
+        "numeric_substitution": {"train": tuple(_ex(e, e) for e, _, _ in numeric_substitution)},
+        "kv_substitution": {
+            "train": tuple(_ex(e, join_expression(subst(t), o)) for e, t, o in subst_train),
+            "validation": tuple(_ex(e, join_expression(subst(t), o)) for e, t, o in heldout),
+        },
+        "numeric_arithmetic": {
+            "train": tuple(
+                _ex(c + e, format_answer(evaluate(n, o), config))
+                for c, (e, n, o) in zip(context, numeric_train)
+            ),
+            "validation": tuple(
+                _ex(join_expression(subst(t), o), answer(t, o)) for _, t, o in heldout
+            ),
+        },
+        "kv_arithmetic_heldin": {
+            "train": tuple(_ex(e, kv_answer(t, o)) for e, t, o in heldin_train),
+            "validation": tuple(_ex(e, kv_answer(t, o)) for e, t, o in heldin_val),
+        },
+        "kv_arithmetic_heldout": {
+            "validation": tuple(_ex(e, kv_answer(t, o)) for e, t, o in heldout),
+        },
+    }
 
 
-def build_datasets(config: KVConfig = LAPTOP) -> Dict[str, Dict[str, List[Dict[str, str]]]]:
-  """All datasets: ``{dataset: {split: [{'inputs': str, 'targets': str}, ...]}}``.
+def build_datasets(config: KVConfig = LAPTOP) -> dict[str, dict[str, list[dict[str, str]]]]:
+    """All datasets: ``{dataset: {split: [{'inputs': str, 'targets': str}, ...]}}``.
 
-  Deterministic in ``config`` (generation is cached; fresh lists/dicts are returned each call).
-  """
-  return {name: {split: [{"inputs": i, "targets": t} for i, t in rows]
-                 for split, rows in splits.items()}
-          for name, splits in _build(config).items()}
+    Deterministic in ``config`` (generation is cached; fresh lists/dicts are returned each call).
+    """
+    return {
+        name: {
+            split: [{"inputs": i, "targets": t} for i, t in rows] for split, rows in splits.items()
+        }
+        for name, splits in _build(config).items()
+    }
 
 
-def get_examples(dataset: str, split: str, config: KVConfig = LAPTOP) -> List[Dict[str, str]]:
-  """One dataset split as a list of ``{'inputs', 'targets'}`` dicts."""
-  built = _build(config)
-  if dataset not in built:
-    raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(built)}")
-  if split not in built[dataset]:
-    raise KeyError(f"dataset {dataset!r} has no split {split!r}; it has {sorted(built[dataset])}")
-  return [{"inputs": i, "targets": t} for i, t in built[dataset][split]]
+def get_examples(dataset: str, split: str, config: KVConfig = LAPTOP) -> list[dict[str, str]]:
+    """One dataset split as a list of ``{'inputs', 'targets'}`` dicts."""
+    built = _build(config)
+    if dataset not in built:
+        raise KeyError(f"unknown dataset {dataset!r}; known: {sorted(built)}")
+    if split not in built[dataset]:
+        raise KeyError(
+            f"dataset {dataset!r} has no split {split!r}; it has {sorted(built[dataset])}"
+        )
+    return [{"inputs": i, "targets": t} for i, t in built[dataset][split]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,12 +633,13 @@ from tasks.byte_data import (  # noqa: E402,F401  (re-exported)
 )
 
 
-def numpy_features(dataset: str, split: str, length: int, config: str = "laptop",
-                   pack: bool = False) -> Dict[str, np.ndarray]:
-  """Feature arrays of one dataset split, for the trainer's numpy source (`arrays_fn`).
+def numpy_features(
+    dataset: str, split: str, length: int, config: str = "laptop", pack: bool = False
+) -> dict[str, np.ndarray]:
+    """Feature arrays of one dataset split, for the trainer's numpy source (`arrays_fn`).
 
-  `config` names an entry of CONFIGS. Rows are in generation order; the trainer shuffles.
-  """
-  if config not in CONFIGS:
-    raise ValueError(f"config: expected one of {sorted(CONFIGS)}, got {config!r}")
-  return to_numpy_arrays(get_examples(dataset, split, CONFIGS[config]), length, pack=pack)
+    `config` names an entry of CONFIGS. Rows are in generation order; the trainer shuffles.
+    """
+    if config not in CONFIGS:
+        raise ValueError(f"config: expected one of {sorted(CONFIGS)}, got {config!r}")
+    return to_numpy_arrays(get_examples(dataset, split, CONFIGS[config]), length, pack=pack)
