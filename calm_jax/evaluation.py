@@ -30,7 +30,7 @@ import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
-from calm_jax.sandbox import ExecutionResult, run_program
+from calm_jax.sandbox import Check, ExecutionResult, run_program
 
 __all__ = [
     "TEXT_METRICS",
@@ -39,6 +39,7 @@ __all__ = [
     "corpus_score",
     "evaluate_humaneval",
     "exact_match",
+    "humaneval_check",
     "humaneval_problems",
     "humaneval_program",
     "mean_pass_at_k",
@@ -342,24 +343,46 @@ def humaneval_problems() -> dict[str, dict]:
     return problems
 
 
-def humaneval_program(problem: Mapping, completion: str) -> str:
-    """The program that checks ``completion`` against ``problem``'s tests.
+def _check_problem(problem: Mapping) -> None:
+    missing = [key for key in _PROBLEM_KEYS[1:] if key not in problem]
+    if missing:
+        raise ValueError(f"problem must have the keys {list(_PROBLEM_KEYS[1:])}, missing {missing}")
 
-    It is the prompt (signature and docstring), the completion (the function
-    body), the problem's ``check`` function and a call to it on the entry
-    point; it exits non-zero exactly when a test fails.
+
+def humaneval_program(problem: Mapping, completion: str) -> str:
+    """The program under test: ``problem``'s prompt followed by ``completion``.
+
+    The prompt holds the signature and docstring, the completion the function
+    body (and anything after it). The tests are not part of the program: they
+    run from :func:`humaneval_check`, so the completion cannot reach or
+    replace them.
 
     Raises:
       ValueError: if ``problem`` lacks one of ``prompt``, ``test``,
         ``entry_point``.
       TypeError: if ``completion`` is not a ``str``.
     """
-    missing = [key for key in _PROBLEM_KEYS[1:] if key not in problem]
-    if missing:
-        raise ValueError(f"problem must have the keys {list(_PROBLEM_KEYS[1:])}, missing {missing}")
+    _check_problem(problem)
     if not isinstance(completion, str):
         raise TypeError(f"completion must be a str, got {type(completion).__name__}")
-    return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+    return f"{problem['prompt']}{completion}\n"
+
+
+def humaneval_check(problem: Mapping) -> Check:
+    """The sandbox check that runs ``problem``'s tests on a program's entry point.
+
+    Its source is the prompt (for the helper functions and imports some tests
+    use) followed by the problem's ``check`` function; the harness calls
+    ``check`` on the program's entry point and counts the run as passed only
+    if that call returns (see :class:`calm_jax.sandbox.Check` for what this
+    proves and what it does not).
+
+    Raises:
+      ValueError: if ``problem`` lacks one of ``prompt``, ``test``,
+        ``entry_point``.
+    """
+    _check_problem(problem)
+    return Check(source=f"{problem['prompt']}\n\n{problem['test']}\n", candidate=problem["entry_point"])
 
 
 def run_humaneval_samples(
@@ -370,7 +393,12 @@ def run_humaneval_samples(
     timeout_s: float = 10.0,
     memory_mb: int | None = 1024,
 ) -> dict[str, list[ExecutionResult]]:
-    """Runs every sample's check program in the sandbox, several at a time.
+    """Runs every sample and its problem's tests in the sandbox, several at a time.
+
+    Each sample runs as :func:`humaneval_program` with :func:`humaneval_check`;
+    a result is ``passed`` only if the problem's ``check`` returned on the
+    sample's entry point. A completion that exits early with status 0, or
+    rebinds ``check`` or the names the check uses, does not pass.
 
     Args:
       samples: ``{task_id: [completion, ...]}``; any subset of the problems.
@@ -402,7 +430,8 @@ def run_humaneval_samples(
         completions = _check_string_sequence(f"samples[{task_id!r}]", completions)
         if not completions:
             raise ValueError(f"samples[{task_id!r}] must hold at least one completion, got none")
-        jobs += [(task_id, i, humaneval_program(problems[task_id], c)) for i, c in enumerate(completions)]
+        check = humaneval_check(problems[task_id])
+        jobs += [(task_id, i, humaneval_program(problems[task_id], c), check) for i, c in enumerate(completions)]
     if workers is None:
         workers = os.cpu_count() or 1
     workers = _check_int("workers", workers, 1)
@@ -410,8 +439,8 @@ def run_humaneval_samples(
     results: dict[str, list] = {task_id: [None] * len(samples[task_id]) for task_id in samples}
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {
-            pool.submit(run_program, program, timeout_s=timeout_s, memory_mb=memory_mb): (task_id, i)
-            for task_id, i, program in jobs
+            pool.submit(run_program, program, timeout_s=timeout_s, memory_mb=memory_mb, check=check): (task_id, i)
+            for task_id, i, program, check in jobs
         }
         for future in concurrent.futures.as_completed(futures):
             task_id, i = futures[future]

@@ -2,7 +2,10 @@
 
 This module is the execution half of functional-correctness evaluation
 (HumanEval-style ``pass@k``): a model writes a program, and
-:func:`run_program` runs it and reports whether it exited cleanly.
+:func:`run_program` runs it and reports whether it passed: whether it
+exited cleanly or, when a :class:`Check` is given, whether the check
+returned normally on what the program defined (a verdict the program
+cannot forge by exiting early; see :class:`Check`).
 
 How a program is run
 --------------------
@@ -10,9 +13,13 @@ The parent (your evaluator) starts a fresh process of the *same* Python
 interpreter, ``python -I -B -X utf8 sandbox_launcher.py --calm-jax-sandbox CONFIG``,
 in a new session (so it leads its own process group), with stdin from
 ``/dev/null``, a minimal environment, and its stdout/stderr going to files
-outside its working directory. That child process is the *launcher*
-(:mod:`calm_jax.sandbox_launcher` run as a script). Before it executes a
-single line of the program it puts up the following layers, in order:
+outside its working directory. That process is the *supervisor*
+(:mod:`calm_jax.sandbox_launcher` run as a script): it makes itself a child
+subreaper (``PR_SET_CHILD_SUBREAPER``, so descendants whose parents exit
+become its children rather than init's) and forks the *child* that runs the
+program; it runs none of the program's code itself. Before the child
+executes a single line of the program it puts up the following layers, in
+order:
 
 1. Resource limits (always): ``RLIMIT_CPU`` (``cpu_s``), ``RLIMIT_AS``
    (``memory_mb``, address space), ``RLIMIT_FSIZE`` (``file_size_mb``, per
@@ -36,24 +43,47 @@ single line of the program it puts up the following layers, in order:
    removing, renaming, linking, truncating or changing the mode of a path
    outside the working directory raises :class:`PermissionError`, as do every
    ``socket.*`` operation, ``os.fork``/``os.system``/``subprocess``/``exec``,
-   signals to other processes and ``ctypes`` library loading.
+   signals to other processes and ``ctypes`` library loading (and, when a
+   check follows, tracing, profiling and ``gc``'s object walks).
 
-The parent enforces the wall-clock ``timeout_s`` itself: when it expires it
-kills the child's whole process group (``os.killpg``). Whatever happens, once
-the child is gone the parent kills anything still left in its process group
-or session and deletes its temporary directory.
+The parent enforces the wall-clock ``timeout_s``: when it expires it asks the
+supervisor (``SIGTERM``) to kill the child. Whenever the child ends, the
+supervisor kills every process left below it, found through ``/proc`` and
+reaped as they come back to it as the subreaper: so programs' children die
+with them even if they started their own session (``start_new_session=True``,
+``setsid``) or their parent exited. If the supervisor does not exit within a
+few seconds the parent kills its process group; once it is gone the parent
+also kills anything left in its process group or session and deletes its
+temporary directory.
 
-What this is not
-----------------
+What this guards and what it does not
+-------------------------------------
 This is a *best-effort* guard for model-written code, not a security boundary
-like a container or a VM. The Python-level layer (5) can be bypassed by code
-that sets out to (for example through ``ctypes.memmove`` or interpreter
-bugs), and the kernel layers (2-4) are only as strong as the kernel features
-the machine offers: :attr:`ExecutionResult.guards` lists the layers that were
-actually in force for each run. Without root there is no private ``tmpfs``,
-so a program may create many files (each capped at ``file_size_mb``) until
-its time runs out. Run evaluations of code you distrust inside a
-disposable container or VM as well.
+like a container or a VM. What it guards is writes, new processes, the
+network and signals, plus time, memory and output size. It does **not**
+guard reads: a program can read any file the evaluator's user can read
+(``/etc/passwd``, your home directory, the other files of its temporary
+directory) and print it into its output.
+
+The kernel layers (2-4) are only as strong as the kernel features the
+machine offers: :attr:`ExecutionResult.guards` lists the layers that were
+actually in force for each run. Without them (``kernel_guards=False``, or a
+kernel without Landlock and seccomp) only the resource limits and the audit
+hook stand, and the audit hook is Python-level: a program that sets out to
+can bypass it in a few lines (for example by rebinding ``sys.audit`` before
+calling :mod:`subprocess`, whose audit event is raised from Python code).
+Then, when the evaluator runs as root (so ``RLIMIT_NPROC`` does not apply),
+such a program can start processes, write outside its directory, use the
+network and signal other processes of the same user. What still holds: the
+resource limits of every process it starts, the wall-clock limit, and the
+clean-up of its process tree through the supervisor, unless the program
+kills the supervisor first (signalling it is refused by seccomp, Landlock's
+signal scope and the audit hook; with all three gone nothing stops it, and
+then the parent's clean-up reaches only the processes still in the
+supervisor's process group or session). Without root there is no private
+``tmpfs``, so a program may create many files (each capped at
+``file_size_mb``) until its time runs out. Run evaluations of code you
+distrust inside a disposable container or VM as well.
 
 Nothing here imports third-party packages; the launcher uses only the
 standard library (``ctypes`` for the kernel layers).
@@ -61,28 +91,31 @@ standard library (``ctypes`` for the kernel layers).
 Where the code lives
 --------------------
 * this module: the parent side, i.e. the public API (:func:`run_program`,
-  :class:`ExecutionResult`, :data:`STATUSES`), waiting with a wall-clock
-  limit, killing what is left, reading the output tails and cleaning up;
-* :mod:`calm_jax.sandbox_launcher`: the child side, i.e. the script the
-  child runs: resource limits (layer 1), the audit hook (layer 5) and running
-  the program as ``__main__``;
+  :class:`Check`, :class:`ExecutionResult`, :data:`STATUSES`), waiting with a
+  wall-clock limit, checking a check's proof, killing what is left, reading
+  the output tails and cleaning up;
+* :mod:`calm_jax.sandbox_launcher`: the other side of the process boundary:
+  the supervisor, and in the child the resource limits (layer 1), the audit
+  hook (layer 5), running the program as ``__main__`` and the check harness;
 * :mod:`calm_jax.sandbox_kernel`: the kernel layers 2-4 (private ``tmpfs``,
   network namespace, capabilities, Landlock, seccomp), used by the launcher.
 
-The child runs under ``-I`` (isolated mode), so neither the launcher's
-directory nor ``calm_jax`` is on its ``sys.path``: the launcher imports
-nothing from ``calm_jax`` and loads ``sandbox_kernel.py`` by file path from
-its own directory (see :mod:`calm_jax.sandbox_launcher`). This module imports
-the launcher normally, for the constants the two sides share and for the
-path of the script to run.
+The launcher runs under ``-I`` (isolated mode), so neither its directory nor
+``calm_jax`` is on its ``sys.path``: it imports nothing from ``calm_jax`` and
+loads ``sandbox_kernel.py`` by file path from its own directory (see
+:mod:`calm_jax.sandbox_launcher`). This module imports the launcher
+normally, for the constants the two sides share and for the path of the
+script to run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -94,7 +127,7 @@ import time
 from calm_jax import sandbox_launcher
 from calm_jax.sandbox_launcher import LAUNCH_FLAG, SETUP_FAILED_EXIT
 
-__all__ = ["ExecutionResult", "STATUSES", "run_program"]
+__all__ = ["Check", "ExecutionResult", "STATUSES", "run_program"]
 
 #: The values :attr:`ExecutionResult.status` can take.
 STATUSES = ("passed", "failed", "timeout", "error")
@@ -103,6 +136,69 @@ STATUSES = ("passed", "failed", "timeout", "error")
 _LAUNCHER = os.path.abspath(sandbox_launcher.__file__)
 
 _DEFAULT_TAIL_CHARS = 4096
+
+#: Random bytes in a check's secret (written as hex, so twice as many characters).
+_SECRET_BYTES = 32
+
+#: How long the supervisor gets to kill the program's tree after the parent's
+#: ``SIGTERM`` before the parent kills its process group itself.
+_STOP_GRACE_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """A test that :func:`run_program` runs after the program, with an unforgeable verdict.
+
+    After the program has run to its end as ``__main__``, the harness in the
+    same process executes ``source`` in a namespace of its own (builtins as
+    they were before the program started, nothing the program defined),
+    binds the program's global ``candidate`` there under the same name, and
+    calls ``function(candidate)``. The run passes only if that call returns
+    normally. The proof is a fresh random secret per run: the parent hands it
+    to the launcher through a pipe that is read and closed before any program
+    code runs, and the harness writes it to a file descriptor opened for it
+    once the call has returned, then exits at once (the program's ``atexit``
+    hooks do not run). ``source`` is compiled, and every function the
+    harness calls is bound, before the program starts, and while the
+    program and the check run the audit hook refuses ``sys.settrace``,
+    ``sys.setprofile``, ``sys._current_frames`` and ``gc``'s object walks.
+
+    What this guarantees: exiting with status 0 in any way (``sys.exit``,
+    ``os._exit``, ``atexit`` hooks, a signal), printing or writing anything
+    anywhere, rebinding ``check`` or ``builtins`` (``AssertionError``,
+    ``abs``, ...) or patching ``sys``, ``os`` or ``traceback`` does not make a
+    run pass; a run passes only if ``function(candidate)`` returned.
+
+    What it does not guarantee: the candidate runs inside the check, in the
+    same interpreter, so a program written to attack this harness can still
+    fake a pass, for example by returning objects whose ``__eq__`` always
+    says yes, by patching modules the check imports (``math``, ``random``)
+    or by reading the secret out of the harness's frames
+    (``sys._getframe``) or the process's memory. The proof rules out
+    accidents and cheap tricks, not a determined adversary: for that, run
+    the check in a process the candidate never runs in.
+
+    Attributes:
+      source: Python source that defines ``function`` (e.g. a HumanEval
+        problem's prompt followed by its test code). Trusted: it is the
+        test, not the code under test.
+      candidate: name of the program's global to test (e.g. the problem's
+        entry point).
+      function: name of the function ``source`` defines, called with the
+        candidate.
+    """
+
+    source: str
+    candidate: str
+    function: str = "check"
+
+    def __post_init__(self):
+        if not isinstance(self.source, str):
+            raise TypeError(f"Check.source must be a str of Python source, got {type(self.source).__name__}")
+        for field in ("candidate", "function"):
+            value = getattr(self, field)
+            if not isinstance(value, str) or not value.isidentifier():
+                raise ValueError(f"Check.{field} must be a Python identifier, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +209,13 @@ class ExecutionResult:
       passed: ``True`` exactly when ``status == "passed"``.
       status: one of :data:`STATUSES`:
 
-        * ``"passed"``: the program exited with status 0;
+        * ``"passed"``: the program exited with status 0 or, with a
+          :class:`Check`, the check returned normally (shown by its proof,
+          whatever the exit status; nothing of the program runs after it);
         * ``"failed"``: it exited with a non-zero status, e.g. from an
           uncaught exception (a failed ``assert``, a ``MemoryError`` under the
-          memory limit, a ``PermissionError`` from a sandbox guard);
+          memory limit, a ``PermissionError`` from a sandbox guard), or, with
+          a check, it exited in any way without the check returning;
         * ``"timeout"``: it ran past the wall-clock ``timeout_s`` or the CPU
           limit ``cpu_s`` and was killed;
         * ``"error"``: it could not be started, the sandbox could not be set
@@ -128,9 +227,11 @@ class ExecutionResult:
       stdout: the last characters (at most ``tail_chars``) of its stdout.
       stderr: the last characters (at most ``tail_chars``) of its stderr.
       guards: the containment layers that were in force, in the order they
-        were put up, from ``("rlimits", "private_tmpfs", "netns",
-        "no_capabilities", "landlock", "seccomp", "audit_hook")``. Empty when
-        the launcher did not get as far as reporting.
+        were put up, from ``("subreaper", "rlimits", "private_tmpfs",
+        "netns", "no_capabilities", "landlock", "seccomp", "audit_hook")``
+        (``"subreaper"``: the supervisor collects orphaned descendants, so
+        clean-up reaches all of them). Empty when the launcher did not get
+        as far as reporting.
     """
 
     passed: bool
@@ -151,6 +252,7 @@ def run_program(
     disk_mb: int = 64,
     kernel_guards: bool = True,
     tail_chars: int = _DEFAULT_TAIL_CHARS,
+    check: Check | None = None,
 ) -> ExecutionResult:
     """Runs ``program`` (Python source) in the sandbox and reports how it ended.
 
@@ -159,6 +261,11 @@ def run_program(
     ``$TMPDIR``) that is deleted afterwards. See the module docstring for the
     containment layers and their limits. This function never raises because
     of anything the program does; it is safe to call from several threads.
+
+    Without ``check`` the program passes when it exits with status 0. With
+    ``check`` it passes only when, after the program ran to its end, the
+    check function returned normally, shown by a proof the program cannot
+    produce by exiting, printing or writing (see :class:`Check`).
 
     Args:
       program: Python source code.
@@ -175,6 +282,8 @@ def run_program(
         layers where the machine allows; ``False`` leaves only the resource
         limits and the Python audit hook (useful to test those alone).
       tail_chars: how many trailing characters of stdout/stderr to keep.
+      check: a test to run on what the program defined, in the same
+        process, after the program; see :class:`Check`.
 
     Returns:
       An :class:`ExecutionResult`.
@@ -185,6 +294,8 @@ def run_program(
     """
     if not isinstance(program, str):
         raise TypeError(f"program must be a str of Python source, got {type(program).__name__}")
+    if check is not None and not isinstance(check, Check):
+        raise TypeError(f"check must be a calm_jax.sandbox.Check or None, got {type(check).__name__}")
     _check_positive("timeout_s", timeout_s)
     if memory_mb is not None:
         _check_positive("memory_mb", memory_mb)
@@ -207,6 +318,7 @@ def run_program(
                 "file_size_bytes": int(file_size_mb * 2**20),
                 "disk_bytes": int(disk_mb * 2**20),
                 "kernel_guards": bool(kernel_guards),
+                "check": None if check is None else dataclasses.asdict(check),
             },
             tail_chars=int(tail_chars),
         )
@@ -229,9 +341,24 @@ def _run_in(root: str, program: str, *, timeout_s: float, config: dict, tail_cha
     stdout_path = os.path.join(root, "stdout")
     stderr_path = os.path.join(root, "stderr")
     report_path = os.path.join(root, "guards.json")
+    proof_path = os.path.join(root, "proof")
     with open(program_path, "w", encoding="utf-8") as f:
         f.write(program)
-    config = dict(config, workdir=workdir, program=program_path, report=report_path)
+    os.close(os.open(proof_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    config = dict(config, workdir=workdir, program=program_path, report=report_path, proof=proof_path)
+    # The secret reaches the launcher through a pipe it reads and closes
+    # before forking the child that runs the program: never through argv, the
+    # environment or a file the program could read.
+    secret = secrets.token_hex(_SECRET_BYTES).encode() if config["check"] is not None else None
+    pass_fds: tuple[int, ...] = ()
+    if secret is not None:
+        read_end, write_end = os.pipe()
+        try:
+            os.write(write_end, secret)  # Far below the pipe's capacity: never blocks.
+        finally:
+            os.close(write_end)
+        config["secret_fd"] = read_end
+        pass_fds = (read_end,)
     env = {
         "PATH": "/usr/bin:/bin",
         "LANG": "C.UTF-8",
@@ -256,18 +383,24 @@ def _run_in(root: str, program: str, *, timeout_s: float, config: dict, tail_cha
                 cwd=workdir,
                 env=env,
                 close_fds=True,
+                pass_fds=pass_fds,
                 start_new_session=True,
             )
         except OSError as e:
             return ExecutionResult(False, "error", None, "", f"could not start the sandbox: {e}")
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
         returncode, cpu_used, timed_out = _wait(proc, timeout_s)
 
-    if timed_out:
+    if secret is not None and _proof_matches(proof_path, secret):
+        status = "passed"  # The check returned; how the process ended afterwards does not matter.
+    elif timed_out:
         status = "timeout"
     elif returncode is None:
         status = "error"
     elif returncode == 0:
-        status = "passed"
+        status = "passed" if secret is None else "failed"  # With a check, exiting is no proof.
     elif returncode == -signal.SIGXCPU or (returncode == -signal.SIGKILL and cpu_used >= config["cpu_s"]):
         status = "timeout"  # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one.
     elif returncode < 0 or returncode == SETUP_FAILED_EXIT:
@@ -289,14 +422,18 @@ def _wait(proc: subprocess.Popen, timeout_s: float) -> tuple[int | None, float, 
 
     Returns ``(returncode, cpu_seconds_used, timed_out)``, with ``returncode``
     ``None`` if the child was reaped by someone else. ``os.wait4`` is
-    used instead of ``Popen.wait`` to learn the child's own CPU time.
+    used instead of ``Popen.wait`` to learn the CPU time of the supervisor
+    and everything it reaped (the program among them).
     """
     pid = proc.pid
     expired = threading.Event()
+    backstop = threading.Timer(_STOP_GRACE_S, _kill_group, (pid,))
+    backstop.daemon = True
 
     def expire() -> None:
         expired.set()
-        _kill_group(pid)
+        _stop(pid)
+        backstop.start()
 
     timer = threading.Timer(timeout_s, expire)
     timer.daemon = True
@@ -314,14 +451,13 @@ def _wait(proc: subprocess.Popen, timeout_s: float) -> tuple[int | None, float, 
                 break
     finally:
         timer.cancel()
-        if not reaped:  # Interrupted (e.g. KeyboardInterrupt) or lost: kill, then reap.
-            _kill_group(pid)
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        # Anything the program left behind (it should not have been able to
-        # fork, but belt and braces) dies with its process group/session.
+        backstop.cancel()  # Also keeps it from firing if expire() starts it only now.
+        if not reaped:  # Interrupted (e.g. KeyboardInterrupt) or lost: stop, then reap.
+            _stop(pid)
+            _reap_within(pid, _STOP_GRACE_S)
+        # The supervisor has killed the program's whole tree. If it could not
+        # (it was itself killed), whatever stayed in its process group or
+        # session dies here.
         _kill_group(pid)
         _kill_session(pid)
     if status is None:
@@ -331,6 +467,44 @@ def _wait(proc: subprocess.Popen, timeout_s: float) -> tuple[int | None, float, 
     proc.returncode = returncode  # Keeps Popen from waiting on it again.
     cpu_used = usage.ru_utime + usage.ru_stime
     return returncode, cpu_used, expired.is_set()
+
+
+def _stop(pid: int) -> None:
+    """Asks the supervisor ``pid`` to kill the program and everything below it."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _reap_within(pid: int, patience_s: float) -> None:
+    """Reaps ``pid``, waiting at most ``patience_s`` before killing its process group."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        if time.monotonic() > deadline:
+            _kill_group(pid)
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            return
+        time.sleep(0.01)
+
+
+def _proof_matches(path: str, secret: bytes) -> bool:
+    """Whether the file at ``path`` holds exactly ``secret``."""
+    try:
+        with open(path, "rb") as f:
+            content = f.read(len(secret) + 1)
+    except OSError:
+        return False
+    return hmac.compare_digest(content, secret)
 
 
 def _kill_group(pgid: int) -> None:

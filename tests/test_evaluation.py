@@ -432,14 +432,113 @@ def test_humaneval_problems_load_from_the_package(problems):
         assert {"task_id", "prompt", "canonical_solution", "test", "entry_point"} <= set(problem)
 
 
-def test_humaneval_program_appends_the_check_call(problems):
+def test_humaneval_program_and_check_keep_the_tests_out_of_the_program(problems):
     problem = problems["HumanEval/0"]
     program = evaluation.humaneval_program(problem, "    return False\n")
-    assert program.startswith(problem["prompt"] + "    return False\n")
-    assert problem["test"] in program
-    assert program.rstrip().endswith("check(has_close_elements)")
+    assert program == problem["prompt"] + "    return False\n\n"
+    assert "def check" not in program
+    check = evaluation.humaneval_check(problem)
+    assert isinstance(check, sandbox.Check)
+    assert (check.candidate, check.function) == ("has_close_elements", "check")
+    assert check.source.startswith(problem["prompt"]) and problem["test"] in check.source
     with pytest.raises(ValueError, match="missing"):
         evaluation.humaneval_program({"prompt": "x"}, "y")
+    with pytest.raises(ValueError, match="missing"):
+        evaluation.humaneval_check({"prompt": "x"})
+
+
+# Wrong completions that try to pass without the check returning: (problem, completion).
+FAKE_PASSES = {
+    # The issue's example: exit with status 0 before the check runs.
+    "sys.exit": ("HumanEval/0", "    return None\nimport sys\nsys.exit(0)\n"),
+    "os._exit": ("HumanEval/0", "    return None\nimport os\nos._exit(0)\n"),
+    # Let the check fail, then exit with status 0 on the way out.
+    "atexit os._exit": ("HumanEval/0", "    return None\nimport atexit, os\natexit.register(os._exit, 0)\n"),
+    "atexit SystemExit": ("HumanEval/0", "    return None\nimport atexit, sys\natexit.register(sys.exit, 0)\n"),
+    # SystemExit(0) raised by the candidate inside the check.
+    "SystemExit in the check": ("HumanEval/0", "    raise SystemExit(0)\n"),
+    # Rebind the check just before it is called (a line tracer on the module frame).
+    "replaced check": ("HumanEval/0", textwrap.dedent(
+        """\
+            return None
+        import sys
+        def _no_check(candidate):
+            pass
+        def _tracer(frame, event, arg):
+            if event == "line" and "check" in frame.f_globals:
+                frame.f_globals["check"] = _no_check
+            return _tracer
+        sys._getframe().f_trace = _tracer
+        sys.settrace(_tracer)
+        """)),
+    # Turn the check's AssertionError into exit status 0 where it is reported.
+    "patched AssertionError": ("HumanEval/0", textwrap.dedent(
+        """\
+            return None
+        import builtins, os, traceback
+        class _Quiet(SystemExit):
+            def __init__(self, *args):
+                super().__init__(0)
+        builtins.AssertionError = _Quiet
+        traceback.print_exception = lambda *args, **kwargs: os._exit(0)
+        """)),
+    "replaced stderr": ("HumanEval/0", textwrap.dedent(
+        """\
+            return None
+        import os, sys
+        class _Exit:
+            def write(self, text):
+                os._exit(0)
+            def flush(self):
+                pass
+        sys.stderr = _Exit()
+        """)),
+    # Print a marker and write everything that could hold a proof (argv, the
+    # environment, the parent's argv, every file next to the working
+    # directory) to every open descriptor, then exit with status 0.
+    "printed marker": ("HumanEval/0", textwrap.dedent(
+        """\
+            return None
+        import os
+        loot = b"passed\\n"
+        parent = os.path.dirname(os.getcwd())
+        paths = ["/proc/self/cmdline", "/proc/self/environ", f"/proc/{os.getppid()}/cmdline"]
+        paths += [os.path.join(parent, name) for name in os.listdir(parent)]
+        paths += [f"/proc/self/fd/{fd}" for fd in os.listdir("/proc/self/fd")]
+        for path in paths:
+            try:
+                with open(path, "rb") as f:
+                    loot += f.read(1 << 16)
+            except OSError:
+                pass
+        print("passed")
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                os.write(int(fd), loot)
+            except OSError:
+                pass
+        os._exit(0)
+        """)),
+    # Rebind what the check calls: a builtin (as a global or in builtins) or a prompt helper.
+    "shadowed abs": ("HumanEval/4", "    return 0.0\nabs = lambda x: 0\n"),
+    "patched builtins.abs": ("HumanEval/4", "    return 0.0\nimport builtins\nbuiltins.abs = lambda x: 0\n"),
+    "rebound helper": ("HumanEval/32", "    return 0.0\ndef poly(xs, x):\n    return 0.0\n"),
+}
+
+
+@linux_only
+@pytest.mark.parametrize("how", sorted(FAKE_PASSES))
+def test_humaneval_wrong_completion_cannot_fake_a_pass(problems, how):
+    task_id, completion = FAKE_PASSES[how]
+    runs = evaluation.run_humaneval_samples({task_id: [completion]}, problems=problems, workers=1, timeout_s=10)
+    result = runs[task_id][0]
+    assert (result.passed, result.status) == (False, "failed"), result
+
+
+@linux_only
+def test_humaneval_issue_example_scores_zero(problems):
+    samples = {"HumanEval/0": ["    return None\nimport sys\nsys.exit(0)\n"]}
+    assert evaluation.evaluate_humaneval(samples, k=(1,), problems=problems, workers=1) == {"pass@1": 0.0}
 
 
 @linux_only
