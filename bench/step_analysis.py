@@ -176,7 +176,7 @@ def residual_bytes(residuals) -> int:
 def abstract_setup(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConfig, *,
                    mesh, rules, loss_chunk: int | None = None,
                    frozen_layout: str = "stacked"):
-    """(the trainer's `_Setup` for `mode`, its frozen trees as ShapeDtypeStructs with their
+    """(the trainer's `Setup` for `mode`, its frozen trees as ShapeDtypeStructs with their
     shardings): the setup runs under `jax.eval_shape`, so no weight is created or placed.
     `frozen_layout`: the trainer's (compose only). Per-layer trees have no sharding of their
     own (XLA propagates the stacks' when they are placed); on a one-device mesh they are given
@@ -184,7 +184,7 @@ def abstract_setup(mode: str, anchor_cfg: TransformerConfig, augment_cfg: Transf
     holder = {}
 
     def setup():
-        holder["s"] = s = trainer._setup(
+        holder["s"] = s = trainer.setup(
             "compose" if mode == "compose" else "pretrain",
             anchor=trainer.ModelSpec(config=anchor_cfg),
             augments={"augment": trainer.ModelSpec(config=augment_cfg)}

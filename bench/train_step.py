@@ -11,7 +11,7 @@
 .remat_policy, trainer.train(loss_chunk=...)). Analysis helpers live in `bench/step_analysis.py`.
 
 For each mode (`--modes`, default "compose,finetune", run in that order in one process) the
-script builds the step the way `calm_jax.trainer.train` does (`trainer._setup` for the forward
+script builds the step the way `calm_jax.trainer.train` does (`trainer.setup` for the forward
 and the frozen trees, `calm_jax.steps.build_program`, adamw from `calm_jax.optim`, state
 sharded and DONATED), compiles it once (`.lower().compile()`, timed as `compile_s`), runs `--warmup` steps,
 then times `--steps` steps ending in `block_until_ready`, and prints one JSON object:
@@ -260,7 +260,7 @@ def build(mode: str, anchor_cfg: TransformerConfig, augment_cfg: TransformerConf
     total_steps = 1000
     rng_setup, rng_init, rng_data = jax.random.split(jax.random.key(seed), 3)
     augments = {"augment": trainer.ModelSpec(config=augment_cfg)} if mode == "compose" else {}
-    s = trainer._setup("compose" if mode == "compose" else "pretrain",
+    s = trainer.setup("compose" if mode == "compose" else "pretrain",
                        anchor=trainer.ModelSpec(config=anchor_cfg), augments=augments,
                        composition=CompositionConfig(), lora=lora_lib.LoraConfig(), mesh=mesh,
                        rules=rules, rng=rng_setup, loss_chunk=loss_chunk,

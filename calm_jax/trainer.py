@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,7 @@ from calm_jax import metrics as metrics_lib
 from calm_jax import multi_token as mtp_lib
 from calm_jax import partitioning as part
 from calm_jax import steps as steps_lib
+from calm_jax import validation
 from calm_jax.composition import ComposedLM, CompositionConfig
 from calm_jax.losses import chunked_cross_entropy, cross_entropy
 from calm_jax.models import Decoder, TransformerConfig
@@ -55,7 +56,6 @@ from calm_jax.optim import OptimizerConfig, make_optimizer, schedule, state_laye
 
 log = logging.getLogger("calm_jax")
 
-MODES = ("pretrain", "compose", "finetune", "lora")
 FROZEN_LAYOUTS = ("stacked", "per_layer")
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v4": 275e12,
               "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12}
@@ -112,8 +112,9 @@ class ModelSpec:
 
 
 @dataclasses.dataclass
-class _Setup:
-    """What a mode contributes to the generic loop."""
+class Setup:
+    """A built objective: what a mode contributes to the generic loop (`steps.build_program`
+    compiles its loss; `train` restores, loops, evaluates and exports with it)."""
 
     forward: Callable[[Any, Any, Mapping[str, jax.Array]], jax.Array]
     abstract_params: Any          # boxed ShapeDtypeStructs of the trained tree
@@ -214,90 +215,166 @@ def _next_token_loss(h, head_fn, batch, loss_chunk: int | None) -> dict[str, jax
     return chunked_cross_entropy(h, head_fn, targets, weights, chunk=loss_chunk)
 
 
-def _setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
-           composition: CompositionConfig, lora: lora_lib.LoraConfig, mesh, rules,
-           rng: jax.Array,
-           multi_token: mtp_lib.MultiTokenConfig = mtp_lib.MultiTokenConfig(),
-           loss_chunk: int | None = None, frozen_layout: str = "stacked") -> _Setup:
-    """The mode's forward, trained tree and frozen trees. With `loss_chunk` the training loss
-    applies the output layer `loss_chunk` positions at a time (`losses.chunked_cross_entropy`):
-    no [batch, length, vocab] logits are kept for the backward pass. `frozen_layout`: see the
-    module docstring."""
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    _check_loss_chunk(loss_chunk)
-    _check_frozen_layout(frozen_layout, mode)
-    s = _mode_setup(mode, anchor=anchor, augments=augments, composition=composition, lora=lora,
-                    mesh=mesh, rules=rules, rng=rng, multi_token=multi_token,
-                    loss_chunk=loss_chunk, frozen_layout=frozen_layout)
-    if loss_chunk is not None and s.loss_fn is None:
-        def loss_fn(params, frozen, batch):
-            h, head_fn = s.final_states(params, frozen, batch)
-            m = _next_token_loss(h, head_fn, batch, loss_chunk)
-            return m["loss_sum"], m
+class Objective:
+    """One training mode: what it trains, what it reads frozen, its loss and its export.
 
-        s.loss_fn = loss_fn
-    return s
+    A subclass sets `mode` (the name `train(mode=...)` takes), `trains` and `reads_frozen`
+    (what a user reads in `describe()`), checks its settings in `__init__` (before anything is
+    loaded or compiled) and builds a `Setup` in `build`. `register_objective` makes it a mode
+    of `train`. The trained tree is differentiated and checkpointed; the frozen trees are jit
+    arguments, placed once in the compute dtype, never differentiated nor saved.
+    """
+
+    mode: ClassVar[str] = ""
+    trains: ClassVar[str] = ""
+    reads_frozen: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec] | None = None,
+                 composition: CompositionConfig | None = None,
+                 lora: lora_lib.LoraConfig | None = None,
+                 multi_token: mtp_lib.MultiTokenConfig | None = None,
+                 loss_chunk: int | None = None, frozen_layout: str = "stacked"):
+        _check_loss_chunk(loss_chunk)
+        _check_frozen_layout(frozen_layout, self.mode)
+        self.anchor = anchor
+        self.augments = dict(augments or {})
+        self.composition = composition or CompositionConfig()
+        self.lora = lora or lora_lib.LoraConfig()
+        self.multi_token = multi_token or mtp_lib.MultiTokenConfig()
+        self.loss_chunk = loss_chunk
+        self.frozen_layout = frozen_layout
+        if self.multi_token.depth > 1 and self.mode != "pretrain":
+            raise ValueError(f"multi_token.depth: expected 1 in mode={self.mode!r} (extra heads "
+                             f"are a pretraining loss), got {self.multi_token.depth}")
+        if "augments" not in self.reads_frozen and self.mode != "lora" and self.augments:
+            raise ValueError(f"augments: expected none in mode={self.mode!r}, "
+                             f"got {sorted(self.augments)}")
+
+    @classmethod
+    def describe(cls) -> str:
+        frozen = ", ".join(cls.reads_frozen) or "nothing"
+        return f"{cls.mode}: trains {cls.trains}; reads frozen: {frozen}"
+
+    def build(self, *, mesh, rules, rng: jax.Array) -> Setup:
+        """Loads and places the frozen models and returns the mode's `Setup`."""
+        s = self._build(mesh, rules, rng)
+        if self.loss_chunk is not None and s.loss_fn is None:
+            loss_chunk = self.loss_chunk
+
+            def loss_fn(params, frozen, batch):
+                h, head_fn = s.final_states(params, frozen, batch)
+                m = _next_token_loss(h, head_fn, batch, loss_chunk)
+                return m["loss_sum"], m
+
+            s.loss_fn = loss_fn
+        return s
+
+    def _build(self, mesh, rules, rng: jax.Array) -> Setup:
+        raise NotImplementedError
 
 
-def _mode_setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
-                composition: CompositionConfig, lora: lora_lib.LoraConfig, mesh, rules,
-                rng: jax.Array, multi_token: mtp_lib.MultiTokenConfig,
-                loss_chunk: int | None, frozen_layout: str = "stacked") -> _Setup:
-    anchor_cfg = anchor.resolve("anchor")
-    fingerprints: dict[str, str] = {}
-    n_anchor = anchor_cfg.num_params(include_embedding=False)
+OBJECTIVES: dict[str, type[Objective]] = {}
 
-    if mode in ("pretrain", "finetune"):
-        model = Decoder(anchor_cfg)
-        boxed = _abstract_decoder(anchor_cfg)
 
-        def forward(params, frozen, batch):
-            return model.apply({"params": params}, batch["decoder_input_tokens"],
-                               **_batch_kwargs(batch))[0]
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Makes `cls` the objective of `train(mode=cls.mode)` (a class decorator)."""
+    if not cls.mode:
+        raise ValueError(f"{cls.__name__}.mode: expected a mode name, got {cls.mode!r}")
+    OBJECTIVES[cls.mode] = cls
+    return cls
 
-        def final_states(params, frozen, batch):
-            return _decoder_final_states(model, params, batch)
 
-        if mode == "pretrain":
-            if anchor.checkpoint is not None:
-                raise ValueError("anchor.checkpoint: expected None in mode='pretrain' (it starts "
-                                 f"from scratch; use mode='finetune'), got {anchor.checkpoint!r}")
-            tokens = jnp.zeros((1, min(8, anchor_cfg.max_len)), jnp.int32)
-            init = lambda k: nn.unbox(model.init(k, tokens)["params"])  # noqa: E731
-            if multi_token.depth > 1:
-                return _multi_token_setup(model, boxed, init, multi_token, 6.0 * n_anchor,
-                                          loss_chunk)
-        else:
-            if anchor.checkpoint is None:
-                raise ValueError("anchor.checkpoint: expected a model export to fine-tune in "
-                                 "mode='finetune', got None")
-            target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                  nn.unbox(boxed))
-            _, loaded = ckpt.load_model(anchor.checkpoint, target=target)
-            init = lambda k: loaded  # noqa: E731
-        return _Setup(forward, boxed, init, {}, fingerprints, 6.0 * n_anchor,
-                      lambda directory, params: ckpt.save_model(directory, anchor_cfg, params),
-                      final_states=final_states)
+def _plain_decoder_setup(cfg: TransformerConfig, init, flops_per_token: float) -> Setup:
+    """A Setup that trains a whole decoder (`init`: rng -> its unboxed parameters)."""
+    model = Decoder(cfg)
 
-    augment_cfgs = {name: spec.resolve(f"augments[{name!r}]") for name, spec in augments.items()}
-    keys = dict(zip(["anchor", *augment_cfgs], jax.random.split(rng, 1 + len(augment_cfgs))))
-    frozen = {"anchor": _place_frozen(anchor, anchor_cfg, mesh, rules, keys["anchor"],
-                                      "anchor", fingerprints, frozen_layout)}
+    def forward(params, frozen, batch):
+        return model.apply({"params": params}, batch["decoder_input_tokens"],
+                           **_batch_kwargs(batch))[0]
 
-    if mode == "lora":
+    def final_states(params, frozen, batch):
+        return _decoder_final_states(model, params, batch)
+
+    return Setup(forward, _abstract_decoder(cfg), init, {}, {}, flops_per_token,
+                 lambda directory, params: ckpt.save_model(directory, cfg, params),
+                 final_states=final_states)
+
+
+@register_objective
+class PretrainObjective(Objective):
+    """A single LM from scratch (the small anchor / augmenting models of reproductions), with
+    optional multi-token heads (`multi_token`, trained and checkpointed, not exported)."""
+
+    mode = "pretrain"
+    trains = "every parameter of a new model (and its multi-token heads)"
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        if self.anchor.checkpoint is not None:
+            raise ValueError("anchor.checkpoint: expected None in mode='pretrain' (it starts "
+                             f"from scratch; use mode='finetune'), got {self.anchor.checkpoint!r}")
+
+    def _build(self, mesh, rules, rng):
+        cfg = self.anchor.resolve("anchor")
+        tokens = jnp.zeros((1, min(8, cfg.max_len)), jnp.int32)
+        init = lambda k: nn.unbox(Decoder(cfg).init(k, tokens)["params"])  # noqa: E731
+        flops = 6.0 * cfg.num_params(include_embedding=False)
+        if self.multi_token.depth > 1:
+            return _multi_token_setup(Decoder(cfg), _abstract_decoder(cfg), init,
+                                      self.multi_token, flops, self.loss_chunk)
+        return _plain_decoder_setup(cfg, init, flops)
+
+
+@register_objective
+class FinetuneObjective(Objective):
+    """Full fine-tune of the anchor from its export (the paper's mB+NTL baseline)."""
+
+    mode = "finetune"
+    trains = "every parameter of the anchor, from its export"
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        if self.anchor.checkpoint is None:
+            raise ValueError("anchor.checkpoint: expected a model export to fine-tune in "
+                             "mode='finetune', got None")
+
+    def _build(self, mesh, rules, rng):
+        cfg = self.anchor.resolve("anchor")
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                              nn.unbox(_abstract_decoder(cfg)))
+        _, loaded = ckpt.load_model(self.anchor.checkpoint, target=target)
+        return _plain_decoder_setup(cfg, lambda k: loaded,
+                                    6.0 * cfg.num_params(include_embedding=False))
+
+
+@register_objective
+class LoraObjective(Objective):
+    """LoRA on the frozen anchor, rank matched to the CALM configuration's parameter count
+    unless `lora.rank` is given (the paper's LoRA baseline); exported merged into the anchor."""
+
+    mode = "lora"
+    trains = "low-rank adapters of the anchor's projections"
+    reads_frozen = ("anchor",)
+
+    def _build(self, mesh, rules, rng):
+        cfg, lora = self.anchor.resolve("anchor"), self.lora
+        fingerprints: dict[str, str] = {}
+        key = jax.random.split(rng, 1 + len(self.augments))[0]  # as compose's anchor key
+        frozen = {"anchor": _place_frozen(self.anchor, cfg, mesh, rules, key, "anchor",
+                                          fingerprints, self.frozen_layout)}
         if lora.rank is None:
-            if not augment_cfgs:
+            if not self.augments:
                 raise ValueError("lora.rank: expected a rank, or augments to match CALM's "
                                  "parameter count, got neither")
-            budget = ComposedLM(anchor_cfg, augment_cfgs, composition).num_composition_params()
+            augment_cfgs = {name: spec.resolve(f"augments[{name!r}]")
+                            for name, spec in self.augments.items()}
+            budget = ComposedLM(cfg, augment_cfgs, self.composition).num_composition_params()
             rank = lora_lib.rank_for_budget(frozen["anchor"], lora, budget)
             log.info("LoRA rank %d matches the composition's %d parameters", rank, budget)
         else:
             rank = lora.rank
-        model = Decoder(anchor_cfg)
+        model = Decoder(cfg)
         init = lambda k: lora_lib.init_lora(k, frozen["anchor"], lora, rank)  # noqa: E731
-        boxed = jax.eval_shape(init, jax.random.key(0))
 
         def forward(params, frozen, batch):
             merged = lora_lib.merge(frozen["anchor"], params, lora)
@@ -309,47 +386,97 @@ def _mode_setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpe
                                          batch)
 
         def export(directory, params):  # the merged anchor, a plain model export
-            anchor_params = jax.tree.map(lambda x: x.astype(anchor_cfg.params_dtype),
-                                         frozen["anchor"])
-            ckpt.save_model(directory, anchor_cfg, lora_lib.merge(anchor_params, params, lora))
+            anchor_params = jax.tree.map(lambda x: x.astype(cfg.params_dtype), frozen["anchor"])
+            ckpt.save_model(directory, cfg, lora_lib.merge(anchor_params, params, lora))
 
+        n_anchor = cfg.num_params(include_embedding=False)
         n_lora = rank * lora_lib.params_per_rank(frozen["anchor"], lora)
-        return _Setup(forward, boxed, init, frozen, fingerprints, 4.0 * n_anchor + 6.0 * n_lora,
-                      export, final_states=final_states)
+        return Setup(forward, jax.eval_shape(init, jax.random.key(0)), init, frozen,
+                     fingerprints, 4.0 * n_anchor + 6.0 * n_lora, export,
+                     final_states=final_states)
 
-    if not augment_cfgs:
-        raise ValueError("augments: expected at least one augmenting model in mode='compose', "
-                         "got none")
-    composed = ComposedLM(anchor_cfg, augment_cfgs, composition)
-    frozen["augments"] = {name: _place_frozen(spec, augment_cfgs[name], mesh, rules, keys[name],
-                                              f"augments[{name!r}]", fingerprints,
-                                              frozen_layout)
-                          for name, spec in augments.items()}
-    boxed = jax.eval_shape(composed.init_composition, jax.random.key(0))
 
-    def forward(params, frozen, batch):
-        return composed.apply({**frozen, "composition": params}, batch["decoder_input_tokens"],
-                              prompt_mask=batch.get("prompt_mask"), **_batch_kwargs(batch))
+@register_objective
+class ComposeObjective(Objective):
+    """CALM: anchor and augmenting models frozen, only the composition trained; exported as a
+    composition export (`calm_jax.exports`)."""
 
-    def final_states(params, frozen, batch):
-        everything = {**frozen, "composition": params}
-        h = composed.final_states(everything, batch["decoder_input_tokens"],
+    mode = "compose"
+    trains = "the composition (projections and cross-attention) alone"
+    reads_frozen = ("anchor", "augments")
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        if not self.augments:
+            raise ValueError("augments: expected at least one augmenting model in "
+                             "mode='compose', got none")
+
+    def _build(self, mesh, rules, rng):
+        anchor_cfg = self.anchor.resolve("anchor")
+        augment_cfgs = {name: spec.resolve(f"augments[{name!r}]")
+                        for name, spec in self.augments.items()}
+        keys = dict(zip(["anchor", *augment_cfgs], jax.random.split(rng, 1 + len(augment_cfgs))))
+        fingerprints: dict[str, str] = {}
+        frozen = {"anchor": _place_frozen(self.anchor, anchor_cfg, mesh, rules, keys["anchor"],
+                                          "anchor", fingerprints, self.frozen_layout)}
+        composed = ComposedLM(anchor_cfg, augment_cfgs, self.composition)
+        frozen["augments"] = {
+            name: _place_frozen(spec, augment_cfgs[name], mesh, rules, keys[name],
+                                f"augments[{name!r}]", fingerprints, self.frozen_layout)
+            for name, spec in self.augments.items()}
+
+        def forward(params, frozen, batch):
+            return composed.apply({**frozen, "composition": params},
+                                  batch["decoder_input_tokens"],
                                   prompt_mask=batch.get("prompt_mask"), **_batch_kwargs(batch))
-        return h, lambda x: composed.head(everything, x)
 
-    init = lambda k: nn.unbox(composed.init_composition(k))  # noqa: E731
-    n_aug = sum(c.num_params(include_embedding=False) for c in augment_cfgs.values())
-    flops = 2.0 * n_aug + 4.0 * n_anchor + 6.0 * composed.num_composition_params()
-    sources = {"anchor": anchor.checkpoint,
-               "augments": {name: spec.checkpoint for name, spec in augments.items()}}
-    export = functools.partial(exports_lib.save_composition, model=composed, frozen=frozen,
-                               sources=sources, fingerprints=fingerprints)
-    return _Setup(forward, boxed, init, frozen, fingerprints, flops, export,
-                  final_states=final_states, export_marker=exports_lib.COMPOSITION_FILE)
+        def final_states(params, frozen, batch):
+            everything = {**frozen, "composition": params}
+            h = composed.final_states(everything, batch["decoder_input_tokens"],
+                                      prompt_mask=batch.get("prompt_mask"),
+                                      **_batch_kwargs(batch))
+            return h, lambda x: composed.head(everything, x)
+
+        init = lambda k: nn.unbox(composed.init_composition(k))  # noqa: E731
+        n_anchor = anchor_cfg.num_params(include_embedding=False)
+        n_aug = sum(c.num_params(include_embedding=False) for c in augment_cfgs.values())
+        flops = 2.0 * n_aug + 4.0 * n_anchor + 6.0 * composed.num_composition_params()
+        sources = {"anchor": self.anchor.checkpoint,
+                   "augments": {name: spec.checkpoint for name, spec in self.augments.items()}}
+        export = functools.partial(exports_lib.save_composition, model=composed, frozen=frozen,
+                                   sources=sources, fingerprints=fingerprints)
+        return Setup(forward, jax.eval_shape(composed.init_composition, jax.random.key(0)),
+                     init, frozen, fingerprints, flops, export, final_states=final_states,
+                     export_marker=exports_lib.COMPOSITION_FILE)
+
+
+MODES = tuple(OBJECTIVES)
+
+
+def make_objective(mode: str, **kw) -> Objective:
+    """The registered objective of `mode`, its settings checked (`Objective.__init__`)."""
+    if mode not in OBJECTIVES:
+        raise ValueError(f"mode: expected one of {tuple(OBJECTIVES)}, got {mode!r}")
+    return OBJECTIVES[mode](**kw)
+
+
+def setup(mode: str, *, anchor: ModelSpec, augments: Mapping[str, ModelSpec],
+          composition: CompositionConfig, lora: lora_lib.LoraConfig, mesh, rules,
+          rng: jax.Array,
+          multi_token: mtp_lib.MultiTokenConfig = mtp_lib.MultiTokenConfig(),
+          loss_chunk: int | None = None, frozen_layout: str = "stacked") -> Setup:
+    """The `Setup` of `mode` (`make_objective(...).build(...)`): its forward, trained tree and
+    placed frozen trees. With `loss_chunk` the training loss applies the output layer
+    `loss_chunk` positions at a time (`losses.chunked_cross_entropy`): no [batch, length,
+    vocab] logits are kept for the backward pass. `frozen_layout`: see the module docstring."""
+    objective = make_objective(mode, anchor=anchor, augments=augments, composition=composition,
+                               lora=lora, multi_token=multi_token, loss_chunk=loss_chunk,
+                               frozen_layout=frozen_layout)
+    return objective.build(mesh=mesh, rules=rules, rng=rng)
 
 
 def _multi_token_setup(model: Decoder, boxed, init_decoder, mt: mtp_lib.MultiTokenConfig,
-                       flops_per_token: float, loss_chunk: int | None) -> _Setup:
+                       flops_per_token: float, loss_chunk: int | None) -> Setup:
     """Pretraining with extra heads for tokens further ahead (`calm_jax.multi_token`).
 
     The trained tree is {'decoder': ..., 'multi_token': ...}; only 'decoder' is exported.
@@ -378,7 +505,7 @@ def _multi_token_setup(model: Decoder, boxed, init_decoder, mt: mtp_lib.MultiTok
         return m["loss_sum"] + mt.weight * extra, m
 
     extra_flops = 6.0 * (mt.depth - 1) * cfg.embed_dim * cfg.vocab_size
-    return _Setup(forward, {"decoder": boxed, "multi_token": boxed_heads}, init, {}, {},
+    return Setup(forward, {"decoder": boxed, "multi_token": boxed_heads}, init, {}, {},
                   flops_per_token + extra_flops,
                   lambda directory, params: ckpt.save_model(directory, cfg, params["decoder"]),
                   loss_fn=loss_fn, export_params=lambda params: params["decoder"])
@@ -404,7 +531,8 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
           seed: int = 0, peak_flops: float | None = None,
           stop_after: int | None = None,
           multi_token: mtp_lib.MultiTokenConfig | None = None,
-          loss_chunk: int | None = None, frozen_layout: str = "stacked") -> dict[str, Any]:
+          loss_chunk: int | None = None, frozen_layout: str = "stacked",
+          decode_eval: Callable[..., Mapping[str, float]] | None = None) -> dict[str, Any]:
     """Trains in `mode` for `num_steps` steps.
 
     Returns {'state', 'params' (the trained model's tree as exported: the decoder without
@@ -423,6 +551,11 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
     are held on the devices: see the module docstring. The trained parameters, checkpoints and
     exports are the same either way; 'frozen' is returned in this layout.
 
+    `decode_eval` decodes and scores the trained model every `eval_every` steps and at the end
+    (`calm_jax.evaluate.DecodeEval`, or any callable `fn(model, params, step) -> {name: value}`
+    given the `Decoder` or `ComposedLM` and its full parameter tree); its metrics are logged as
+    "decode_eval/<name>" beside the others. None (the default) costs nothing.
+
     `history` is a list of (step, metrics) for logged steps and evaluations. `stop_after` ends
     this invocation (with a checkpoint) after that many steps, as a preemption would; the
     learning-rate schedule still spans `num_steps` and the next invocation resumes.
@@ -435,6 +568,7 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
     checkpoint = checkpoint or ckpt.CheckpointConfig()
     if not isinstance(num_steps, int) or num_steps <= 0:
         raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
+    ckpt.check_restore_from(checkpoint, os.path.join(model_dir, "checkpoints"))
     _check_loss_chunk(loss_chunk)
     _check_frozen_layout(frozen_layout, mode)
     if mode in ("pretrain", "finetune") and augments:
@@ -458,45 +592,40 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
     rng_setup, rng_init = jax.random.split(jax.random.key(seed))
     source = data_lib.make_source(dataset)
     eval_source = data_lib.make_source(eval_dataset) if eval_dataset is not None else None
+    decode_fn = None
+    if decode_eval is not None:  # prepared now: bad settings fail before anything compiles
+        from calm_jax import evaluate
+        decode_fn = evaluate.trainer_hook(decode_eval, mode, anchor=anchor, augments=augments,
+                                          composition=composition, lora=lora,
+                                          model_dir=model_dir)
 
     with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
-        s = _setup(mode, anchor=anchor, augments=augments, composition=composition, lora=lora,
+        s = setup(mode, anchor=anchor, augments=augments, composition=composition, lora=lora,
                    mesh=mesh, rules=rules, rng=rng_setup, multi_token=multi_token,
                    loss_chunk=loss_chunk, frozen_layout=frozen_layout)
+        readers = {"anchor": anchor, **({f"augments[{n!r}]": a for n, a in augments.items()}
+                                        if mode == "compose" else {})}  # read the batches
+        limits = validation.model_limits(*(spec.resolve(f) for f, spec in readers.items()))
         opt = make_optimizer(optimizer, num_steps)
         lr_schedule = schedule(optimizer, num_steps)
         prog = steps_lib.build_program(s, opt, lr_schedule, optimizer.grad_accum_steps, mesh,
                                        rules)
 
-        # Restore: latest in model_dir, else restore_from, else scratch.
+        # Restore: the newest intact step in model_dir, else in restore_from, else scratch
+        # (a damaged step is reported and the next older one restored, never scratch).
         os.makedirs(model_dir, exist_ok=True)
         checkpointer = ckpt.Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint)
         state, start = None, 0
-        sources = [(checkpointer, checkpointer.latest_step())]
-        if sources[0][1] is None and checkpoint.restore_from:
-            other = ckpt.Checkpointer(checkpoint.restore_from, checkpoint)
-            sources.append((other, other.latest_step()))
-        for manager, step in sources:
-            if step is None:
+        sources = [checkpointer]
+        if checkpointer.latest_step() is None and checkpoint.restore_from:
+            sources.append(ckpt.Checkpointer(checkpoint.restore_from, checkpoint,
+                                             read_only=True))
+        for manager in sources:
+            restored = manager.restore_newest(functools.partial(
+                _restore_step, manager, prog, s.fingerprints, mode, optimizer))
+            if restored is None:
                 continue
-            meta = manager.read_meta(step)
-            _check_frozen(meta.get("frozen", {}), s.fingerprints, manager.directory)
-            ours = dataclasses.asdict(optimizer)
-            saved = meta.get("optimizer", ours)
-            target, to_this_run = steps_lib.saved_state_layout(
-                prog, state_layers(saved), state_layers(ours))
-            try:
-                state, meta = manager.restore(step, target)
-            except ValueError as e:  # orbax: the stored tree is not this run's state
-                raise ValueError(_restore_mismatch(meta, step, manager.directory, mode,
-                                                   optimizer, e)) from e
-            changed = [f"optimizer.{k}={saved.get(k)!r} (this run: {ours[k]!r})"
-                       for k in ("skip_nonfinite", "clip_norm")
-                       if bool(saved.get(k)) != bool(ours[k])]
-            if changed:
-                log.info("step %d was saved with %s; the optimizer's state carries "
-                         "over", step, ", ".join(changed))
-            state = to_this_run(state)
+            step, state, meta = restored
             start = int(meta["data_position"])
             data_lib.restore_state(source, meta)
             log.info("restored step %d from %s", step, manager.directory)
@@ -504,11 +633,13 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
         if state is None:
             state = prog.init_state(rng_init)
         batch_sharding, eval_step = prog.batch_sharding, prog.eval_step
-        first = data_lib.to_global(source.next_batch(), batch_sharding)
+        first = data_lib.to_global(
+            validation.check_batch(source.next_batch(), name="dataset", **limits), batch_sharding)
         compiled = prog.train_step.lower(state, s.frozen, first).compile()
         _log_memory(compiled)
 
-        writer = metrics_lib.MetricWriter(model_dir, is_chief=jax.process_index() == 0)
+        writer = metrics_lib.MetricWriter(model_dir, is_chief=jax.process_index() == 0,
+                                          resume_step=start)
         history: list[tuple[int, dict[str, float]]] = []
         meta = {"frozen": s.fingerprints, "mode": mode,
                 "optimizer": dataclasses.asdict(optimizer)}
@@ -522,8 +653,9 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
             with distributed.Preemption() as preemption:
                 step = start
                 while step < num_steps:
-                    batch = first if step == start else data_lib.to_global(source.next_batch(),
-                                                                           batch_sharding)
+                    batch = first if step == start else data_lib.to_global(
+                        validation.check_batch(source.next_batch(), name="dataset", **limits),
+                        batch_sharding)
                     state, metrics = compiled(state, s.frozen, batch)
                     step += 1
                     stop = preemption.should_stop(step) or (
@@ -552,12 +684,19 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
                                                 skipped, checkpointer)
                     if eval_source is not None and eval_every and (
                             step % eval_every == 0 or step == num_steps):
-                        ev = _evaluate(eval_step, state["params"], s.frozen, eval_source,
+                        ev = _evaluate(eval_step, state["params"], s.frozen, eval_source, limits,
                                        eval_batches, batch_sharding)
                         writer.write_scalars(step, ev)
                         history.append((step, ev))
                         log.info("step %d eval loss %.4f acc %.3f", step, ev["eval/loss"],
                                  ev["eval/accuracy"])
+                    if decode_fn is not None and (step == num_steps or (
+                            eval_every and step % eval_every == 0)):
+                        ev = decode_fn(step, state["params"], s.frozen, s.export_params)
+                        writer.write_scalars(step, ev)
+                        history.append((step, ev))
+                        log.info("step %d %s", step, " ".join(f"{k} {v:.4g}"
+                                                              for k, v in ev.items()))
                     if save:
                         checkpointer.save(step, state, {**meta, "data_position": step,
                                                         **data_lib.checkpoint_meta(source)},
@@ -569,8 +708,11 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
             checkpointer.close()
             writer.close()
         if not stopped_early:
-            export = os.path.join(model_dir, "export")  # every process joins orbax's save
-            if not _agreed(os.path.exists(os.path.join(export, s.export_marker))):
+            # Written whole or not at all (`checkpoints.write_atomically`); every process
+            # joins orbax's save. An unfinished export is written again.
+            export = os.path.join(model_dir, "export")
+            if not _agreed(ckpt.export_complete(export, s.export_marker)):
+                ckpt.discard_incomplete_export(export, s.export_marker)
                 s.export(export, state["params"])
         log.info("done: %d steps in %s", step - start, _hms(time.time() - t_start))
     return {"state": state, "params": s.export_params(state["params"]), "frozen": s.frozen,
@@ -620,11 +762,37 @@ def _check_finite(step: int, metrics: Mapping[str, float], skip_limit: int, skip
         f"set optimizer.skip_nonfinite=N to skip up to N such updates in a row.")
 
 
+def _restore_step(manager: ckpt.Checkpointer, prog, fingerprints: Mapping[str, str], mode: str,
+                  optimizer: OptimizerConfig, step: int) -> tuple[Any, dict[str, Any]]:
+    """(this run's state, meta) from checkpoint `step` of `manager`: the frozen models it was
+    trained against checked, the optimizer state's layout converted to this run's. Raises
+    ValueError when the step does not fit this run, `checkpoints.DamagedCheckpoint` when it
+    is damaged."""
+    meta = manager.read_meta(step)
+    _check_frozen(meta.get("frozen", {}), fingerprints, manager.directory)
+    ours = dataclasses.asdict(optimizer)
+    saved = meta.get("optimizer", ours)
+    target, to_this_run = steps_lib.saved_state_layout(
+        prog, state_layers(saved), state_layers(ours))
+    try:
+        state, meta = manager.restore(step, target)
+    except ckpt.StateMismatch as e:  # the stored tree is not this run's state
+        raise ValueError(_restore_mismatch(meta, step, manager.directory, mode,
+                                           optimizer, e)) from e
+    changed = [f"optimizer.{k}={saved.get(k)!r} (this run: {ours[k]!r})"
+               for k in ("skip_nonfinite", "clip_norm")
+               if bool(saved.get(k)) != bool(ours[k])]
+    if changed:
+        log.info("step %d was saved with %s; the optimizer's state carries "
+                 "over", step, ", ".join(changed))
+    return to_this_run(state), meta
+
+
 def _restore_mismatch(stored: Mapping[str, Any], step: int, where: str, mode: str,
                       optimizer: OptimizerConfig, error: Exception) -> str:
     """Why checkpoint `step` in `where` does not restore into this run's state: the settings
-    it was saved with that differ from this run's (the mode, optimizer fields), then orbax's
-    own account."""
+    it was saved with that differ from this run's (the mode, optimizer fields), then how the
+    stored tree differs."""
     diffs = [] if stored.get("mode", mode) == mode else [
         f"mode={stored['mode']!r} (this run: {mode!r})"]
     ours = dataclasses.asdict(optimizer)
@@ -634,7 +802,7 @@ def _restore_mismatch(stored: Mapping[str, Any], step: int, where: str, mode: st
     saved = f"; it was saved with {', '.join(diffs)}" if diffs else ""
     return (f"checkpoint: step {step} in {where} does not match this run's training state"
             f"{saved}. Resume with the settings it was saved with, or use another model_dir. "
-            f"orbax: {error}")
+            f"The stored state: {error}")
 
 
 def _check_frozen(stored: Mapping[str, str], current: Mapping[str, str], where: str) -> None:
@@ -646,9 +814,11 @@ def _check_frozen(stored: Mapping[str, str], current: Mapping[str, str], where: 
                 f"refusing to resume (use another model_dir)")
 
 
-def _evaluate(eval_step, params, frozen, source, num_batches, sharding) -> dict[str, float]:
+def _evaluate(eval_step, params, frozen, source, limits, num_batches,
+              sharding) -> dict[str, float]:
     sums = {"loss_sum": 0.0, "weight_sum": 0.0, "correct_sum": 0.0}
     for batch in source.sequential(num_batches):
+        batch = validation.check_batch(batch, name="eval_dataset", **limits)
         m = jax.device_get(eval_step(params, frozen, data_lib.to_global(batch, sharding)))
         for k in sums:
             sums[k] += float(m[k])

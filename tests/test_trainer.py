@@ -512,7 +512,7 @@ def test_loss_chunk_gives_the_same_loss_and_gradients(exports, mode, depth, mesh
     results = []
     with part.mesh_context(mesh), nn.logical_axis_rules(list(partitioning.logical_axis_rules)):
         for chunk in (None, 5):
-            s = trainer._setup(mode, anchor=anchor, augments=augments,
+            s = trainer.setup(mode, anchor=anchor, augments=augments,
                                composition=CompositionConfig(), lora=lora_lib.LoraConfig(),
                                mesh=mesh, rules=partitioning.logical_axis_rules,
                                rng=jax.random.key(0),
