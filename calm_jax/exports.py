@@ -12,6 +12,7 @@
 `load_composition(directory)` rebuilds the `ComposedLM` and its full parameter tree, and
 refuses frozen weights other than those the composition was trained against. The frozen
 exports are referenced, not copied: move them and the export no longer loads (it says which).
+An export is written whole or not at all (`checkpoints.write_atomically`).
 """
 
 from __future__ import annotations
@@ -33,15 +34,16 @@ FORMAT = "calm_jax.composition/1"
 
 
 def _describe(name: str, source: str | None, cfg, params, fingerprint: str | None,
-              directory: str) -> dict[str, str]:
-    """{'checkpoint', 'fingerprint'} of one frozen model, saving it under frozen/ if it has no
-    export (a relative checkpoint path is relative to the composition export). An export of its
-    own is named by its absolute path and, as 'relative', by its path from the composition
-    export, so that a run directory moved or copied whole still loads."""
+              directory: str, write_to: str) -> dict[str, str]:
+    """{'checkpoint', 'fingerprint'} of one frozen model, saving it under frozen/ of `write_to`
+    (where the export at `directory` is being written) if it has no export (a relative
+    checkpoint path is relative to the composition export). An export of its own is named by
+    its absolute path and, as 'relative', by its path from the composition export, so that a
+    run directory moved or copied whole still loads."""
     if source is None:
         params = stack_layers(params)  # a per-layer frozen tree is saved as models are
         relative = os.path.join("frozen", name)
-        ckpt.save_model(os.path.join(directory, relative), cfg, params)
+        ckpt.save_model(os.path.join(write_to, relative), cfg, params)
         return {"checkpoint": relative, "fingerprint": ckpt.params_fingerprint(cfg, params)}
     source = os.path.abspath(source)
     return {"checkpoint": source, "relative": os.path.relpath(source, directory),
@@ -51,7 +53,9 @@ def _describe(name: str, source: str | None, cfg, params, fingerprint: str | Non
 def save_composition(directory: str, params: Any, *, model: ComposedLM,
                      frozen: Mapping[str, Any], sources: Mapping[str, Any],
                      fingerprints: Mapping[str, str]) -> None:
-    """Writes a composition export into `directory` (which must not hold one yet).
+    """Writes a composition export into `directory` (which must not hold one yet), all at once
+    (`checkpoints.write_atomically`: nothing appears in `directory` until the whole export is
+    there).
 
     Args:
       params: the trained composition tree ({augment name: ...}).
@@ -65,31 +69,45 @@ def save_composition(directory: str, params: Any, *, model: ComposedLM,
     if os.path.exists(os.path.join(directory, COMPOSITION_FILE)):
         raise ValueError(f"save_composition: {directory} already holds a composition export "
                          f"({COMPOSITION_FILE}); expected a new directory")
-    os.makedirs(directory, exist_ok=True)
-    spec = {
-        "format": FORMAT,
-        "anchor": _describe("anchor", sources["anchor"], model.anchor_config, frozen["anchor"],
-                            fingerprints.get("anchor"), directory),
-        "augments": {name: _describe(f"augment_{name}", sources["augments"][name], cfg,
-                                     frozen["augments"][name],
-                                     fingerprints.get(f"augments[{name!r}]"), directory)
-                     for name, cfg in model.augment_configs.items()},
-        "composition": {**dataclasses.asdict(model.config),
-                        "connections": {n: [list(p) for p in pairs]
-                                        for n, pairs in model.connections.items()}},
-    }
-    ckpt.save_params(os.path.join(directory, ckpt.PARAMS_DIR), params)
-    if jax.process_index() == 0:  # written last: its presence marks a complete export
-        with open(os.path.join(directory, COMPOSITION_FILE), "w") as f:
-            json.dump(spec, f, indent=2, sort_keys=True)
+    taken = [name for name in (ckpt.PARAMS_DIR, "frozen")
+             if os.path.exists(os.path.join(directory, name))]
+    if taken:
+        raise ValueError(f"save_composition: {directory} holds an unfinished export ({taken[0]}/ "
+                         f"without {COMPOSITION_FILE}); expected a new directory (remove it "
+                         f"to write the export again)")
+
+    def write(path: str) -> None:
+        spec = {
+            "format": FORMAT,
+            "anchor": _describe("anchor", sources["anchor"], model.anchor_config,
+                                frozen["anchor"], fingerprints.get("anchor"), directory, path),
+            "augments": {name: _describe(f"augment_{name}", sources["augments"][name], cfg,
+                                         frozen["augments"][name],
+                                         fingerprints.get(f"augments[{name!r}]"), directory,
+                                         path)
+                         for name, cfg in model.augment_configs.items()},
+            "composition": {**dataclasses.asdict(model.config),
+                            "connections": {n: [list(p) for p in pairs]
+                                            for n, pairs in model.connections.items()}},
+        }
+        ckpt.save_params(os.path.join(path, ckpt.PARAMS_DIR), params)
+        if jax.process_index() == 0:
+            with open(os.path.join(path, COMPOSITION_FILE), "w") as f:
+                json.dump(spec, f, indent=2, sort_keys=True)
+
+    ckpt.write_atomically(directory, write, marker=COMPOSITION_FILE)
 
 
 def read_spec(directory: str) -> dict[str, Any]:
     """The parsed composition.json of the export in `directory`."""
     path = os.path.join(directory, COMPOSITION_FILE)
     if not os.path.exists(path):
+        unfinished = (" (it holds an unfinished export: the run that wrote it stopped while "
+                      "exporting; rerun that command to write it again)"
+                      if os.path.exists(os.path.join(directory, ckpt.PARAMS_DIR)) else "")
         raise ValueError(f"composition export {directory!r}: no {COMPOSITION_FILE} (expected "
-                         f"the export/ directory of a finished compose run)")
+                         f"the export/ directory of a finished compose run){unfinished}"
+                         f"{ckpt.unfinished_note(directory)}")
     with open(path) as f:
         spec = json.load(f)
     if spec.get("format") != FORMAT:
@@ -143,6 +161,6 @@ def load_composition(directory: str, **runtime) -> tuple[ComposedLM, dict[str, A
     model = ComposedLM(anchor_cfg, augment_cfgs, CompositionConfig(**config))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           nn.unbox(jax.eval_shape(model.init_composition, jax.random.key(0))))
-    composition = ckpt.restore_params(os.path.join(directory, ckpt.PARAMS_DIR), target,
-                                      f"composition export {directory!r}")
+    what = f"composition export {directory!r}"
+    composition = ckpt.restore_params(ckpt.check_params_dir(directory, what), target, what)
     return model, {"anchor": anchor, "augments": augments, "composition": composition}

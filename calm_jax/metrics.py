@@ -1,6 +1,8 @@
 """Metric writers: clu's (TensorBoard events + logging) when TensorFlow and tensorboard are
 present (the `data` extra), else a TF-free writer; both also append every record to
-`<model_dir>/metrics.jsonl`.
+`<model_dir>/metrics.jsonl`. A resumed run (`resume_step`) first drops the records of the steps
+after the one it resumes from, which it is about to run again: each step's records appear once,
+as in a run that was never interrupted.
 
 clu's `metric_writers` package imports TensorFlow and tensorboard on import, and the GPU machine
 has neither, so the import happens here, lazily, with a fallback: the logging writer plus
@@ -18,8 +20,34 @@ from typing import Any, Mapping
 log = logging.getLogger("calm_jax")
 
 
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrites the JSON lines file `path` without the records of steps after `step` (and any
+    line that does not parse: the last one of a writer killed mid-line)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if record_step <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    log.info("%s: dropped %d records after step %d, where this run resumes", path,
+             len(lines) - len(kept), step)
+    with open(path + ".tmp", "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+    os.replace(path + ".tmp", path)
+
+
 class _JsonlWriter:
-    def __init__(self, path: str):
+    def __init__(self, path: str, resume_step: int | None = None):
+        if resume_step is not None:
+            _drop_records_after(path, resume_step)
         self._file = open(path, "a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -62,9 +90,13 @@ class _FallbackWriter:
 
 
 class MetricWriter:
-    """Writes scalars to every sink; only process 0 writes files (others log nothing)."""
+    """Writes scalars to every sink; only process 0 writes files (others log nothing).
 
-    def __init__(self, model_dir: str, *, is_chief: bool = True):
+    `resume_step`: the step a run resumes from (0: from scratch); the records metrics.jsonl
+    holds for later steps are dropped first. None: append to what is there.
+    """
+
+    def __init__(self, model_dir: str, *, is_chief: bool = True, resume_step: int | None = None):
         self._sinks: list[Any] = []
         if not is_chief:
             return
@@ -78,7 +110,7 @@ class MetricWriter:
                 log.warning("clu's metric writer failed (%s: %s); using the fallback writer",
                             type(e).__name__, e)
             self._sinks.append(_FallbackWriter(model_dir, why=f"{type(e).__name__}: {e}"))
-        self._sinks.append(_JsonlWriter(os.path.join(model_dir, "metrics.jsonl")))
+        self._sinks.append(_JsonlWriter(os.path.join(model_dir, "metrics.jsonl"), resume_step))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         if "step" in scalars:
