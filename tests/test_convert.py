@@ -632,3 +632,26 @@ def test_seqio_vocabulary(tmp_path):
     ds = tf.data.Dataset.from_tensor_slices([text, "paris"]).map(vocab.encode_tf)
     assert [x.tolist() for x in ds.as_numpy_iterator()] == batch.to_list()
     assert vocab == tokenizers.seqio_vocabulary(tok)
+
+
+def test_cli_a_truncated_gguf_is_one_error_line(tmp_path):
+    """A GGUF file cut short, in its header or in its tensor data, ends the command with one
+    `error:` line naming the file and exit status 2 (not a struct.error traceback)."""
+    from calm_jax.convert.gguf_file import GGUFFile
+
+    _, path = _tiny_gguf(tmp_path, "llama")
+    data = open(path, "rb").read()
+    cuts = {"header": 40, "metadata": len(data) // 20, "tensor data": len(data) - 7}
+    for where, size in cuts.items():
+        cut = tmp_path / f"cut_{size}.gguf"
+        cut.write_bytes(data[:size])
+        with pytest.raises(ValueError, match=rf"^{cut}: truncated GGUF file: "):
+            GGUFFile(str(cut))
+    (tmp_path / "tiny.gguf").write_bytes(data[:10])
+    with pytest.raises(ValueError, match="shorter than a GGUF header"):
+        GGUFFile(str(tmp_path / "tiny.gguf"))
+    result = _run_cli("--source", str(tmp_path / f"cut_{cuts['metadata']}.gguf"), "--format",
+                      "gguf", "--out", str(tmp_path / "out"))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and "truncated GGUF file" in errors[0], result.stderr

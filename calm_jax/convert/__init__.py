@@ -3,7 +3,7 @@
     cfg, params = from_hf("path/to/hf_model_dir")      # config.json + safetensors / .bin
     cfg, params = from_gguf("path/to/model.gguf")      # llama.cpp file, dequantised
     convert(source, "gguf", out_dir)                   # = python -m calm_jax.convert ...
-    cfg, params = load_converted(out_dir)              # what the trainer loads
+    cfg, params = load_converted(out_dir)              # a model export, checked
     tokenizer = load_tokenizer(out_dir)                # calm_jax.tokenizers.Tokenizer
 
 Returned params are float32 numpy arrays laid out exactly like

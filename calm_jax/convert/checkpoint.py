@@ -7,9 +7,12 @@ Layout of an output directory:
     DIR/tokenizer/           calm_jax.tokenizers.Tokenizer.save() (when the source has one)
     DIR/conversion.json      source path and format, parameter count, fingerprint
 
-`load_converted(DIR)` is what the trainer uses for frozen anchor / augmenting models. The
-fingerprint (`calm_jax.checkpoints.params_fingerprint`: the architecture and every parameter's
-bits) is the one a composition checkpoint records for the frozen weights it was trained against.
+A converted model is a `calm_jax.checkpoints` model export plus the tokenizer and
+conversion.json: the trainer loads frozen anchor / augmenting models from it with
+`calm_jax.checkpoints.load_model` (a `ModelSpec.checkpoint` names DIR), and `load_converted(DIR)`
+is the same load with a check of the tree against the config. The fingerprint
+(`calm_jax.checkpoints.params_fingerprint`: the architecture and every parameter's bits) is the
+one a composition checkpoint records for the frozen weights it was trained against.
 """
 
 from __future__ import annotations

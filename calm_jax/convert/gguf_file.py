@@ -15,6 +15,7 @@ a linear weight reads as `[out, in]`, as in PyTorch.
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 from typing import Any
 
@@ -54,11 +55,29 @@ class GGUFFile:
     """Metadata and tensors of one GGUF file."""
 
     def __init__(self, path: str):
+        """Reads the header; a file that is not GGUF, or is cut short (in its header or its
+        tensor data), raises ValueError naming the file."""
         self.path = path
+        if os.path.getsize(path) < 24:
+            raise ValueError(f"{path}: not a GGUF file, or a truncated one: "
+                             f"{os.path.getsize(path)} bytes, shorter than a GGUF header")
         self._data = np.memmap(path, dtype=np.uint8, mode="r")
         buf = memoryview(self._data)
         if bytes(buf[:4]) != b"GGUF":
             raise ValueError(f"{path}: not a GGUF file (magic {bytes(buf[:4])!r})")
+        try:
+            self._read_header(buf)
+        except struct.error:
+            raise ValueError(f"{path}: truncated GGUF file: its header (metadata and tensor "
+                             f"list) runs past the end of the file ({len(buf)} bytes)") from None
+        end = max((t.offset + t.nbytes for t in self.tensors.values()), default=0)
+        if end > len(buf):
+            last = max(self.tensors.values(), key=lambda t: t.offset + t.nbytes)
+            raise ValueError(f"{path}: truncated GGUF file: tensor {last.name!r} ends at byte "
+                             f"{end}, the file has {len(buf)} bytes")
+
+    def _read_header(self, buf) -> None:
+        path = self.path
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
         if version not in (2, 3):
             raise ValueError(f"{path}: GGUF version {version} is not supported (expected 2 or 3)")
@@ -88,6 +107,8 @@ class GGUFFile:
     @staticmethod
     def _string(buf, pos: int) -> tuple[str, int]:
         (n,) = struct.unpack_from("<Q", buf, pos)
+        if pos + 8 + n > len(buf):
+            raise struct.error(f"a string of {n} bytes at byte {pos} runs past the end")
         return bytes(buf[pos + 8: pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
 
     def _value(self, buf, pos: int, vtype: int) -> tuple[Any, int]:
@@ -101,6 +122,9 @@ class GGUFFile:
             pos += 12
             if etype in _NUMPY:
                 dtype = np.dtype(_NUMPY[etype])
+                if pos + count * dtype.itemsize > len(buf):
+                    raise struct.error(f"an array of {count} values at byte {pos} runs past "
+                                       f"the end")
                 arr = np.frombuffer(buf, dtype=dtype, count=count, offset=pos).copy()
                 return arr.tolist(), pos + count * dtype.itemsize
             out = []
