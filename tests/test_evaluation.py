@@ -358,6 +358,89 @@ def test_signalling_the_evaluator_fails(contained):
     assert (result.passed, result.status) == (False, "failed")
 
 
+def _processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose command line contains ``marker``."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{name}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if marker.encode() in cmdline and state != b"Z":
+            pids.append(int(name))
+    return pids
+
+
+# Starts, past the audit hook, a child in its own session and a child that
+# starts a grandchild in its own session and exits (so the grandchild is an
+# orphan); each sleeps with MARKER in its command line.
+_ESCAPING_TREE = textwrap.dedent(
+    """
+    import subprocess, sys
+    sys.audit = lambda *args: None  # subprocess raises its audit event from Python code.
+    sleeper = ["-c", "import time; time.sleep(120)", {marker!r}]
+    subprocess.Popen([sys.executable, *sleeper], start_new_session=True)
+    spawner = "import subprocess, sys; subprocess.Popen([sys.executable] + sys.argv[1:], start_new_session=True)"
+    subprocess.run([sys.executable, "-c", spawner, *sleeper], check=True)
+    print("spawned", flush=True)
+    """
+)
+
+
+@linux_only
+@pytest.mark.parametrize("ending", ["exits", "times out"])
+def test_processes_that_left_the_session_die_with_the_program(contained, ending):
+    marker = f"calm-jax-tree-test-{os.getpid()}-{ending.replace(' ', '-')}"
+    program = _ESCAPING_TREE.format(marker=marker)
+    if ending == "times out":
+        program += "import time\ntime.sleep(120)\n"
+    try:
+        result = run_program(program, timeout_s=5 if ending == "times out" else 30, kernel_guards=False)
+        if "spawned" not in result.stdout:
+            assert "BlockingIOError" in result.stderr or "Resource temporarily unavailable" in result.stderr, result
+            pytest.skip("RLIMIT_NPROC=0 stops every new process here (the evaluator is not root)")
+        assert result.status == ("timeout" if ending == "times out" else "passed"), result
+        assert _processes_with(marker) == []
+    finally:
+        for pid in _processes_with(marker):  # Never leave them behind, even when the test fails.
+            os.kill(pid, signal.SIGKILL)
+
+
+@linux_only
+def test_check_passes_only_when_the_check_returns(contained):
+    check = sandbox.Check("def check(candidate):\n    assert candidate(3) == 9\n", candidate="square")
+    right = run_program("def square(x):\n    return x * x\n", timeout_s=30, check=check)
+    assert (right.passed, right.status, right.returncode) == (True, "passed", 0)
+    wrong = run_program("def square(x):\n    return x + x\n", timeout_s=30, check=check)
+    assert (wrong.passed, wrong.status) == (False, "failed")
+    assert "AssertionError" in wrong.stderr and "the check did not pass" in wrong.stderr
+    missing = run_program("def cube(x):\n    return x ** 3\n", timeout_s=30, check=check)
+    assert (missing.passed, missing.status) == (False, "failed")
+    assert "the program defines no 'square'" in missing.stderr
+    exits = run_program("def square(x):\n    return 0\nprint('ok')\nraise SystemExit(0)\n", timeout_s=30, check=check)
+    assert (exits.passed, exits.status, exits.returncode) == (False, "failed", 0)
+    no_function = sandbox.Check("def test(candidate):\n    pass\n", candidate="square")
+    unnamed = run_program("def square(x):\n    return x * x\n", timeout_s=30, check=no_function)
+    assert (unnamed.passed, unnamed.status) == (False, "failed")
+    assert "defines no function 'check'" in unnamed.stderr
+
+
+def test_check_rejects_bad_fields():
+    with pytest.raises(TypeError, match="Check.source must be a str"):
+        sandbox.Check(b"def check(c): pass", candidate="f")
+    with pytest.raises(ValueError, match="Check.candidate must be a Python identifier, got 'not a name'"):
+        sandbox.Check("def check(c): pass", candidate="not a name")
+    with pytest.raises(ValueError, match="Check.function must be a Python identifier, got ''"):
+        sandbox.Check("def check(c): pass", candidate="f", function="")
+    with pytest.raises(TypeError, match="check must be a calm_jax.sandbox.Check or None, got str"):
+        run_program("pass", check="def check(c): pass")
+
+
 _KERNEL_PROBE = textwrap.dedent(
     """
     import json, os, socket, sys
