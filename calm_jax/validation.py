@@ -165,24 +165,31 @@ def check_batch(batch: Mapping[str, Any], *, vocab_size: int, max_len: int | Non
     return batch
 
 
-def model_limits(model: Any) -> dict[str, int | None]:
-    """{'vocab_size', 'max_len'} to check a model's inputs against (`check_tokens(tokens,
-    **model_limits(model))`): for a `TransformerConfig`, a `Decoder` or a `ComposedLM` (whose
-    models share one vocabulary). `max_len` is the smallest among the models with learned
-    positions, None when none has them."""
+def model_limits(*models: Any) -> dict[str, int | None]:
+    """{'vocab_size', 'max_len'} to check the token stream of one or more models against
+    (`check_tokens(tokens, **model_limits(model))`): each a `TransformerConfig`, a `Decoder`
+    or a `ComposedLM`. `vocab_size` is the first model's (a `ComposedLM`'s anchor's);
+    `max_len` the smallest among the models with learned positions that read that stream
+    (those of the first model's vocabulary size: an augmenting model with its own tokenizer
+    reads its own tokens), None when none has learned positions (RoPE has no length limit)."""
     from calm_jax.models.config import TransformerConfig
 
-    if isinstance(model, TransformerConfig):
-        configs = [model]
-    elif hasattr(model, "anchor_config") and hasattr(model, "augment_configs"):
-        configs = [model.anchor_config, *model.augment_configs.values()]
-    elif isinstance(getattr(model, "config", None), TransformerConfig):
-        configs = [model.config]
-    else:
-        raise ValueError(f"model: expected a TransformerConfig, Decoder or ComposedLM, got "
-                         f"{type(model).__name__}")
-    learned = [c.max_len for c in configs if c.position == "learned"]
-    return {"vocab_size": configs[0].vocab_size, "max_len": min(learned) if learned else None}
+    configs = []
+    for model in models:
+        if isinstance(model, TransformerConfig):
+            configs.append(model)
+        elif hasattr(model, "anchor_config") and hasattr(model, "augment_configs"):
+            configs += [model.anchor_config, *model.augment_configs.values()]
+        elif isinstance(getattr(model, "config", None), TransformerConfig):
+            configs.append(model.config)
+        else:
+            raise ValueError(f"model: expected a TransformerConfig, Decoder or ComposedLM, got "
+                             f"{type(model).__name__}")
+    if not configs:
+        raise ValueError("model_limits: expected at least one model, got none")
+    vocab = configs[0].vocab_size
+    learned = [c.max_len for c in configs if c.position == "learned" and c.vocab_size == vocab]
+    return {"vocab_size": vocab, "max_len": min(learned) if learned else None}
 
 
 # Checked mode (checkify) ---------------------------------------------------------------------
@@ -225,7 +232,7 @@ def checked_apply(model: Any, params: Any, tokens: Any, **kwargs: Any) -> jax.Ar
     err, logits = _checked_apply(model, params, tokens, **kwargs)
     message = err.get()
     if message is not None:
-        raise ValueError(re.sub(r" \(`?check`? failed.*\)\s*$", "", message, flags=re.S))
+        raise ValueError(re.sub(r" \(`?check`? failed.*\)\s*$", "", message, flags=re.DOTALL))
     return logits
 
 
