@@ -15,7 +15,9 @@ CORE = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    # setuptools: tests/test_packaging.py builds the wheel without build isolation (>=70.1
+    # builds wheels without the `wheel` package). ruff: the linter .ci/run runs.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "setuptools>=70.1"],
     # seqio tasks and TFDS data; the core imports without these. Checked together with
     # jax 0.10.2 on Python 3.11 and with jax 0.11.2 on Python 3.12 (the whole suite on each):
     # tensorflow 2.21.0, tensorflow-text 2.21.1, seqio 0.0.20, tensorflow-datasets 4.9.10,
@@ -40,7 +42,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["calm_jax", "calm_jax.*", "tasks", "tasks.*"]),
+    # The gin files ship inside the package, as `calm_jax.gin_configs` (the repository keeps them
+    # in `gin/`); `calm_jax.train.gin_dir()` finds them in either place.
+    packages=find_packages(include=["calm_jax", "calm_jax.*", "tasks", "tasks.*"])
+    + ["calm_jax.gin_configs"],
+    package_dir={"calm_jax.gin_configs": "gin"},
+    package_data={"calm_jax.gin_configs": ["*.gin", "*/*.gin", "*/*/*.gin"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["calm-train=calm_jax.train:console_main"]},
