@@ -7,7 +7,8 @@ For every augmenting model `name`, `connections[name]` lists pairs (augment_laye
     delta = cross_attn_i(q = norm(H_anchor[anchor_layer]), kv = p_i)  [batch, len, D_anchor]
     H_anchor[anchor_layer] <- H_anchor[anchor_layer] + delta      (the input of the next layer)
 
-The paper's `f_proj` and `f_cross` (FACTS.md, section 3), with three documented choices:
+The paper's `f_proj` and `f_cross` (Bansal et al., 2024, "LLM Augmented LLMs: Expanding
+Capabilities through Composition", section 3), with three documented choices:
 
 * Causality. Both models read the same token stream; anchor position t only sees augmenting
   positions s <= t of the same packed segment that are not padding. With
@@ -55,14 +56,16 @@ from typing import Any, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
-from flax import struct
+from flax import struct, traverse_util
 
 from calm_jax.bridge import Bridge, connection_params
-from calm_jax.models.config import TransformerConfig
+from calm_jax.models.config import TransformerConfig, check_bool, check_real
 from calm_jax.models.attention import attention_mask
 from calm_jax.models.attention import KVCache, cache_mask, make_cache_context
 from calm_jax.models.transformer import REMAT_POLICIES, Decoder, layers_unstacked
+from calm_jax.validation import check_like, check_token_array
 
 Array = jax.Array
 Connections = tuple[tuple[int, int], ...]
@@ -122,27 +125,50 @@ class CompositionConfig:
             raise ValueError("composition.augment_sees: expected 'all' with kind='fusion' "
                              "(position-wise fusion cannot read a prompt-only memory), "
                              "got 'prompt'")
-        if self.rope_theta is not None and not (
-                isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-            raise ValueError(f"composition.rope_theta: expected None or a positive number, "
-                             f"got {self.rope_theta!r}")
+        check_real("composition.rope_theta", self.rope_theta, above=1.0, allow_none=True)
         if self.rope_theta is not None and self.kind == "fusion":
             raise ValueError("composition.rope_theta: expected None with kind='fusion' (it "
                              f"reads only the current position), got {self.rope_theta!r}")
         for name in ("num_heads", "head_dim"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value <= 0):
                 raise ValueError(f"composition.{name}: expected None or a positive integer, "
                                  f"got {value!r}")
-        # Normalise connections to hashable tuples of int pairs.
-        conns = {}
-        for name, pairs in dict(self.connections).items():
-            try:
-                conns[name] = tuple((int(a), int(b)) for a, b in pairs)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"composition.connections[{name!r}]: expected pairs "
-                                 f"(augment_layer, anchor_layer), got {pairs!r}") from e
-        object.__setattr__(self, "connections", conns)
+        for name in ("normalize_inputs", "proj_bias"):
+            check_bool(f"composition.{name}", getattr(self, name))
+        check_real("composition.norm_eps", self.norm_eps)
+        object.__setattr__(self, "connections", _normalize_connections(self.connections))
+
+
+def _is_layer_number(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _normalize_connections(connections: Any) -> dict[str, Connections]:
+    """{name: pairs} as hashable tuples of int pairs; raises ValueError naming the entry for a
+    non-mapping, an empty list of pairs, a pair that is not two integers (floats would be
+    truncated, bools read as 0/1)."""
+    if not isinstance(connections, Mapping):
+        raise ValueError(f"composition.connections: expected a mapping {{augment name: "
+                         f"((augment_layer, anchor_layer), ...)}}, got {connections!r}")
+    conns = {}
+    for name, pairs in connections.items():
+        field = f"composition.connections[{name!r}]"
+        try:
+            pairs = tuple(tuple(p) for p in pairs)
+        except TypeError:
+            pairs = None
+        if pairs is None or any(
+                len(p) != 2 or not all(_is_layer_number(x) for x in p) for p in pairs):
+            raise ValueError(f"{field}: expected pairs of integers (augment_layer, "
+                             f"anchor_layer), got {connections[name]!r}")
+        if not pairs:
+            raise ValueError(f"{field}: expected at least one (augment_layer, anchor_layer) "
+                             f"pair (leave the name out for the default connections), got "
+                             f"{connections[name]!r}")
+        conns[name] = tuple((int(a), int(b)) for a, b in pairs)
+    return conns
 
 
 def _validate_connections(name: str, pairs: Connections, augment: TransformerConfig,
@@ -228,7 +254,8 @@ class ComposedLM:
                              f"set (rotary pairs), got {self.head_dim}")
         self.connections: dict[str, Connections] = {}
         for name, cfg in self.augment_configs.items():
-            pairs = composition.connections.get(name) or default_connections(cfg, anchor)
+            pairs = (composition.connections[name] if name in composition.connections
+                     else default_connections(cfg, anchor))
             _validate_connections(name, pairs, cfg, anchor)
             self.connections[name] = pairs
         at_layer: dict[int, list[tuple[str, int]]] = {}
@@ -240,6 +267,7 @@ class ComposedLM:
         self.anchor = Decoder(anchor)
         self.augments = {name: Decoder(cfg) for name, cfg in self.augment_configs.items()}
         self.bridges = {name: self._bridge(name) for name in self.augment_configs}
+        self._expected_composition: dict[str, Any] | None = None
         # The same parameters one connection at a time (the per-connection decoding layout).
         self._single_bridges = {name: self._bridge(name, 1) for name in self.augment_configs}
 
@@ -295,6 +323,64 @@ class ComposedLM:
             per += (da + db) if c.normalize_inputs else 0
             total += len(pairs) * per
         return total
+
+    # Argument checks (at trace time: shapes, dtypes and tree structure only) -----------------
+
+    def check_params(self, params: Mapping[str, Any]) -> None:
+        """Raises ValueError naming the entry unless `params` (unboxed) holds 'anchor',
+        'augments' and 'composition' with an entry per augmenting model, and each stacked
+        composition tree has the parameter names and shapes this model creates (a
+        per-connection tree from `unstack_connections` is checked for its names only)."""
+        names = sorted(self.augment_configs)
+        if not isinstance(params, Mapping) or not {"anchor", "augments", "composition"} <= set(
+                params):
+            got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+            raise ValueError(f"params: expected a mapping with 'anchor', 'augments' and "
+                             f"'composition', got {got}")
+        for key in ("augments", "composition"):
+            tree = params[key]
+            given = sorted(tree) if isinstance(tree, Mapping) else None
+            if given is None or not set(names) <= set(given):
+                raise ValueError(f"params[{key!r}]: expected an entry for every augmenting "
+                                 f"model {names}, got {given if given is not None else tree!r}")
+        expected = self._composition_shapes()
+        for name in names:
+            tree = params["composition"][name]
+            if layers_unstacked(tree):
+                continue
+            want, got = traverse_util.flatten_dict(expected[name], sep="/"), None
+            try:
+                got = traverse_util.flatten_dict(dict(tree), sep="/")
+            except (TypeError, ValueError):
+                pass
+            field = f"params['composition'][{name!r}]"
+            if got is None or set(got) != set(want):
+                raise ValueError(f"{field}: expected parameters {sorted(want)}, got "
+                                 f"{sorted(got) if got is not None else type(tree).__name__}")
+            for path, leaf in sorted(want.items()):
+                shape = tuple(getattr(got[path], "shape", ()))
+                if shape != leaf.shape:
+                    raise ValueError(
+                        f"{field}['{path}']: expected shape {leaf.shape} (connections="
+                        f"{len(self.connections[name])}, augment embed_dim="
+                        f"{self.augment_configs[name].embed_dim}, anchor embed_dim="
+                        f"{self.anchor_config.embed_dim}, heads={self.num_heads}, "
+                        f"head_dim={self.head_dim}), got {shape}")
+
+    def _composition_shapes(self) -> dict[str, Any]:
+        """{name: tree of ShapeDtypeStruct} of fresh composition parameters (computed once)."""
+        if self._expected_composition is None:
+            self._expected_composition = nn.unbox(
+                jax.eval_shape(self.init_composition, jax.random.key(0)))
+        return self._expected_composition
+
+    def _check_inputs(self, tokens: Any, positions: Any = None, segment_ids: Any = None,
+                      prompt_mask: Any = None) -> None:
+        """Shape and dtype checks of the forward's inputs (static: no values are read)."""
+        shape = check_token_array(tokens, "tokens")
+        check_like(positions, shape, "positions")
+        check_like(segment_ids, shape, "segment_ids")
+        check_like(prompt_mask, shape, "prompt_mask", kind="bool")
 
     # Forward ------------------------------------------------------------------------------------
 
@@ -359,7 +445,9 @@ class ComposedLM:
                      prompt_mask: Array | None = None) -> Array:
         """The composed anchor's last residual stream [batch, length, D_anchor]: `apply`
         without the head (for a loss that applies the head a chunk at a time)."""
+        self._check_inputs(tokens, positions, segment_ids, prompt_mask)
         params = nn.unbox(params)
+        self.check_params(params)
         anchor_vars = {"params": params["anchor"]}
         positions, ctx = self.anchor.apply(anchor_vars, tokens, positions, segment_ids,
                                            method=Decoder.context)
@@ -475,7 +563,9 @@ class ComposedLM:
         """
         if logits not in ("last", "all"):
             raise ValueError(f"logits: expected 'last' or 'all', got {logits!r}")
+        self._check_inputs(tokens)
         params = nn.unbox(params)
+        self.check_params(params)
         t = tokens.shape[1]
         index, start = cache.anchor.index, cache.anchor.start
         anchor_cache = cache.anchor

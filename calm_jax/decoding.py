@@ -53,8 +53,9 @@ from flax import struct
 from calm_jax.bridge import unstack_connections
 from calm_jax.composition import ComposedCache, ComposedLM
 from calm_jax.models.attention import KVCache
-from calm_jax.models.config import TransformerConfig
+from calm_jax.models.config import TransformerConfig, is_real
 from calm_jax.models.transformer import Decoder, layers_unstacked, unstack_layers
+from calm_jax.validation import check_token_array
 
 Array = jax.Array
 Model = Union[Decoder, ComposedLM]
@@ -77,13 +78,13 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if not is_real(self.temperature) or self.temperature < 0:
             raise ValueError(f"sampling.temperature: expected a float >= 0 (0 is greedy), "
                              f"got {self.temperature!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"sampling.top_k: expected an integer >= 0 (0 is off), "
                              f"got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p: expected a float in (0, 1] (1 is off), "
                              f"got {self.top_p!r}")
 
@@ -275,7 +276,10 @@ def prefill(model: Model, params: Any, tokens: Array, lengths: Array, *,
     [batch] through the model; returns (logits [batch, vocab] float32 of each row's last prompt
     token, cache of `cache_len` slots with `index == prompt_len`). The cache is per-layer when
     the parameters are (`unstack_params`), else stacked."""
-    batch, prompt_len = tokens.shape
+    batch, prompt_len = check_token_array(tokens, "tokens")
+    if tuple(jnp.shape(lengths)) != (batch,):
+        raise ValueError(f"lengths: expected shape ({batch},) (one per prompt), got "
+                         f"{tuple(jnp.shape(lengths))}")
     _check_cache_len(model, prompt_len, cache_len)
     params = _plain_params(model, params)
     per_layer = params_layout(model, params) == "per_layer"
@@ -294,6 +298,10 @@ def decode_step(model: Model, params: Any, cache: Cache, tokens: Array) -> tuple
     """Appends one token per row, tokens [batch] int32; returns (logits [batch, vocab] of that
     token, cache). The cache is donated: use the returned one. It must have a free slot
     (`index < cache_len`); writes past the end are clamped by XLA, not detected."""
+    shape, dtype = tuple(jnp.shape(tokens)), jnp.result_type(tokens)
+    if len(shape) != 1 or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"tokens: expected integer token ids [batch] (one per row), got "
+                         f"{dtype} array of shape {shape}")
     return _extend(model, _plain_params(model, params), tokens[:, None].astype(jnp.int32), cache)
 
 

@@ -93,7 +93,7 @@ def test_rotary_cross_attention_reads_by_relative_position():
     # The rotation is in use: dropping it changes the logits.
     plain = ComposedLM(ANCHOR, {"kv": LLAMA_AUG})
     assert not np.allclose(jax.jit(plain.apply)(params, x), base, atol=1e-3)
-    with pytest.raises(ValueError, match=r"composition.rope_theta: expected None or a positive"):
+    with pytest.raises(ValueError, match=r"composition.rope_theta: expected None or a number > 1"):
         CompositionConfig(rope_theta=-1.0)
     with pytest.raises(ValueError, match=r"rope_theta: expected None with kind='fusion'"):
         CompositionConfig(rope_theta=10.0, kind="fusion")
