@@ -118,6 +118,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -356,9 +357,9 @@ def _run_in(root: str, program: str, *, timeout_s: float, config: dict, tail_cha
         f.write(program)
     os.close(os.open(proof_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     config = dict(config, workdir=workdir, program=program_path, report=report_path, proof=proof_path)
-    # The secret reaches the launcher through a pipe it reads and closes
-    # before forking the child that runs the program: never through argv, the
-    # environment or a file the program could read.
+    # The secret reaches the sandbox through a pipe that the child running
+    # the harness reads and closes before any program code runs: never
+    # through argv, the environment or a file the program could read.
     secret = secrets.token_hex(_SECRET_BYTES).encode() if config["check"] is not None else None
     pass_fds: tuple[int, ...] = ()
     if secret is not None:
@@ -508,12 +509,19 @@ def _reap_within(pid: int, patience_s: float) -> None:
 
 
 def _proof_matches(path: str, secret: bytes) -> bool:
-    """Whether the file at ``path`` holds exactly ``secret``."""
+    """Whether the regular file at ``path`` holds exactly ``secret``."""
     try:
-        with open(path, "rb") as f:
-            content = f.read(len(secret) + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        content = os.read(fd, len(secret) + 1)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
     return hmac.compare_digest(content, secret)
 
 
