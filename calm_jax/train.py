@@ -255,6 +255,9 @@ def gin_error_line(error: BaseException, bindings: Sequence[str]) -> str:
     lines = [x.strip() for x in text.splitlines() if x.strip()]
     message = (lines[0] if lines else type(error).__name__).split(" in config string:")[0]
     message = message.split(". Searched config paths:")[0]
+    required = re.match(r"(\S+?)(?:/macro\.value)? set to `%gin\.REQUIRED`", message)
+    if required:
+        message = f"{message} Pass --gin.{required.group(1)}=VALUE."
     filename, lineno = None, None
     if isinstance(error, SyntaxError):
         filename, lineno = error.filename, error.lineno
@@ -364,11 +367,17 @@ def run_cli(entry: Callable[[Sequence[str]], Any]) -> None:
     try:
         entry(sys.argv[1:])
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_without_gin_call_note(e)}", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_without_gin_call_note(e)}", file=sys.stderr)
         sys.exit(3)
+
+
+def _without_gin_call_note(error: BaseException) -> str:
+    """The message without the "In call to configurable ..." lines gin adds to an exception
+    raised inside a configured function."""
+    return str(error).split("\n  In call to configurable")[0]
 
 
 def console_main() -> None:
