@@ -206,7 +206,8 @@ def test_a_model_with_a_known_output_scores_exact_match_where_it_should(exports)
     assert results["metrics"]["exact_match"] == 100.0
     assert results["metrics"]["chrf"] == pytest.approx(100.0)
     # A stop string cuts the output before it; a wrong reference scores 0 for its example.
-    config = evaluate.EvalConfig(metrics=("exact_match",), max_new_tokens=12, stop=("x",))
+    config = evaluate.EvalConfig(metrics=("exact_match",), max_new_tokens=12, batch_size=2,
+                                 stop=("x",))
     results = evaluate.evaluate(Decoder(cfg), params, rows, tokenizer=BYTES, config=config)
     outputs = [r["output"] for r in results["examples"]]
     assert outputs == ["uvw", "", "z", "rstuvw", "w"]
@@ -310,13 +311,10 @@ def test_the_command_line_runs_a_gin_file(exports, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     stored = json.loads((out / "results.json").read_text())
     assert stored["metrics"]["exact_match"] == 80.0 and "chrf" in stored["metrics"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "calm_jax.evaluate", "--gin_file=eval/jsonl.gin",
-         f"--gin.MODEL=\"{root / 'anchor'}\"", f"--gin.EXAMPLES=\"{root / 'eval.jsonl'}\"",
-         f"--gin.OUTPUT_DIR=\"{out}\"", "--gin.TOKENIZER='bytes'", "--gin.METRICS=('f1',)"],
-        cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
-        env={**os.environ, "PYTHONPATH": REPO})
-    assert proc.returncode == 2 and "error: metrics: expected names among" in proc.stderr
+    with pytest.raises(ValueError, match=r"metrics: expected names among .*got 'f1'"):
+        evaluate.main(["--gin_file=eval/jsonl.gin", f"--gin.MODEL='{root / 'anchor'}'",
+                       f"--gin.EXAMPLES='{root / 'eval.jsonl'}'", f"--gin.OUTPUT_DIR='{out}'",
+                       "--gin.METRICS=('f1',)"])
 
 
 # The trainer's decode evaluation -------------------------------------------------------------
@@ -338,8 +336,16 @@ def _copy_arrays(rows=32, length=16):
             "decoder_loss_weights": weights}
 
 
-@pytest.mark.parametrize("mode", ["pretrain", "compose"])
-def test_the_trainer_logs_decode_metrics(exports, mode, tmp_path):
+def _train(model_dir, **kw):
+    return trainer.train(model_dir=str(model_dir), num_steps=3, eval_every=2, log_every=1,
+                         dataset=DatasetConfig(arrays_fn=_copy_arrays, batch_size=8, length=16),
+                         checkpoint=ckpt.CheckpointConfig(save_every=0, use_async=False),
+                         optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0), **kw)
+
+
+def test_the_trainer_logs_decode_metrics_of_a_composition(exports, tmp_path):
+    """compose mode with per-layer frozen trees: DecodeEval's metrics every eval_every steps and
+    at the end, in the history and metrics.jsonl, with results files of what decoding gives."""
     root, _ = exports
     examples = [{"input": "abc=", "target": "abc", "group": "g"},
                 {"input": "fed=", "target": "fed", "group": "h"}]
@@ -347,48 +353,42 @@ def test_the_trainer_logs_decode_metrics(exports, mode, tmp_path):
         examples=evaluate.ExampleSource(examples=examples), tokenizer="bytes",
         config=evaluate.EvalConfig(metrics=("exact_match", "chrf"), max_new_tokens=4,
                                    batch_size=2, start_id=0))
-    calls = []
-
-    def spy(model, params, step):  # a plain callable receives the model and its full tree
-        calls.append((type(model).__name__, step))
-        assert decoding.params_layout(model, params) in decoding.LAYOUTS
-        return {"rows": 2.0}
-
-    common = dict(model_dir=str(tmp_path / mode), num_steps=3, eval_every=2, log_every=1,
-                  dataset=DatasetConfig(arrays_fn=_copy_arrays, batch_size=8, length=16),
-                  checkpoint=ckpt.CheckpointConfig(save_every=0, use_async=False),
-                  optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=0))
-    if mode == "pretrain":
-        kw = dict(anchor=trainer.ModelSpec(config=CFG))
-    else:
-        kw = dict(anchor=trainer.ModelSpec(checkpoint=str(root / "anchor")),
-                  augments={"aug": trainer.ModelSpec(config=AUG_CFG)},
-                  frozen_layout="per_layer")
-    result = trainer.train(mode=mode, decode_eval=decode_eval, **common, **kw)
+    result = _train(tmp_path, mode="compose", decode_eval=decode_eval,
+                    anchor=trainer.ModelSpec(checkpoint=str(root / "anchor")),
+                    augments={"aug": trainer.ModelSpec(config=AUG_CFG)},
+                    frozen_layout="per_layer")
     logged = [(step, m) for step, m in result["history"] if "decode_eval/exact_match" in m]
     assert [step for step, _ in logged] == [2, 3]
-    final = json.loads((tmp_path / mode / "decode_eval" / "step_3" / "results.json").read_text())
-    assert logged[-1][1]["decode_eval/exact_match"] == final["metrics"]["exact_match"]
-    assert logged[-1][1]["decode_eval/chrf"] == pytest.approx(final["metrics"]["chrf"])
+    final = json.loads((tmp_path / "decode_eval" / "step_3" / "results.json").read_text())
+    assert logged[-1][1] == {"decode_eval/exact_match": final["metrics"]["exact_match"],
+                             "decode_eval/chrf": pytest.approx(final["metrics"]["chrf"])}
     assert set(final["groups"]) == {"g", "h"}
-    model = Decoder(CFG) if mode == "pretrain" else ComposedLM(CFG, {"aug": AUG_CFG})
-    params = result["params"] if mode == "pretrain" else {**jax.tree.map(
-        lambda x: x, result["frozen"]), "composition": result["params"]}
-    if mode == "compose":
-        params = decoding.unstack_params(model, params)
+    model = ComposedLM(CFG, {"aug": AUG_CFG})
+    params = decoding.unstack_params(model, {**result["frozen"],
+                                             "composition": result["params"]})
     direct = evaluate.evaluate(model, params, examples, tokenizer=BYTES,
                                config=decode_eval.config)
     assert [e["output"] for e in final["examples"]] == [e["output"] for e in direct["examples"]]
-    with open(tmp_path / mode / "metrics.jsonl") as f:
+    assert final["metrics"] == direct["metrics"]
+    with open(tmp_path / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records if "decode_eval/chrf" in r] == [2, 3]
-    if mode == "compose":  # the alphabet anchor, composition at init: the anchor's outputs
-        assert logged[0][1]["decode_eval/exact_match"] == 0.0
-        result = trainer.train(mode=mode, decode_eval=spy, **{**common, "model_dir": str(
-            tmp_path / "spy")}, **kw)
-        assert calls == [("ComposedLM", 2), ("ComposedLM", 3)]
-        assert [m["decode_eval/rows"] for _, m in result["history"]
-                if "decode_eval/rows" in m] == [2.0, 2.0]
+
+
+def test_the_trainer_gives_a_decode_callable_the_model_and_its_exported_tree(tmp_path):
+    seen = []
+
+    def spy(model, params, step):
+        seen.append((model, step, jax.tree.map(np.asarray, params)))
+        return {"steps_seen": float(len(seen))}
+
+    result = _train(tmp_path, mode="pretrain", anchor=trainer.ModelSpec(config=CFG),
+                    decode_eval=spy)
+    assert [(type(m).__name__, m.config, step) for m, step, _ in seen] == [
+        ("Decoder", CFG, 2), ("Decoder", CFG, 3)]
+    jax.tree.map(np.testing.assert_array_equal, seen[-1][2], result["params"])
+    assert [(step, m) for step, m in result["history"] if "decode_eval/steps_seen" in m] == [
+        (2, {"decode_eval/steps_seen": 1.0}), (3, {"decode_eval/steps_seen": 2.0})]
 
 
 def test_the_trainer_refuses_a_bad_decode_eval_before_training(tmp_path):
