@@ -737,7 +737,8 @@ def run(*, model: str, examples: ExampleSource, output_dir: str,
     fns = examples.metric_fns() if config.task_metrics else []
     results = evaluate(loaded, params, rows, tokenizer=tok, config=config, shots=shot_rows,
                        task_metric_fns=fns)
-    results = {"model": os.path.abspath(model), "examples_source": examples.describe(),
+    results = {"model": os.path.abspath(model), "output_dir": os.path.abspath(output_dir),
+               "examples_source": examples.describe(),
                **({"shots_source": shots.describe()} if shots is not None else {}), **results}
     if jax.process_index() == 0:
         paths = write_results(results, output_dir, max_examples=markdown_examples,
@@ -837,18 +838,40 @@ def trainer_hook(decode_eval, mode: str, *, anchor, augments: Mapping[str, Any],
     return hook
 
 
+PROG = "python -m calm_jax.evaluate"
+USAGE = f"""usage: {PROG} --gin_file=FILE [--gin_file=...] [--gin.KEY=VALUE ...]
+
+Decodes and scores what the gin files configure (calm_jax.evaluate.run), writing results.json,
+results.md and config.gin into its output_dir. Flags are those of python -m calm_jax.train:
+--gin_file (repeatable; also looked up under --gin_search_paths and the shipped gin folder),
+--gin.KEY=VALUE (short for --gin_bindings='KEY = VALUE'; strings need gin quotes:
+--gin.OUTPUT_DIR="'/tmp/eval'"), --gin_search_paths, and the multi-process flags.
+Example: {PROG} --gin_file=eval/jsonl.gin --gin.MODEL="'/tmp/run/export'" \\
+  --gin.EXAMPLES="'/data/test.jsonl'" --gin.OUTPUT_DIR="'/tmp/run/eval'"
+"""
+
+
 def main(argv: Sequence[str]) -> dict[str, Any]:
-    """Parses `--gin_file` / `--gin.KEY=VALUE` from argv and runs the configured `run()`."""
-    import gin
+    """Parses the command line as `calm_jax.train` does (`train.parse_args`, gin files and
+    bindings, multi-process flags) and runs the configured `run()`; `--help` prints the usage.
+    The gin configuration is written to `<output_dir>/config.gin`."""
     from calm_jax import train
 
-    files, bindings, rest = train.split_args(argv)
-    if rest:
-        raise ValueError(f"arguments: expected only --gin_file and --gin.KEY=VALUE, got {rest}")
-    if not files:
-        raise ValueError("--gin_file: expected at least one gin file, got none")
-    train.parse_gin(files, bindings)
-    return gin.get_configurable(run)()
+    if train.wants_help(argv):
+        print(USAGE)
+        return {}
+    args = train.parse_args(argv)
+    import gin
+
+    from calm_jax import distributed
+
+    distributed.initialize(**args.distributed)  # before anything touches a device
+    train.parse_gin_args(args)
+    results = gin.get_configurable(run)()
+    if jax.process_index() == 0:
+        with open(os.path.join(results["output_dir"], "config.gin"), "w") as f:
+            f.write(gin.config_str())
+    return results
 
 
 if __name__ == "__main__":

