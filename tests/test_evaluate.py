@@ -320,6 +320,28 @@ def test_the_command_line_runs_a_gin_file(exports, tmp_path):
                        "--gin.METRICS=('f1',)"])
 
 
+def test_the_shipped_eval_gin_files_configure_what_they_say():
+    import gin
+
+    from calm_jax import train
+
+    required = ["MODEL = 'm'", "OUTPUT_DIR = 'o'", "EXAMPLES = 'e.jsonl'", "SHOTS = 's.jsonl'"]
+    train.parse_gin(["eval/kshot.gin"], required)
+    config = gin.get_configurable(evaluate.EvalConfig)()
+    assert config.metrics == ("chrf", "chrf++") and config.stop == ("\n",)
+    assert config.sampling.greedy and config.prompt.num_shots == 5
+    assert config.prompt.shot_text({"input": "moni", "target": "hello"}) == "moni\n=> hello"
+    with gin.config_scope("shots"):
+        assert gin.get_configurable(evaluate.ExampleSource)().jsonl == "s.jsonl"
+    assert gin.get_configurable(evaluate.ExampleSource)().jsonl == "e.jsonl"
+    train.parse_gin(["eval/humaneval.gin"], required[:2])
+    config = gin.get_configurable(evaluate.EvalConfig)()
+    assert config.pass_at == [1, 10] and config.num_samples == 10
+    assert config.sampling == decoding.SamplingConfig(temperature=0.8, top_p=0.95)
+    assert gin.get_configurable(evaluate.ExampleSource)().humaneval
+    gin.clear_config()
+
+
 def test_help_prints_the_usage(capsys):
     assert evaluate.main(["--help"]) == {}
     assert "usage: python -m calm_jax.evaluate --gin_file=FILE" in capsys.readouterr().out
