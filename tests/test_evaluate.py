@@ -339,6 +339,13 @@ def test_the_shipped_eval_gin_files_configure_what_they_say():
     assert config.pass_at == [1, 10] and config.num_samples == 10
     assert config.sampling == decoding.SamplingConfig(temperature=0.8, top_p=0.95)
     assert gin.get_configurable(evaluate.ExampleSource)().humaneval
+    train.parse_gin(["runs/base.gin", "eval/during_training.gin"],
+                    ["MODEL_DIR = 'm'", "MODE = 'compose'", "DECODE_EXAMPLES = 'd.jsonl'",
+                     "DECODE_TOKENIZER = 'bytes'"])
+    decode_eval = gin.query_parameter("trainer.train.decode_eval").scoped_configurable_fn()
+    assert decode_eval.examples == evaluate.ExampleSource(jsonl="d.jsonl", max_examples=64)
+    assert decode_eval.tokenizer == "bytes" and decode_eval.config.stop == ("\n",)
+    assert decode_eval.config.metrics == ("exact_match", "chrf")
     gin.clear_config()
 
 
