@@ -160,3 +160,56 @@ def test_composition_params_that_do_not_fit_the_config_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"composition export .*: parameter \['kv'\]\[.* has "
                                          r"shape \(2, .*\), the config expects \(1, "):
         load_composition(export)
+
+
+class _Killed(BaseException):
+    """Stands for a kill at a chosen point (not an Exception: nothing may catch it)."""
+
+
+def test_an_export_stopped_before_composition_json_leaves_none_and_can_be_written_again(
+        tmp_path, monkeypatch):
+    """Stopped after params/ was written (before composition.json): no half export where the
+    export belongs, and writing it again works (it used to fail: params/ already exists)."""
+    model = _model()
+    params = _trained_params(model)
+    save_params = ckpt.save_params
+
+    def save_then_stop(path, tree):
+        save_params(path, tree)
+        if path == str(tmp_path / "export.partial" / "params"):  # the composition's own
+            raise _Killed
+
+    monkeypatch.setattr(ckpt, "save_params", save_then_stop)
+    with pytest.raises(_Killed):
+        _save(tmp_path, model, params, augment_exported=False)
+    assert not (tmp_path / "export").exists()
+    with pytest.raises(ValueError, match=r"no composition.json .*export.partial holds an "
+                                         r"unfinished export"):
+        load_composition(str(tmp_path / "export"))
+    monkeypatch.setattr(ckpt, "save_params", save_params)
+    shutil.rmtree(tmp_path / "anchor")  # _save writes the anchor's export again
+    export = _save(tmp_path, model, params, augment_exported=False)
+    assert read_spec(export)["augments"]["kv"]["checkpoint"] == os.path.join("frozen",
+                                                                             "augment_kv")
+    assert not (tmp_path / "export.partial").exists()
+    loaded_model, loaded = load_composition(export)
+    np.testing.assert_array_equal(loaded_model.apply(loaded, TOKENS), model.apply(params, TOKENS))
+
+
+def test_an_unfinished_composition_export_is_named(tmp_path):
+    model = _model()
+    params = _trained_params(model)
+    export = _save(tmp_path, model, params)
+    os.remove(os.path.join(export, COMPOSITION_FILE))
+    with pytest.raises(ValueError, match=r"no composition.json .* \(it holds an unfinished "
+                                         r"export: the run that wrote it stopped while "
+                                         r"exporting; rerun that command"):
+        load_composition(export)
+    with pytest.raises(ValueError, match=r"holds an unfinished export \(params/ without "
+                                         r"composition.json\)"):
+        save_composition(export, params["composition"], model=model,
+                         frozen={"anchor": params["anchor"], "augments": params["augments"]},
+                         sources={"anchor": None, "augments": {"kv": None}}, fingerprints={})
+    assert not ckpt.export_complete(export, COMPOSITION_FILE)
+    ckpt.discard_incomplete_export(export, COMPOSITION_FILE)
+    assert not os.path.exists(export)

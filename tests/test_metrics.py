@@ -163,6 +163,29 @@ def test_a_second_writer_appends_to_the_first_runs_records(tmp_path, no_clu):
     assert _records(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
 
 
+def test_a_resumed_writer_drops_the_records_after_its_step(tmp_path, no_clu):
+    """A run killed after step 5 that resumes from its step-3 checkpoint runs steps 4 and 5
+    again: their first records go (and a line cut short by the kill), so each step appears
+    once; records up to step 3 (an evaluation at 3 included) stay as they were."""
+    writer = MetricWriter(str(tmp_path))
+    for step in range(1, 6):
+        writer.write_scalars(step, {"loss": float(step)})
+        if step == 3:
+            writer.write_scalars(step, {"eval/loss": 9.0})
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')
+    writer = MetricWriter(str(tmp_path), resume_step=3)
+    for step in (4, 5):
+        writer.write_scalars(step, {"loss": 10.0 * step})
+    writer.close()
+    assert _records(tmp_path) == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 3.0},
+        {"step": 3, "eval/loss": 9.0}, {"step": 4, "loss": 40.0}, {"step": 5, "loss": 50.0}]
+    MetricWriter(str(tmp_path), resume_step=0).close()  # from scratch: nothing kept
+    assert _records(tmp_path) == []
+
+
 def test_close_closes_the_file(tmp_path, no_clu):
     writer = MetricWriter(str(tmp_path))
     writer.write_scalars(1, {"loss": 1.0})
