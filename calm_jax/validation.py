@@ -109,9 +109,12 @@ def check_tokens(tokens: Any, *, vocab_size: int, max_len: int | None = None,
     if max_len is not None and shape[1] > max_len:
         raise ValueError(f"{name}: expected length <= max_len={max_len} (the learned position "
                          f"table's size), got length {shape[1]}")
-    bad = (array < 0) | (array >= vocab_size)
     if valid is not None:
         check_like(valid, shape, f"{name} valid mask", kind="bool", like=name)
+    elif array.size == 0 or (array.min() >= 0 and array.max() < vocab_size):
+        return array
+    bad = (array < 0) | (array >= vocab_size)
+    if valid is not None:
         bad &= np.asarray(valid).astype(bool)
     if bad.any():
         raise _range_error(name, "token ids", 0, vocab_size, array, bad)
@@ -127,6 +130,8 @@ def check_positions(positions: Any, shape: tuple[int, ...], *, max_len: int | No
     check_like(positions, shape, name)
     array = np.asarray(positions)
     hi = np.iinfo(np.int32).max if max_len is None else max_len
+    if array.size == 0 or (array.min() >= 0 and array.max() < hi):
+        return
     bad = (array < 0) | (array >= hi)
     if bad.any():
         raise _range_error(name, "positions", 0, hi, array, bad)
