@@ -106,16 +106,10 @@ def seqio_source(config: DatasetConfig, *, process_index: int | None = None,
     def open_stream(shuffle: bool, num_epochs: int | None) -> TFRecords:
         return TFRecords(lambda: make_dataset(shuffle, num_epochs), convert)
 
-    source = sources.BatchSource("seqio", open_stream, length=config.length,
-                                 batch_size=config.batch_size, pack=config.pack, prompts=False,
-                                 shuffle=config.shuffle, num_epochs=config.num_epochs,
-                                 process_count=process_count, packed_rows=True)
-    try:
-        source.stream.make_dataset().take(1).get_single_element()
-    except (ValueError, _tf().errors.OutOfRangeError, _tf().errors.InvalidArgumentError) as e:
-        raise ValueError(f"dataset.name: {config.name!r} split {config.split!r} gives no "
-                         f"examples to process {process_index}: {e}") from e
-    return source
+    return sources.BatchSource("seqio", open_stream, length=config.length,
+                               batch_size=config.batch_size, pack=config.pack, prompts=False,
+                               shuffle=config.shuffle, num_epochs=config.num_epochs,
+                               process_count=process_count, packed_rows=True)
 
 
 def tfds_source(config: DatasetConfig, *, process_index: int | None = None,
@@ -140,7 +134,8 @@ def tfds_source(config: DatasetConfig, *, process_index: int | None = None,
     where = f"TFDS {config.name} split {config.split}"
 
     def make_dataset(shuffle: bool, num_epochs: int | None):
-        ds = builder.as_dataset(split=config.split, shuffle_files=False)
+        ds = builder.as_dataset(split=config.split, shuffle_files=False,
+                                read_config=tfds.ReadConfig(try_autocache=False))
         ds = ds.shard(process_count, process_index)
         if config.max_examples:
             ds = ds.take(config.max_examples)

@@ -298,8 +298,8 @@ class FileExamples:
             lines = [lines[i] for i in order]
         return lines
 
-    def next(self) -> Example | None:
-        empty = 0
+    def next(self) -> Example:
+        passed = 0  # block ends passed without an example
         while True:
             if self.num_epochs is not None and self.epoch >= self.num_epochs:
                 raise StopIteration
@@ -308,13 +308,16 @@ class FileExamples:
             if self.taken < len(self._lines):
                 line = self._lines[self.taken]
                 self.taken += 1
-                path = self.blocks[int(self._epoch_order()[self.block])][0]
-                return self.parse(line, path)
-            empty += 1
-            if empty > len(self.blocks):
-                raise ValueError(f"dataset.paths: process {self.process_index} found no lines "
-                                 f"in its {len(self.blocks)} blocks of {self.blocks[0][0]!r}...;"
-                                 f" use smaller dataset.block_bytes or more data")
+                example = self.parse(line, self.blocks[int(self._epoch_order()[self.block])][0])
+                if example is not None:
+                    return example
+                continue
+            passed += 1
+            if passed > len(self.blocks):
+                raise ValueError(f"dataset.paths: process {self.process_index} found no "
+                                 f"examples in its {len(self.blocks)} blocks of "
+                                 f"{self.blocks[0][0]!r}...; use smaller dataset.block_bytes "
+                                 f"or more data")
             self.block, self.taken, self._lines = self.block + 1, 0, None
             if self.block == len(self.blocks):
                 self.epoch, self.block, self._order = self.epoch + 1, 0, None
