@@ -395,6 +395,12 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+def _file_named(error: BaseException) -> str | None:
+    """The last file (not directory) a TensorStore error names as the one it failed to read."""
+    files = [f for f in re.findall(r'local file "([^"]+)"', str(error)) if not f.endswith("/")]
+    return files[-1] if files else None
+
+
 def _stored_tree_difference(stored: Any, target: Any) -> str | None:
     """How the stored tree (orbax metadata) differs from `target` by leaf name, shape (and
     None when it does not)."""
@@ -486,23 +492,25 @@ class Checkpointer:
         """
         meta = self._read_meta(step)
         state_dir = os.path.join(self.step_dir(step), "state")
-        metadata_file = os.path.join(state_dir, "_METADATA")
-        stored, error = None, None
-        if not os.path.isfile(metadata_file):
+        at_fault, stored, error = os.path.join(state_dir, "_METADATA"), None, None
+        manifest = os.path.join(state_dir, "manifest.ocdbt")
+        if not os.path.isfile(at_fault):
             error = "missing"
         else:
             try:
-                stored = ocp.StandardCheckpointer().metadata(state_dir)
-                stored = getattr(stored, "item_metadata", stored)
+                from etils import epath  # orbax's path type
+
+                stored = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir))
                 if stored is None:
                     error = "unreadable"
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 (whatever the reader raises, it is damage)
                 error = _one_line(e)
+                if not os.path.isfile(manifest):  # what the tree metadata is read through
+                    at_fault, error = manifest, "missing"
+                else:
+                    at_fault = _file_named(e) or state_dir
         if _any_process(error is not None):
-            manifest = os.path.join(state_dir, "manifest.ocdbt")
-            if error is not None and error != "missing" and not os.path.isfile(manifest):
-                metadata_file, error = manifest, "missing"  # what the tree metadata reads
-            raise self._damaged(step, metadata_file, error or "unreadable on another process")
+            raise self._damaged(step, at_fault, error or "unreadable on another process")
         difference = _stored_tree_difference(stored, abstract_state)
         if difference is not None:
             raise StateMismatch(difference)
@@ -518,16 +526,17 @@ class Checkpointer:
             state = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(as_stored)))["state"]
         except Exception as e:  # noqa: BLE001 (the tree matched: a failed read is damage)
-            error = _one_line(e)
+            error, at_fault = _one_line(e), _file_named(e) or state_dir
         if _any_process(error is not None):
-            raise self._damaged(step, state_dir, error or "unreadable on another process")
+            raise self._damaged(step, at_fault, error or "unreadable on another process")
         saved = meta.pop(CHECKSUM_KEY, None)
         if saved is not None and state_checksum(state) != saved:
             raise self._damaged(step, state_dir, f"the state's checksum is not the one saved "
                                                  f"with it ({CHECKSUM_KEY} in its meta)")
-        state = jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype),
-                             state, abstract_state)
-        return state, meta
+        leaves, treedef = jax.tree.flatten(state)
+        leaves = [x if x.dtype == t.dtype else x.astype(t.dtype)
+                  for x, t in zip(leaves, jax.tree.leaves(abstract_state))]
+        return jax.tree.unflatten(treedef, leaves), meta
 
     def restore_newest(self, restore: Callable[[int], tuple[Any, dict[str, Any]]]
                        ) -> tuple[int, Any, dict[str, Any]] | None:
