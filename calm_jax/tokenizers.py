@@ -12,6 +12,12 @@
 only when asked or when the model's own tokenizer does so by default (`add_bos`, e.g. Gemma).
 `decode` drops special (control) tokens.
 
+`encode_with_offsets(text)` gives the same ids and each token's byte span [start, end) in
+`text.encode("utf-8")`, read from the tokens' own bytes (`token_bytes`): the spans tile the
+text's bytes, or a `ValueError` says where the tokens' bytes leave the text (a tokenizer that
+normalises its input). Tokens with no text (an added BOS) get an empty span at their place.
+`calm_jax.alignment` aligns two tokenizers' streams of one text by these spans.
+
 `Tokenizer.save(dir)` writes the backend file (`tokenizer.json` or `tokenizer.model`) plus
 `calm_tokenizer.json` (special ids, `add_bos`); `Tokenizer.load(dir)` reads that back or
 reads a Hugging Face model directory.
@@ -75,6 +81,56 @@ class _HFBackend:
     def save(self, directory: str) -> None:
         self.tok.save(os.path.join(directory, "tokenizer.json"))
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for: a byte-level BPE piece mapped back to bytes, an added
+        token's own text."""
+        if not hasattr(self, "_added"):
+            spec = json.loads(self.tok.to_str())
+            decoder = spec.get("decoder") or {}
+            kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+            if "ByteLevel" not in kinds:
+                raise ValueError(f"token_bytes: expected a byte-level BPE tokenizer.json "
+                                 f"(decoder ByteLevel), got decoder {sorted(map(str, kinds))}")
+            self._added = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}
+        if i in self._added:
+            return self._added[i].encode("utf-8")
+        piece = self.tok.id_to_token(i)
+        if piece is None:
+            raise ValueError(f"token_bytes: expected an id in [0, {self.vocab_size()}), got {i}")
+        table = _byte_level_table()
+        try:
+            return bytes(table[ch] for ch in piece)
+        except KeyError:
+            raise ValueError(f"token_bytes: piece {piece!r} of id {i} is not byte-level "
+                             f"encoded") from None
+
+    def chunks(self, text: str) -> list[tuple[str, list[int]]]:
+        return [(text, self.encode(text))]
+
+    dummy_prefix = False
+
+
+def _byte_level_table() -> dict[str, int]:
+    """Byte-level BPE's printable character for every byte, inverted: {char: byte}. Bytes
+    that are printable Latin-1 (33-126, 161-172, 174-255) stand for themselves; the others
+    take the characters 256, 257, ... in byte order."""
+    global _BYTE_LEVEL
+    if _BYTE_LEVEL is None:
+        keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        kept = set(keep)
+        chars, extra = {}, 0
+        for b in range(256):
+            if b in kept:
+                chars[chr(b)] = b
+            else:
+                chars[chr(256 + extra)] = b
+                extra += 1
+        _BYTE_LEVEL = chars
+    return _BYTE_LEVEL
+
+
+_BYTE_LEVEL: dict[str, int] | None = None
+
 
 def _trie_pattern(words: Iterable[str]) -> str:
     """A regex matching the longest of `words` at a position (a trie, so scanning is fast)."""
@@ -115,20 +171,41 @@ class _SPBackend:
         self.special = {p.piece: i for i, p in enumerate(model.pieces)
                         if p.type in (_CONTROL, _USER_DEFINED) and p.piece}
         self.splitter = re.compile(_trie_pattern(self.special)) if self.special else None
+        # Whether SentencePiece puts a space before each text it encodes.
+        self.dummy_prefix = model.normalizer_spec.add_dummy_prefix
 
     def encode(self, text: str) -> list[int]:
+        return [i for _, ids in self.chunks(text) for i in ids]
+
+    def chunks(self, text: str) -> list[tuple[str, list[int]]]:
+        """(piece of text, its ids) in order: the text between special pieces goes through
+        SentencePiece on its own (each such piece takes the dummy prefix, if any)."""
         if self.splitter is None:
-            return list(self.sp.encode(text))
-        ids: list[int] = []
+            return [(text, list(self.sp.encode(text)))]
+        out: list[tuple[str, list[int]]] = []
         start = 0
         for match in self.splitter.finditer(text):
             if match.start() > start:
-                ids.extend(self.sp.encode(text[start:match.start()]))
-            ids.append(self.special[match.group()])
+                chunk = text[start:match.start()]
+                out.append((chunk, list(self.sp.encode(chunk))))
+            out.append((match.group(), [self.special[match.group()]]))
             start = match.end()
         if start < len(text):
-            ids.extend(self.sp.encode(text[start:]))
-        return ids
+            out.append((text[start:], list(self.sp.encode(text[start:]))))
+        return out
+
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes piece i stands for: "\u2581" is a space, <0xNN> byte pieces one byte,
+        control and user-defined pieces their own text."""
+        if not 0 <= i < self.vocab_size():
+            raise ValueError(f"token_bytes: expected an id in [0, {self.vocab_size()}), got {i}")
+        piece = self.sp.id_to_piece(i)
+        if self.sp.is_byte(i):
+            return bytes([int(piece[3:-1], 16)])
+        if self.sp.is_control(i) or piece in self.special:
+            return piece.encode("utf-8")
+        return piece.replace("\u2581", " ").encode("utf-8")
 
     def decode(self, ids: Sequence[int], skip_special: bool) -> str:
         del skip_special  # SentencePiece always drops control pieces when decoding
@@ -164,6 +241,16 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [b + self.offset for b in text.encode("utf-8")]
+
+    def token_bytes(self, ids: Iterable[int]) -> list[bytes]:
+        """Each id's byte (b"" for PAD, EOS, UNK and ids past the bytes)."""
+        return [bytes([i - self.offset]) if self.offset <= i < self.vocab_size else b""
+                for i in map(int, ids)]
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and each token's byte span: byte k is token k, span (k, k + 1)."""
+        ids = self.encode(text)
+        return ids, [(k, k + 1) for k in range(len(ids))]
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
         del skip_special  # PAD, EOS and UNK have no bytes
@@ -220,6 +307,51 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = True) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special)
+
+    def token_bytes(self, ids: Iterable[int]) -> list[bytes]:
+        """Each token's bytes as it stands in text; special tokens give their own text (as
+        `encode` finds them in text). The concatenation is the text the ids spell (before a
+        SentencePiece dummy prefix is removed); byte-level BPE tokens may hold part of a UTF-8
+        character."""
+        return [self._backend.token_bytes(i) for i in map(int, ids)]
+
+    def encode_with_offsets(self, text: str, *, add_bos: bool | None = None
+                            ) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and each token's byte span (start, end) in `text.encode("utf-8")`.
+
+        The spans are contiguous and cover every byte of the text; an added BOS has the empty
+        span (0, 0). Raises ValueError naming the tokenizer and the byte where its tokens' bytes
+        differ from the text's (a normalising tokenizer: lower-casing, Unicode normalisation,
+        dropped characters).
+        """
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        if self.add_bos if add_bos is None else add_bos:
+            if self.bos_id is None:
+                raise ValueError("add_bos: this tokenizer has no BOS token")
+            ids.append(self.bos_id)
+            spans.append((0, 0))
+        pos = 0
+        for chunk, chunk_ids in self._backend.chunks(text):
+            want = chunk.encode("utf-8")
+            pieces = self.token_bytes(chunk_ids)
+            got = b"".join(pieces)
+            skip = 1 if (self._backend.dummy_prefix and got[:1] == b" "
+                         and got[1:] == want) else 0
+            if got[skip:] != want:
+                at = next((k for k, (a, b) in enumerate(zip(got[skip:], want)) if a != b),
+                          min(len(got) - skip, len(want)))
+                raise ValueError(
+                    f"{self!r}: its tokens do not spell the text (the tokenizer changes it): "
+                    f"at byte {pos + at} the tokens give {got[skip + at:skip + at + 12]!r}, "
+                    f"the text {want[at:at + 12]!r}")
+            for i, piece in zip(chunk_ids, pieces):
+                n = max(len(piece) - skip, 0)
+                skip = max(skip - len(piece), 0)
+                ids.append(i)
+                spans.append((pos, pos + n))
+                pos += n
+        return ids, spans
 
     def piece_to_id(self, piece: str) -> int | None:
         return self._backend.piece_to_id(piece)
