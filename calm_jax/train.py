@@ -179,16 +179,18 @@ class _DropGinPathNotFound(logging.Filter):
 
 
 @contextlib.contextmanager
-def _gin_readers_guarded() -> Iterator[None]:
-    """While parsing: gin's file-existence checks answer False instead of raising, quietly.
+def _gin_lookup(folders: Sequence[str]) -> Iterator[None]:
+    """While parsing: gin looks files up in `folders` (after the path as given), and its
+    file-existence checks answer False instead of raising, quietly.
 
     gin's package-resource reader treats `include 'runs/base.gin'` as resource `base.gin` of a
     Python package `runs`; when the working directory holds a plain `runs/` folder (a
     namespace package, whose spec has no origin) it raises TypeError instead of moving on to
     the search paths. When there is no such package it logs an error (on the root logger) and
     answers False, and the search paths then find the file: that error is not shown. gin has
-    no public way to order or wrap its readers, so its reader list is swapped for guarded
-    copies for the duration of the parse and restored afterwards.
+    no public way to wrap its readers or to drop a search path, so its reader list is swapped
+    for guarded copies and its search paths extended for the duration of the parse; both are
+    restored afterwards.
     """
     import gin.config
 
@@ -201,15 +203,18 @@ def _gin_readers_guarded() -> Iterator[None]:
 
         return guarded
 
-    readers = gin.config._FILE_READERS
-    original = list(readers)
+    readers, prefixes = gin.config._FILE_READERS, gin.config._LOCATION_PREFIXES
+    original_readers, original_prefixes = list(readers), list(prefixes)
     quiet = _DropGinPathNotFound()
-    readers[:] = [(reader, guard(check)) for reader, check in original]
+    readers[:] = [(reader, guard(check)) for reader, check in original_readers]
+    for folder in folders:
+        gin.config.add_config_file_search_path(folder)
     logging.getLogger().addFilter(quiet)
     try:
         yield
     finally:
-        readers[:] = original
+        readers[:] = original_readers
+        prefixes[:] = original_prefixes
         logging.getLogger().removeFilter(quiet)
 
 
@@ -225,13 +230,11 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str],
 
     gin.clear_config()
     folders = [os.getcwd(), *search_paths, GIN_DIR]
-    for folder in folders:
-        gin.add_config_file_search_path(folder)
     for path in files:
         if not any(os.path.isfile(os.path.join(f, path)) for f in folders):
             raise ValueError(f"--gin_file: expected an existing file (here, or under "
                              f"{', '.join(folders[1:])}), got {path!r}")
-    with _gin_readers_guarded():
+    with _gin_lookup(folders):
         gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=True)
 
 

@@ -130,14 +130,15 @@ def test_gin_files_relative_to_the_working_directory_and_search_paths(tmp_path, 
     (tmp_path / "runs").mkdir()  # must not shadow the shipped include 'runs/base.gin'
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    readers = list(gin.config._FILE_READERS)
+    readers, prefixes = list(gin.config._FILE_READERS), list(gin.config._LOCATION_PREFIXES)
     for argv in (["--gin_file=mine/short.gin"],
                  ["--gin_file=short.gin", f"--gin_search_paths={mine}"]):
         train_cli.parse_gin_args(train_cli.parse_args([*argv, "--gin.MODEL_DIR='/tmp/x'"]))
         assert gin.query_parameter("%NUM_STEPS") == 7
         assert gin.query_parameter("%MODE") == "pretrain"  # from the shipped experiment
         assert train_cli.configured_model_dir() == "/tmp/x"
-    assert gin.config._FILE_READERS == readers  # gin's readers are left as they were
+    # gin's readers and search paths are left as they were.
+    assert gin.config._FILE_READERS == readers and gin.config._LOCATION_PREFIXES == prefixes
 
 
 def test_the_command_ends_with_one_error_line_not_a_traceback(tmp_path):
