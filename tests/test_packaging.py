@@ -34,8 +34,8 @@ def installed(tmp_path_factory):
         else:
             shutil.copy(path, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-index", "--no-build-isolation", "-w", str(root / "dist"),
-                    str(src)], check=True, cwd=root)
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-index", "--no-build-isolation",
+                    "-w", str(root / "dist"), str(src)], check=True, cwd=root)
     (wheel,) = glob.glob(str(root / "dist" / "*.whl"))
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(root / "site"),
                     wheel], check=True, cwd=root)
