@@ -98,14 +98,15 @@ def check_tokens(tokens: Any, *, vocab_size: int, max_len: int | None = None,
     ValueError naming `name`, the expected and the given value. Reads the values: call it on
     concrete arrays, never inside `jax.jit`.
     """
-    if isinstance(tokens, jax.core.Tracer):
-        raise ValueError(f"{name}: check_tokens reads concrete values; inside jit use "
-                         f"checked_apply or checkify_tokens")
     shape = check_token_array(tokens, name)
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or (
             vocab_size <= 0):
         raise ValueError(f"vocab_size: expected a positive integer, got {vocab_size!r}")
-    array = np.asarray(tokens)
+    try:
+        array = np.asarray(tokens)
+    except jax.errors.TracerArrayConversionError as e:
+        raise ValueError(f"{name}: check_tokens reads concrete values; inside jit use "
+                         f"checked_apply or checkify_tokens") from e
     if max_len is not None and shape[1] > max_len:
         raise ValueError(f"{name}: expected length <= max_len={max_len} (the learned position "
                          f"table's size), got length {shape[1]}")
