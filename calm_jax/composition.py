@@ -65,7 +65,7 @@ from calm_jax.models.config import TransformerConfig, check_bool, check_real
 from calm_jax.models.attention import attention_mask
 from calm_jax.models.attention import KVCache, cache_mask, make_cache_context
 from calm_jax.models.transformer import REMAT_POLICIES, Decoder, layers_unstacked
-from calm_jax.validation import check_like, check_token_array
+from calm_jax.validation import check_like, check_token_array, model_limits
 
 Array = jax.Array
 Connections = tuple[tuple[int, int], ...]
@@ -381,6 +381,11 @@ class ComposedLM:
         check_like(positions, shape, "positions")
         check_like(segment_ids, shape, "segment_ids")
         check_like(prompt_mask, shape, "prompt_mask", kind="bool")
+        max_len = model_limits(self)["max_len"]  # the augments read the anchor's positions
+        if positions is None and max_len is not None and shape[1] > max_len:
+            raise ValueError(f"tokens: expected length <= max_len={max_len} (the smallest "
+                             f"learned position table of the composed models), got length "
+                             f"{shape[1]}")
 
     # Forward ------------------------------------------------------------------------------------
 

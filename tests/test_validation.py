@@ -177,6 +177,14 @@ def test_learned_positions_model_rejects_sequences_past_max_len():
     assert np.all(np.isfinite(logits))
 
 
+def test_composed_lm_rejects_sequences_past_an_augments_learned_max_len():
+    model = ComposedLM(TINY, {"g": LEARNED}, CompositionConfig(connections={"g": ((1, 2),)}))
+    params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0))))
+    with pytest.raises(ValueError, match=r"tokens: expected length <= max_len=8 \(the "
+                                         r"smallest learned position table .*got length 9"):
+        jax.eval_shape(lambda p, t: model.apply(p, t), params, np.ones((1, 9), np.int32))
+
+
 # Parameter trees -------------------------------------------------------------------------------
 
 
