@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import os
 
+from calm_jax import evaluation
 from tasks import kv_arithmetic
 
 SEQIO_AVAILABLE = False
@@ -105,10 +106,6 @@ def _dataset_fn(
     )
 
 
-def _exact_match_metric(targets, predictions):
-    return kv_arithmetic.exact_match(list(targets), list(predictions))
-
-
 def register_kv_tasks(
     config: kv_arithmetic.KVConfig = kv_arithmetic.LAPTOP, prefix: str = ""
 ) -> list:
@@ -147,7 +144,7 @@ def register_kv_tasks(
             ),
             preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
             output_features=output_features(),
-            metric_fns=[_exact_match_metric],
+            metric_fns=[evaluation.seqio_metric("exact_match", key="accuracy")],
         )
     existing_mixtures = set(seqio.MixtureRegistry.names())
     for mixture, members in MIXTURES.items():

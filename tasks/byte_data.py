@@ -179,13 +179,3 @@ def to_numpy_batches(
 def max_sequence_length(examples: Iterable[Mapping[str, str]]) -> int:
     """Longest ``inputs + targets + EOS`` in tokens (to choose ``seq_len``)."""
     return max(sum(len(x) for x in tokenize_example(ex)) for ex in examples)
-
-
-def exact_match(targets: Sequence[str], predictions: Sequence[str]) -> dict[str, float]:
-    """Table 1's metric: percentage of predictions equal to the target string."""
-    if len(targets) != len(predictions):
-        raise ValueError("targets and predictions differ in length")
-    if not targets:
-        return {"accuracy": 0.0}
-    hits = sum(t.strip() == p.strip() for t, p in zip(targets, predictions))
-    return {"accuracy": 100.0 * hits / len(targets)}

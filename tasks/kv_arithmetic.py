@@ -629,7 +629,6 @@ from tasks.byte_data import (  # noqa: E402,F401  (re-exported)
     to_numpy_arrays,
     to_numpy_batches,
     max_sequence_length,
-    exact_match,
 )
 
 

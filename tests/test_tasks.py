@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 
+from calm_jax import evaluation  # noqa: E402
 from tasks import kv_arithmetic as kv  # noqa: E402
 
 SMALL = kv.KVConfig(num_keys=60, value_max=99, num_train=400, num_eval=80, seed=3)
@@ -493,7 +494,8 @@ def test_default_sequences_are_short():
 
 
 def test_exact_match():
-  assert kv.exact_match(["+1", "-2"], ["+1", "-3"]) == {"accuracy": 50.0}
+  metric = evaluation.seqio_metric("exact_match", key="accuracy")
+  assert metric(["+1", "-3"], ["+1", "-2"]) == {"accuracy": 50.0}  # seqio: targets first
 
 
 # ---------------------------------------------------------------- TensorFlow-free import path
