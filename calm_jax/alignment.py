@@ -10,6 +10,19 @@ of it is each token's byte END:
 sides this is the usual causal mask. An anchor token that can read no augmenting token (its text
 ends before the first augmenting token's) gets no update from that model.
 
+Held-back tail. A tokenizer may segment the end of a text differently once more text follows
+("the m" -> "Ġ", "m" but "the mat" -> "Ġmat"), so WHICH augmenting tokens end by byte e can
+depend on the bytes after e: reading them would leak the future. `read_ends` therefore gives
+each anchor token the last byte c <= e where the augment's segmentation is settled by the text
+up to e, and the anchor token reads the augmenting tokens that end by c (`byte_ends` = c). A
+byte position is settled where the character before it and the one at it are of classes no
+pre-tokenizer joins: a letter, then a non-letter; a digit, then a letter, space or symbol; a
+symbol, then a digit. The pre-tokenizers of byte-level BPE (GPT-2, SmolLM2, Llama 3, Qwen2) and
+SentencePiece's whitespace and script splitting all cut there; the rule is conservative
+elsewhere (within words, before a letter after a symbol, in whitespace), so an anchor token
+reads the augmenting model up to the end of the previous word-like piece. `stable_only=False`
+reads up to e itself (exact where both tokenizers are one, leaky across tokenizers).
+
 The cross-attention's rotary positions (`CompositionConfig.rope_theta`) are the byte ends too:
 query t at end[t], key s at end[s], so the relative position of a key is the number of bytes
 between the two tokens' ends (0: the augmenting token that ends where the anchor token ends).
@@ -136,6 +149,35 @@ def tokenize_pair(text: str, anchor: Any, augments: Mapping[str, Any]
     return first, out
 
 
+def _char_class(ch: str) -> int:
+    return 0 if ch.isalpha() else 1 if ch.isdigit() else 2 if ch.isspace() else 3
+
+
+# (class before, class at) -> the position between them is settled (module docstring).
+_SETTLED = {(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3), (3, 1)}
+
+
+def read_ends(text: str, ends: np.ndarray, *, stable_only: bool = True) -> np.ndarray:
+    """For anchor tokens ending at byte `ends` [n] of `text`: the byte up to which each reads
+    the augmenting models (the module docstring's held-back tail), a function of the text up to
+    its own end only. `stable_only=False` returns `ends`."""
+    ends = np.asarray(ends, np.int32)
+    if not stable_only:
+        return ends
+    widths = np.asarray([len(ch.encode("utf-8")) for ch in text], np.int64)
+    char_end = np.cumsum(widths)
+    char_start = char_end - widths
+    classes = [_char_class(ch) for ch in text]
+    settled = np.zeros(len(text), np.int64)  # byte position of a settled cut at char i, or 0
+    for i in range(1, len(text)):
+        if (classes[i - 1], classes[i]) in _SETTLED:
+            settled[i] = char_start[i]
+    best = np.maximum.accumulate(settled) if len(text) else settled
+    # A cut before char i is known once char i is wholly read: char_end[i] <= e.
+    known = np.searchsorted(char_end, ends, side="right") - 1
+    return np.where(known >= 0, best[np.maximum(known, 0)], 0).astype(np.int32)
+
+
 def cross_mask(anchor_ends: np.ndarray, augment_ends: np.ndarray,
                anchor_segments: np.ndarray | None = None,
                augment_segments: np.ndarray | None = None) -> np.ndarray:
@@ -153,7 +195,7 @@ def cross_mask(anchor_ends: np.ndarray, augment_ends: np.ndarray,
 
 
 def _example(text: str, anchor: Any, augments: Mapping[str, Any], length: int,
-             augment_length: int, add_eos: bool) -> dict[str, Any]:
+             augment_length: int, add_eos: bool, stable_only: bool) -> dict[str, Any]:
     """One text as (anchor inputs, targets, weights, input ends) and each augment's
     (ids, ends), cut to fit: the augmenting tokens kept are a prefix, and the anchor keeps only
     the inputs that see the same augmenting tokens as in the whole text."""
@@ -165,7 +207,8 @@ def _example(text: str, anchor: Any, augments: Mapping[str, Any], length: int,
     bos = getattr(anchor, "bos_id", None)
     targets = ids[:length]
     inputs = np.concatenate([[0], targets[:-1]]).astype(np.int32)
-    in_ends = np.concatenate([[0], ends[:len(targets) - 1]]).astype(np.int32)
+    in_ends = read_ends(text, np.concatenate([[0], ends[:len(targets) - 1]]),
+                        stable_only=stable_only)
     weights = np.ones(len(targets), np.float32)
     if bos is not None:
         weights[:min(1, len(targets))] *= targets[:1] != bos
@@ -185,12 +228,13 @@ def _example(text: str, anchor: Any, augments: Mapping[str, Any], length: int,
 
 def text_examples(texts: Sequence[str], anchor: Any, augments: Mapping[str, Any], *,
                   length: int, augment_length: int | None = None, pack: bool = False,
-                  add_eos: bool = True) -> dict[str, np.ndarray]:
+                  add_eos: bool = True, stable_only: bool = True) -> dict[str, np.ndarray]:
     """Texts -> the feature arrays of a composition across tokenizers (numpy, host).
 
     Anchor features [rows, length]: `decoder_input_tokens` (targets shifted right after a start
     token 0), `decoder_target_tokens` (the anchor's ids, EOS appended with `add_eos`),
-    `decoder_loss_weights` (0 on padding and on a BOS target), `decoder_byte_ends`, and with
+    `decoder_loss_weights` (0 on padding and on a BOS target), `decoder_byte_ends` (the byte
+    up to which each input reads the augments: `read_ends`, `stable_only`), and with
     `pack` `decoder_segment_ids` / `decoder_positions`. Per augmenting model `name`
     [rows, augment_length] (default `length`): `augments/{name}/tokens`, `.../positions`,
     `.../segment_ids` (0 on padding; the anchor's segment numbering) and `.../byte_ends`.
@@ -206,7 +250,8 @@ def text_examples(texts: Sequence[str], anchor: Any, augments: Mapping[str, Any]
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     augment_length = augment_length or length
     names = sorted(augments)
-    examples = [_example(t, anchor, augments, length, augment_length, add_eos) for t in texts]
+    examples = [_example(t, anchor, augments, length, augment_length, add_eos, stable_only)
+                for t in texts]
     rows: list[list[dict[str, Any]]] = []
     for ex in examples:
         if not len(ex["inputs"]):

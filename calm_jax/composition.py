@@ -60,6 +60,7 @@ import numpy as np
 import flax.linen as nn
 from flax import struct, traverse_util
 
+from calm_jax.alignment import AugmentInput
 from calm_jax.bridge import Bridge, connection_params
 from calm_jax.models.config import TransformerConfig, check_bool, check_real
 from calm_jax.models.attention import attention_mask
@@ -102,6 +103,11 @@ class CompositionConfig:
         and keys, at the positions of the shared token stream (anchor slot t and augmenting
         slot t hold the same token), so a head can read by relative position, e.g. the
         augmenting state of the current token. None: content-only attention (the paper's form).
+        Across tokenizers the positions are the tokens' byte ends (`calm_jax.alignment`).
+      shared_vocabulary: True: every model reads the anchor's token stream (vocab sizes must
+        match). False: each augmenting model reads the text through its own tokenizer; calls
+        pass its tokens and both sides' byte ends (`augment_inputs`, `byte_ends`; see
+        `calm_jax.alignment`). Needs kind='cross_attention' and augment_sees='all'.
     """
 
     connections: Mapping[str, Connections] = dataclasses.field(default_factory=dict)
@@ -113,6 +119,7 @@ class CompositionConfig:
     proj_bias: bool = True
     norm_eps: float = 1e-6
     rope_theta: float | None = None
+    shared_vocabulary: bool = True
 
     def __post_init__(self):
         if self.kind not in ("cross_attention", "fusion"):
@@ -139,6 +146,13 @@ class CompositionConfig:
             check_bool(f"composition.{name}", getattr(self, name))
         check_real("composition.norm_eps", self.norm_eps)
         object.__setattr__(self, "connections", _normalize_connections(self.connections))
+        check_bool("composition.shared_vocabulary", self.shared_vocabulary)
+        if not self.shared_vocabulary and (self.kind, self.augment_sees) != (
+                "cross_attention", "all"):
+            raise ValueError(f"composition.shared_vocabulary: expected True with kind="
+                             f"{self.kind!r} and augment_sees={self.augment_sees!r} (across "
+                             f"tokenizers only cross-attention over the whole text is "
+                             f"defined), got False")
 
 
 def _is_layer_number(x: Any) -> bool:
@@ -207,11 +221,19 @@ class ComposedCache:
         [batch, heads, mem_len, head_dim] arrays, laid out like a per-layer `KVCache`, so that
         no step copies connection i's memory out of a stack); empty for `kind="fusion"`, whose
         update only reads the current token's projected state.
+      ends: across tokenizers (`init_cache(augment_len=...)`, `extend_text`), {name: [batch,
+        mem_len] int32}, the byte end of the augmenting token in each memory slot (`NO_END` for
+        a slot not filled); empty otherwise.
     """
 
     anchor: KVCache
     augments: dict[str, KVCache]
     memory: dict[str, dict[str, Array]]
+    ends: dict[str, Array] = struct.field(default_factory=dict)
+
+
+# The byte end of an empty memory slot: no anchor token reads it.
+NO_END = 2 ** 31 - 1
 
 
 class ComposedLM:
@@ -235,10 +257,11 @@ class ComposedLM:
         for name, cfg in augments.items():
             if not isinstance(name, str) or not name.isidentifier():
                 raise ValueError(f"augments: expected identifier-like names, got {name!r}")
-            if cfg.vocab_size != anchor.vocab_size:
+            if composition.shared_vocabulary and cfg.vocab_size != anchor.vocab_size:
                 raise ValueError(
                     f"augments[{name!r}].vocab_size: expected the anchor's vocab_size="
-                    f"{anchor.vocab_size} (both models read the same token stream), "
+                    f"{anchor.vocab_size} (both models read the same token stream; "
+                    f"composition.shared_vocabulary=False composes across tokenizers), "
                     f"got {cfg.vocab_size}")
         heads = composition.num_heads or anchor.num_heads
         if composition.head_dim is None and anchor.embed_dim % heads:
@@ -390,8 +413,13 @@ class ComposedLM:
     # Forward ------------------------------------------------------------------------------------
 
     def memories(self, params: Mapping[str, Any], tokens: Array, positions: Array,
-                 segment_ids: Array | None) -> dict[str, dict[str, Array]]:
-        """Runs every augmenting model (no gradient) and projects its selected states."""
+                 segment_ids: Array | None,
+                 augment_inputs: Mapping[str, AugmentInput] | None = None
+                 ) -> dict[str, dict[str, Array]]:
+        """Runs every augmenting model (no gradient) and projects its selected states.
+
+        With `augment_inputs` each model reads its own stream instead of `tokens` (its own
+        positions and segment ids; the keys rotated at its tokens' byte ends)."""
         if layers_unstacked(params["composition"]):
             raise ValueError("params['composition']: expected stacked [connections, ...] "
                              "arrays (the training layout), got per-connection LayerLists "
@@ -400,15 +428,23 @@ class ComposedLM:
         for name, model in self.augments.items():
             frozen = jax.lax.stop_gradient(params["augments"][name])
             layers = [a for a, _ in self.connections[name]]
-            states = model.apply({"params": frozen}, tokens, layers, positions=positions,
-                                 segment_ids=segment_ids, method=Decoder.hidden_states)
+            if augment_inputs is None:
+                own, own_positions, own_segments, key_positions = (
+                    tokens, positions, segment_ids, positions)
+            else:
+                stream = augment_inputs[name]
+                own, own_positions, own_segments, key_positions = (
+                    stream.tokens, stream.positions, stream.segment_ids, stream.byte_ends)
+            states = model.apply({"params": frozen}, own, layers, positions=own_positions,
+                                 segment_ids=own_segments, method=Decoder.hidden_states)
             stacked = jax.lax.stop_gradient(jnp.stack([states[a] for a in layers]))
 
             def project(composition, stacked, positions, name=name):
                 return self.bridges[name].apply({"params": composition}, stacked, positions,
                                                 method=Bridge.memory)
 
-            out[name] = self._remat(project)(params["composition"][name], stacked, positions)
+            out[name] = self._remat(project)(params["composition"][name], stacked,
+                                             key_positions)
         return out
 
     def _remat(self, fn):
@@ -420,8 +456,23 @@ class ComposedLM:
         return fn if policy is None else jax.checkpoint(fn, policy=policy)
 
     def cross_mask(self, tokens: Array, segment_ids: Array | None,
-                   prompt_mask: Array | None) -> Array | None:
-        """[batch, 1, len, len] mask of anchor queries over augmenting keys; None = causal."""
+                   prompt_mask: Array | None, *, byte_ends: Array | None = None,
+                   augment_inputs: Mapping[str, AugmentInput] | None = None
+                   ) -> Array | dict[str, Array] | None:
+        """[batch, 1, len, len] mask of anchor queries over augmenting keys; None = causal.
+
+        With `augment_inputs`: {name: [batch, 1, len, aug_len]}, anchor token t reading
+        augmenting token s iff s ends at or before t's byte end, in t's segment, and is not
+        padding (`calm_jax.alignment`)."""
+        if augment_inputs is not None:
+            b, t = tokens.shape
+            seg = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
+            masks = {}
+            for name, stream in augment_inputs.items():
+                aug_seg = (jnp.ones(stream.tokens.shape, jnp.int32)
+                           if stream.segment_ids is None else stream.segment_ids)
+                masks[name] = attention_mask(seg, aug_seg, byte_ends, stream.byte_ends)
+            return masks
         if self.config.augment_sees == "prompt":
             if prompt_mask is None:
                 raise ValueError("prompt_mask: expected a [batch, length] bool array with "
@@ -435,10 +486,16 @@ class ComposedLM:
         return attention_mask(seg, seg, index, index, kv_valid=valid)
 
     def apply(self, params: Mapping[str, Any], tokens: Array, *, positions: Array | None = None,
-              segment_ids: Array | None = None, prompt_mask: Array | None = None) -> Array:
-        """tokens [batch, length] -> composed logits [batch, length, vocab] (float32)."""
+              segment_ids: Array | None = None, prompt_mask: Array | None = None,
+              byte_ends: Array | None = None,
+              augment_inputs: Mapping[str, AugmentInput] | None = None) -> Array:
+        """tokens [batch, length] -> composed logits [batch, length, vocab] (float32).
+
+        Across tokenizers (`calm_jax.alignment`), `augment_inputs` gives every augmenting
+        model's own stream and `byte_ends` [batch, length] the anchor tokens' byte ends."""
         h = self.final_states(params, tokens, positions=positions, segment_ids=segment_ids,
-                              prompt_mask=prompt_mask)
+                              prompt_mask=prompt_mask, byte_ends=byte_ends,
+                              augment_inputs=augment_inputs)
         return self.head(params, h)
 
     def head(self, params: Mapping[str, Any], h: Array) -> Array:
@@ -447,7 +504,8 @@ class ComposedLM:
 
     def final_states(self, params: Mapping[str, Any], tokens: Array, *,
                      positions: Array | None = None, segment_ids: Array | None = None,
-                     prompt_mask: Array | None = None) -> Array:
+                     prompt_mask: Array | None = None, byte_ends: Array | None = None,
+                     augment_inputs: Mapping[str, AugmentInput] | None = None) -> Array:
         """The composed anchor's last residual stream [batch, length, D_anchor]: `apply`
         without the head (for a loss that applies the head a chunk at a time)."""
         self._check_inputs(tokens, positions, segment_ids, prompt_mask)
@@ -456,15 +514,65 @@ class ComposedLM:
         anchor_vars = {"params": params["anchor"]}
         positions, ctx = self.anchor.apply(anchor_vars, tokens, positions, segment_ids,
                                            method=Decoder.context)
-        memories = self.memories(params, tokens, positions, segment_ids)
-        mask = self.cross_mask(tokens, segment_ids, prompt_mask)
+        self._check_streams(tokens, byte_ends, augment_inputs)
+        memories = self.memories(params, tokens, positions, segment_ids, augment_inputs)
+        mask = self.cross_mask(tokens, segment_ids, prompt_mask, byte_ends=byte_ends,
+                               augment_inputs=augment_inputs)
         h = self.anchor.apply(anchor_vars, tokens, positions, method=Decoder.embed)
 
         def run_segment(h, start, stop):
             return self.anchor.apply(anchor_vars, h, ctx, start, stop,
                                      method=Decoder.run_layers)
 
-        return self._anchor_layers(params, h, run_segment, memories, mask, positions)
+        query_positions = positions if augment_inputs is None else byte_ends
+        return self._anchor_layers(params, h, run_segment, memories, mask, query_positions)
+
+    def _check_streams(self, tokens: Array, byte_ends: Array | None,
+                       augment_inputs: Mapping[str, AugmentInput] | None) -> None:
+        """Raises ValueError naming the argument unless the cross-tokenizer inputs are all
+        given or all absent, for every augmenting model, with matching shapes."""
+        names = sorted(self.augment_configs)
+        if augment_inputs is None:
+            if not self.config.shared_vocabulary:
+                raise ValueError(f"augment_inputs: expected {{name: AugmentInput}} for "
+                                 f"{names} with composition.shared_vocabulary=False (each "
+                                 f"model reads its own tokens), got None")
+            if byte_ends is not None:
+                raise ValueError("byte_ends: expected None without augment_inputs (one shared "
+                                 "token stream), got an array")
+            return
+        if self.config.augment_sees != "all":
+            raise ValueError(f"augment_inputs: expected None with composition.augment_sees="
+                             f"{self.config.augment_sees!r} (across tokenizers the augment "
+                             f"reads the whole text), got {sorted(augment_inputs)}")
+        if self.config.kind != "cross_attention":
+            raise ValueError(f"augment_inputs: expected None with composition.kind="
+                             f"{self.config.kind!r} (position-wise fusion needs one token "
+                             f"stream), got {sorted(augment_inputs)}")
+        if not isinstance(augment_inputs, Mapping) or sorted(augment_inputs) != names:
+            got = sorted(augment_inputs) if isinstance(augment_inputs, Mapping) else (
+                type(augment_inputs).__name__)
+            raise ValueError(f"augment_inputs: expected one AugmentInput per augmenting model "
+                             f"{names}, got {got}")
+        if byte_ends is None or tuple(jnp.shape(byte_ends)) != tuple(tokens.shape):
+            raise ValueError(f"byte_ends: expected the anchor tokens' byte ends, shape "
+                             f"{tuple(tokens.shape)}, with augment_inputs, got "
+                             f"{None if byte_ends is None else tuple(jnp.shape(byte_ends))}")
+        for name in names:
+            stream = augment_inputs[name]
+            field = f"augment_inputs[{name!r}]"
+            if not isinstance(stream, AugmentInput):
+                raise ValueError(f"{field}: expected an AugmentInput, got "
+                                 f"{type(stream).__name__}")
+            shape = tuple(jnp.shape(stream.tokens))
+            if len(shape) != 2 or shape[0] != tokens.shape[0]:
+                raise ValueError(f"{field}.tokens: expected [batch={tokens.shape[0]}, "
+                                 f"aug_len], got shape {shape}")
+            for f in ("byte_ends", "positions", "segment_ids"):
+                value = getattr(stream, f)
+                if value is not None and tuple(jnp.shape(value)) != shape:
+                    raise ValueError(f"{field}.{f}: expected shape {shape} like its tokens, "
+                                     f"got {tuple(jnp.shape(value))}")
 
     def _anchor_layers(self, params: Mapping[str, Any], h: Array, run_segment,
                        memories: Mapping[str, Any], mask: Array | None,
@@ -479,6 +587,7 @@ class ComposedLM:
         """
         def update(name: str, i: int, h: Array) -> Array:
             tree, memory = params["composition"][name], memories[name]
+            own_mask = mask[name] if isinstance(mask, dict) else mask
             bridge, index = self.bridges[name], i
             if layers_unstacked(tree):
                 tree, memory = connection_params(tree, i), {k: (v[i],) for k, v in memory.items()}
@@ -487,7 +596,10 @@ class ComposedLM:
             def apply(composition, h, memory, mask, positions):
                 return bridge.apply({"params": composition}, index, h, memory, mask, positions)
 
-            return self._remat(apply)(tree, h, memory, mask, positions)
+            delta = self._remat(apply)(tree, h, memory, own_mask, positions)
+            if isinstance(mask, dict):  # across tokenizers a query may have no key: no update
+                delta = delta * jnp.any(own_mask, axis=-1)[:, 0, :, None].astype(delta.dtype)
+            return delta
 
         done = 0
         for layer, conns in self._at_layer:
@@ -503,15 +615,28 @@ class ComposedLM:
     # Cached decoding ----------------------------------------------------------------------------
 
     def init_cache(self, batch: int, cache_len: int, start: Array | None = None, *,
-                   prompt_len: int | None = None, per_layer: bool = False) -> ComposedCache:
+                   prompt_len: int | None = None, per_layer: bool = False,
+                   augment_len: int | None = None) -> ComposedCache:
         """An empty `ComposedCache` of `cache_len` slots; `start` [batch] are the left pads.
 
         With `augment_sees="prompt"`, `prompt_len` (the padded prompt width) is required: the
         augmenting caches and the memory then hold `prompt_len` slots only. `per_layer`: every
         `KVCache` holds one array per layer and the memory one per connection (the unrolled
         decoding layout, see `calm_jax.models.attention.KVCache`).
+
+        `augment_len`: across tokenizers (`extend_text`), every augmenting cache and memory holds
+        `augment_len` slots of its own tokens, and `ends` their byte ends.
         """
-        if self.config.augment_sees == "prompt":
+        if augment_len is not None:
+            if (not isinstance(augment_len, int) or augment_len <= 0
+                    or self.config.augment_sees != "all"
+                    or self.config.kind != "cross_attention"):
+                raise ValueError(f"augment_len: expected None, or a positive integer with "
+                                 f"kind='cross_attention' and augment_sees='all', got "
+                                 f"{augment_len!r} (kind={self.config.kind!r}, augment_sees="
+                                 f"{self.config.augment_sees!r})")
+            mem_len = augment_len
+        elif self.config.augment_sees == "prompt":
             if prompt_len is None or not 0 < prompt_len <= cache_len:
                 raise ValueError(f"prompt_len: expected an integer in [1, cache_len={cache_len}] "
                                  f"with composition.augment_sees='prompt', got {prompt_len!r}")
@@ -531,7 +656,90 @@ class ComposedLM:
                         if per_layer else jnp.zeros((n, batch, mem_len, h, d), dtype))
                     for k in ("key", "value")}
         anchor = KVCache.zeros(self.anchor_config, batch, cache_len, start, per_layer=per_layer)
-        return ComposedCache(anchor=anchor, augments=augments, memory=memory)
+        ends = {} if augment_len is None else {
+            name: jnp.full((batch, augment_len), NO_END, jnp.int32) for name in augments}
+        return ComposedCache(anchor=anchor, augments=augments, memory=memory, ends=ends)
+
+    def rewind(self, cache: ComposedCache, anchor_index: Array,
+               augment_index: Mapping[str, Array]) -> ComposedCache:
+        """The cache cut back to `anchor_index` anchor slots and `augment_index[name]` slots of
+        each named augmenting model (across tokenizers): later slots are overwritten by the next
+        `extend_text` and never read before, and their byte ends become `NO_END`."""
+        if not cache.ends:
+            raise ValueError("cache: expected a cache from init_cache(augment_len=...) "
+                             "(across tokenizers), got one without byte ends")
+        augments, ends = dict(cache.augments), dict(cache.ends)
+        for name, index in augment_index.items():
+            index = jnp.asarray(index, jnp.int32)
+            augments[name] = augments[name].replace(index=index)
+            slots = jnp.arange(ends[name].shape[1], dtype=jnp.int32)[None, :]
+            ends[name] = jnp.where(slots >= index, NO_END, ends[name])
+        anchor = cache.anchor.replace(index=jnp.asarray(anchor_index, jnp.int32))
+        return cache.replace(anchor=anchor, augments=augments, ends=ends)
+
+    def extend_text(self, params: Mapping[str, Any], tokens: Array, byte_ends: Array,
+                    cache: ComposedCache, augment_inputs: Mapping[str, AugmentInput], *,
+                    logits: str = "last") -> tuple[Array, ComposedCache]:
+        """Across tokenizers: appends each named augmenting model's new tokens
+        (`augment_inputs[name].tokens` [batch, S] with their `byte_ends`) to its own cache and
+        memory at its own index, then the anchor's tokens [batch, T] with their `byte_ends`
+        [batch, T]; returns (logits, cache) as `extend` does. Anchor token t reads the memory
+        slots whose byte end is at most its own (`calm_jax.alignment`); an anchor token that
+        reads none gets no update. Models not named get no tokens this call. The driver
+        (`calm_jax.decoding.generate_text`) rewinds (`rewind`) what the augment's tokenizer
+        re-segments and the anchor tokens that read it, then extends again."""
+        if logits not in ("last", "all"):
+            raise ValueError(f"logits: expected 'last' or 'all', got {logits!r}")
+        if not cache.ends:
+            raise ValueError("cache: expected a cache from init_cache(augment_len=...) "
+                             "(across tokenizers), got one without byte ends")
+        unknown = sorted(set(augment_inputs) - set(self.augment_configs))
+        if unknown:
+            raise ValueError(f"augment_inputs: expected names among {sorted(self.augments)}, "
+                             f"got unknown {unknown}")
+        params = nn.unbox(params)
+        t = tokens.shape[1]
+        anchor_cache = cache.anchor
+        ctx = make_cache_context(self.anchor_config, anchor_cache, t)
+        memories, augments, ends = dict(cache.memory), dict(cache.augments), dict(cache.ends)
+        for name, stream in sorted(augment_inputs.items()):
+            layers = [a for a, _ in self.connections[name]]
+            aug_index = cache.augments[name].index
+            _, states, augments[name] = self.augments[name].apply(
+                {"params": params["augments"][name]}, stream.tokens, cache.augments[name],
+                return_states=layers, logits=None, method=Decoder.extend)
+            new = self._new_memory(name, params["composition"][name], states,
+                                   stream.byte_ends)
+            memories[name] = {k: _write_memory(cache.memory[name][k], new[k], aug_index)
+                              for k in ("key", "value")}
+            zero = jnp.zeros((), jnp.int32)
+            ends[name] = jax.lax.dynamic_update_slice(
+                ends[name], stream.byte_ends.astype(jnp.int32), (zero, aug_index))
+        views = {name: {k: _memory_view(v) for k, v in mem.items()}
+                 for name, mem in memories.items()}
+        masks = {name: (e[:, None, None, :] <= byte_ends[:, None, :, None])
+                 for name, e in ends.items()}
+
+        anchor_vars = {"params": params["anchor"]}
+        h = self.anchor.apply(anchor_vars, tokens, ctx.positions, method=Decoder.embed)
+
+        def run_segment(h, start, stop):
+            nonlocal anchor_cache
+            h, anchor_cache = self.anchor.apply(anchor_vars, h, ctx, anchor_cache, start, stop,
+                                                method=Decoder.run_layers_cached)
+            return h
+
+        h = self._anchor_layers(params, h, run_segment, views, masks, byte_ends)
+        if logits == "last":
+            h = h[:, -1:]
+        out = self.anchor.apply(anchor_vars, h, method=Decoder.head)
+        if logits == "last":
+            out = out[:, 0]
+        memories = {name: {k: _constrain_memory(v) for k, v in mem.items()}
+                    for name, mem in memories.items()}
+        anchor_cache = anchor_cache.replace(index=cache.anchor.index + t).constrain()
+        return out, ComposedCache(anchor=anchor_cache, augments=augments, memory=memories,
+                                  ends=ends)
 
     def end_prompt(self, cache: ComposedCache) -> ComposedCache:
         """Call after the whole prompt has been fed: with `augment_sees="prompt"` the memory is

@@ -89,8 +89,8 @@ def generate_text(model: ComposedLM, params: Any, prompt: str, *, anchor_tokeniz
                   augment_tokenizers: Mapping[str, Any], max_new_tokens: int,
                   sampling: SamplingConfig = SamplingConfig(), eos_id: int | None = None,
                   rng: jax.Array | None = None, return_logits: bool = False,
-                  augment_len: int | None = None,
-                  forced: list[int] | None = None) -> TextDecodeResult:
+                  augment_len: int | None = None, forced: list[int] | None = None,
+                  stable_only: bool = True) -> TextDecodeResult:
     """Continues `prompt` with the composed model, each model reading the text through its own
     tokenizer (see the module docstring).
 
@@ -106,6 +106,8 @@ def generate_text(model: ComposedLM, params: Any, prompt: str, *, anchor_tokeniz
         capped at the augmenting model's `max_len`); running out raises ValueError.
       forced: anchor ids to append instead of sampling, at most max_new_tokens (scoring a
         given continuation through the cache: `logits` are then the model's scores of it).
+      stable_only: each anchor token reads the augments up to `calm_jax.alignment.read_ends`
+        (as `text_examples` does by default); False: up to its own byte end.
     """
     names = sorted(model.augment_configs)
     if not isinstance(augment_tokenizers, Mapping) or sorted(augment_tokenizers) != names:
@@ -176,12 +178,13 @@ def generate_text(model: ComposedLM, params: Any, prompt: str, *, anchor_tokeniz
                 tok[0, :len(new_ids) - k], end[0, :len(new_ids) - k] = new_ids[k:], new_ends[k:]
                 inputs[name] = AugmentInput(tokens=jnp.asarray(tok), byte_ends=jnp.asarray(end))
         # The anchor tokens that read a changed augmenting token run again.
-        start = min(int(np.searchsorted(np.asarray(ends[:done]), changed_end, "left")), done)
+        reads = alignment.read_ends(readable, ends, stable_only=stable_only)
+        start = min(int(np.searchsorted(reads[:done], changed_end, "left")), done)
         t = len(anchor_ids) - start
         width = min(_pow2(t), cache_len - start)
         tok = np.zeros((1, width), np.int32)
         end = np.zeros((1, width), np.int32)
-        tok[0, :t], end[0, :t] = anchor_ids[start:], ends[start:]
+        tok[0, :t], end[0, :t] = anchor_ids[start:], reads[start:]
         logits, cache = _step(model, params, cache, jnp.int32(start), augment_index,
                               jnp.asarray(tok), jnp.asarray(end), inputs)
         logits = logits[:, t - 1]
