@@ -120,3 +120,44 @@ def test_the_text_gin_file_trains_from_the_command_line(tmp_path):
                             "--gin.LENGTH=32", "--gin.trainer.train.log_every=1"])
     assert int(result["state"]["step"]) == 2
     assert result["history"][0][1]["loss"] > 0
+
+
+_PROCESS_CHILD = """
+import json, sys
+from calm_jax import data as data_lib, distributed
+from calm_jax.data import DatasetConfig
+port, index, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+distributed.initialize(f"localhost:{port}", 2, index)
+dataset = DatasetConfig(source="text", paths=path, batch_size=4, length=16, block_bytes=256)
+source = data_lib.make_source(dataset)
+for _ in range(3 + 2 * index):  # the processes stand at different places in their shards
+    source.next_batch()
+meta = data_lib.checkpoint_meta(source)
+resumed = data_lib.make_source(dataset)
+data_lib.restore_state(resumed, meta)
+print(json.dumps({"mine": source.get_state(), "meta": meta, "resumed": resumed.get_state(),
+                  "next_equal": all((a == b).all() for a, b in zip(
+                      source.next_batch().values(), resumed.next_batch().values()))}))
+"""
+
+
+def test_every_process_stores_and_gets_back_its_own_position(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    corpus = _corpus(str(tmp_path))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    children = [subprocess.Popen([sys.executable, "-c", _PROCESS_CHILD, str(port), str(i),
+                                  corpus], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [c.communicate(timeout=300) for c in children]
+    assert [c.returncode for c in children] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    mine = [r["mine"] for r in results]
+    assert mine[0] != mine[1] and [m["batches"] for m in mine] == [3, 5]
+    for r in results:
+        assert r["meta"] == {"data_state": mine}
+    assert [r["resumed"] for r in results] == mine
+    assert all(r["next_equal"] for r in results)
