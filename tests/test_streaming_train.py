@@ -8,7 +8,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from calm_jax import checkpoints as ckpt
 from calm_jax import trainer
