@@ -38,7 +38,9 @@ import jax
 import numpy as np
 
 REQUIRED = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
-OPTIONAL = ("decoder_segment_ids", "decoder_positions", "prompt_mask")
+OPTIONAL = ("decoder_segment_ids", "decoder_positions", "prompt_mask", "decoder_byte_ends")
+# Features of an augmenting model's own token stream (`calm_jax.alignment.text_examples`).
+AUGMENT_PREFIX = "augments/"
 SOURCES = ("numpy", "seqio", "tfds", "text", "jsonl")
 
 
@@ -146,13 +148,18 @@ class NumpySource:
         missing = [k for k in REQUIRED if k not in arrays]
         if missing:
             raise ValueError(f"dataset: expected features {list(REQUIRED)}, missing {missing}")
-        self.arrays = {k: np.asarray(v) for k, v in arrays.items() if k in REQUIRED + OPTIONAL}
+        self.arrays = {k: np.asarray(v) for k, v in arrays.items()
+                       if k in REQUIRED + OPTIONAL or k.startswith(AUGMENT_PREFIX)}
         shape = self.arrays["decoder_input_tokens"].shape
         if len(shape) != 2:
             raise ValueError(f"dataset.decoder_input_tokens: expected [examples, length], "
                              f"got shape {shape}")
         for name, array in self.arrays.items():
-            if array.shape != shape:
+            if name.startswith(AUGMENT_PREFIX):  # an augment's own tokens: its own length
+                if array.ndim != 2 or array.shape[0] != shape[0]:
+                    raise ValueError(f"dataset.{name}: expected [examples={shape[0]}, "
+                                     f"augment_length], got shape {array.shape}")
+            elif array.shape != shape:
                 raise ValueError(f"dataset.{name}: expected shape {shape} like "
                                  f"decoder_input_tokens, got {array.shape}")
         self.num_rows = len(self.arrays["decoder_input_tokens"])
@@ -199,7 +206,7 @@ class NumpySource:
         return {"source": self.kind, "step": self.step}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        _check_state_kind(state, self.kind)
+        check_state_kind(state, self.kind)
         self.step = int(state["step"])
 
     def sequential(self, num_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
@@ -237,7 +244,8 @@ def make_source(config: DatasetConfig, *, process_index: int | None = None,
     return input_pipeline.tfds_source(config, **where)
 
 
-def _check_state_kind(state: Mapping[str, Any], kind: str) -> None:
+def check_state_kind(state: Mapping[str, Any], kind: str) -> None:
+    """Raises ValueError unless `state` was saved by a source of this `kind`."""
     if not isinstance(state, Mapping) or state.get("source") != kind:
         got = state.get("source") if isinstance(state, Mapping) else state
         raise ValueError(f"checkpoint: the data position was saved by a {got!r} source; this "

@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import jax
 import numpy as np
 
+from calm_jax.data import check_state_kind
+
 log = logging.getLogger(__name__)
 
 Example = tuple[list[int], int]  # (token ids, prompt length)
@@ -231,9 +233,7 @@ class BatchSource:
                 "pending": [] if self.packer is None else self.packer.get_state()}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        from calm_jax.data import _check_state_kind
-
-        _check_state_kind(state, self.kind)
+        check_state_kind(state, self.kind)
         self.stream.set_state(state["stream"])
         if self.packer is not None:
             self.packer.set_state(state["pending"])

@@ -199,3 +199,31 @@ def test_paths_that_match_no_file_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"dataset.paths: expected existing files, got "
                                          r"'.*nothing\*.txt' which matches none"):
         make_source(_config(str(tmp_path / "nothing*.txt")))
+
+
+def test_text_and_jsonl_sources_need_no_tensorflow(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    text = _text_file(tmp_path)
+    jsonl = _jsonl_file(tmp_path, [{"text": line} for line in LINES])
+    child = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorflow", "seqio", "tensorflow_datasets", "grain"):
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+from calm_jax.data import DatasetConfig, make_source
+for kind, path in (("text", {text!r}), ("jsonl", {jsonl!r})):
+    source = make_source(DatasetConfig(source=kind, paths=path, batch_size=2, length=16))
+    source.next_batch()
+    state = source.get_state()
+    source.set_state(state)
+print("ok")
+"""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", child], cwd=repo, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
