@@ -114,6 +114,7 @@ def seqio_source(config: DatasetConfig, *, process_index: int | None = None,
 
 def tfds_source(config: DatasetConfig, *, process_index: int | None = None,
                 process_count: int | None = None) -> sources.BatchSource:
+    _tf()
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
