@@ -333,13 +333,16 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
 
 
 def main(argv: Sequence[str]) -> dict:
+    """Parses the command line as `calm_jax.train` does (gin files and bindings, one-line
+    errors; `--help` prints the usage) and runs the configured `run()`."""
     import gin
-    from calm_jax.train import parse_gin, split_args
 
-    files, bindings, rest = split_args(argv)
-    if rest or not files:
-        raise ValueError(f"arguments: expected --gin_file=... and --gin.KEY=VALUE, got {argv}")
-    parse_gin(files, bindings)
+    from calm_jax import train
+
+    if train.wants_help(argv):
+        print(__doc__)
+        return {}
+    train.parse_gin_args(train.parse_args(argv))
     # Gin registered this module under its import name, not as __main__.
     from calm_jax.experiments import kv_arithmetic as registered
 

@@ -42,7 +42,7 @@ class SkillCheck:
     `min_score` the stage runs again with its seed moved by `seed_stride`, `attempts` runs in
     all."""
 
-    measure: Callable[["StageRun", dict], float]
+    measure: Callable[[StageRun, dict], float]
     min_score: float
     attempts: int = 1
     seed_stride: int = 1000
@@ -62,7 +62,7 @@ class Stage:
 
     name: str
     kind: str
-    fn: Callable[["StageRun"], dict]
+    fn: Callable[[StageRun], dict]
     cost: float = 1.0
     check: SkillCheck | None = None
 
@@ -87,7 +87,7 @@ class StageRun:
     directory: str     # its own directory: run_dir/name, or run_dir/name_attemptK
     attempt: int       # 0 for the first run
     seed_offset: int   # attempt * check.seed_stride
-    results: Mapping[str, "StageResult"]  # the stages before it
+    results: Mapping[str, StageResult]  # the stages before it
 
 
 @dataclasses.dataclass(frozen=True)
