@@ -6,7 +6,8 @@ of it is each token's byte END:
 
     anchor token t may read augmenting token s  <=>  end[s] <= end[t] and s is in t's segment
 
-(causal in bytes: s holds no byte after the last one t has read). With one tokenizer on both
+(causal in bytes: s holds no byte after the last one t has read; `byte_ends` passed for the
+anchor are these ends, or the held-back ends below). With one tokenizer on both
 sides this is the usual causal mask. An anchor token that can read no augmenting token (its text
 ends before the first augmenting token's) gets no update from that model.
 
@@ -17,8 +18,9 @@ each anchor token the last byte c <= e where the augment's segmentation is settl
 up to e, and the anchor token reads the augmenting tokens that end by c (`byte_ends` = c). A
 byte position is settled where the character before it and the one at it are of classes no
 pre-tokenizer joins: a letter, then a non-letter; a digit, then a letter, space or symbol; a
-symbol, then a digit. The pre-tokenizers of byte-level BPE (GPT-2, SmolLM2, Llama 3, Qwen2) and
-SentencePiece's whitespace and script splitting all cut there; the rule is conservative
+symbol, then a digit. The pre-tokenizers of byte-level BPE (GPT-2, SmolLM2, Llama 3, Qwen2)
+cut there, and so does SentencePiece with its whitespace, script and number splitting (its
+defaults; a tokenizer whose tokens cross such a cut leaks again); the rule is conservative
 elsewhere (within words, before a letter after a symbol, in whitespace), so an anchor token
 reads the augmenting model up to the end of the previous word-like piece. `stable_only=False`
 reads up to e itself (exact where both tokenizers are one, leaky across tokenizers).
@@ -37,8 +39,9 @@ the two end arrays inside the program (one comparison, fused; no mask crosses fr
 `cross_mask` is the same rule in numpy, for checks.
 
 The anchor's inputs follow t5x's decoder convention (inputs = targets shifted right after a
-start token 0); input t is target t - 1, so its byte end is target t - 1's end (the start
-token's is 0): anchor input t reads the augmenting tokens of the text it has read.
+start token 0); input t is target t - 1, so its byte end e is target t - 1's end (the start
+token's is 0), and `decoder_byte_ends` holds `read_ends` of it: anchor input t reads the
+augmenting tokens of the text it has read, up to the held-back tail.
 """
 
 from __future__ import annotations
@@ -91,6 +94,18 @@ def augment_inputs_from_batch(batch: Mapping[str, Any],
                              f"once one does), got keys {sorted(batch)}")
         out[n] = AugmentInput(**{f: batch.get(feature_name(n, f)) for f in AUGMENT_FEATURES})
     return out
+
+
+def cross_kwargs(batch: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """`ComposedLM.apply`'s cross-tokenizer keyword arguments from a batch (`byte_ends`,
+    `augment_inputs`), or {} for a batch of one shared token stream."""
+    inputs = augment_inputs_from_batch(batch, names)
+    if inputs is None:
+        return {}
+    if "decoder_byte_ends" not in batch:
+        raise ValueError(f"batch: expected 'decoder_byte_ends' with the augments' own tokens, "
+                         f"got keys {sorted(batch)}")
+    return {"byte_ends": batch["decoder_byte_ends"], "augment_inputs": inputs}
 
 
 # Offsets ----------------------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""A composed training step across tokenizers vs the same step over one shared token stream.
+
+    python bench/cross_tokenizer.py                 # CPU-sized models, JSON on stdout
+    python bench/cross_tokenizer.py --embed 1024 --layers 12 --length 1024 --batch 8   # GPU
+
+Both steps are the trainer's compose objective at the same shapes (batch x length anchor
+tokens, as many augmenting tokens): the loss's gradient with respect to the composition only,
+then an Adam update, jitted with the state donated. "shared" calls `ComposedLM.apply(tokens)`
+(the causal cross mask is implicit); "cross" passes each augment's own tokens, positions,
+segment ids and the byte ends of both sides (`calm_jax.alignment`): the [batch, 1, length,
+length] mask is built inside the program from the two end arrays. Each is compiled once, run
+`--warmup` times, then timed over `--steps` steps (the median is reported). `host_ms_per_batch`
+is what `alignment.text_examples` costs on the host for one batch of byte-tokenized texts
+(the input pipeline's work, off the device's critical path).
+
+Prints one JSON object: device, backend, jax, shapes, shared_step_ms, cross_step_ms,
+cross_over_shared (the issue's target: at most 1.1), host_ms_per_batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import flax.linen as nn
+
+from calm_jax import alignment
+from calm_jax.composition import ComposedLM, CompositionConfig
+from calm_jax.losses import cross_entropy
+from calm_jax.models import TransformerConfig
+from calm_jax.tokenizers import ByteTokenizer
+
+
+def _timed(step, state, batch, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        state = step(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state = step(state, batch)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--embed", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    a = p.parse_args(argv)
+
+    cfg = TransformerConfig.tiny(vocab_size=a.vocab, embed_dim=a.embed, num_layers=a.layers,
+                                 num_heads=a.heads, mlp_dim=4 * a.embed, max_len=a.length)
+    shared = ComposedLM(cfg, {"aug": cfg}, CompositionConfig(rope_theta=10_000.0))
+    cross = ComposedLM(cfg, {"aug": cfg}, CompositionConfig(rope_theta=10_000.0,
+                                                            shared_vocabulary=False))
+    params = nn.unbox(shared.init(jax.random.key(0)))
+    frozen = {k: params[k] for k in ("anchor", "augments")}
+    rng = np.random.default_rng(0)
+    b, n = a.batch, a.length
+    tokens = rng.integers(3, a.vocab, (b, n)).astype(np.int32)
+    ends = np.cumsum(rng.integers(1, 6, (b, n)), axis=1).astype(np.int32)
+    aug_ends = np.cumsum(rng.integers(1, 6, (b, n)), axis=1).astype(np.int32)
+    batch = {"decoder_input_tokens": tokens, "decoder_target_tokens": np.roll(tokens, -1, 1),
+             "decoder_loss_weights": np.ones((b, n), np.float32), "decoder_byte_ends": ends,
+             "augments/aug/tokens": rng.integers(3, a.vocab, (b, n)).astype(np.int32),
+             "augments/aug/byte_ends": aug_ends,
+             "augments/aug/positions": np.broadcast_to(np.arange(n, dtype=np.int32), (b, n)),
+             "augments/aug/segment_ids": np.ones((b, n), np.int32)}
+    batch = jax.tree.map(jnp.asarray, batch)
+    opt = optax.adam(1e-3)
+
+    def make_step(model, kwargs_fn):
+        def step(state, batch):
+            comp, opt_state = state
+
+            def loss(c):
+                logits = model.apply({**frozen, "composition": c}, batch["decoder_input_tokens"],
+                                     **kwargs_fn(batch))
+                return cross_entropy(logits, batch["decoder_target_tokens"],
+                                     batch["decoder_loss_weights"])["loss"]
+
+            grads = jax.grad(loss)(comp)
+            updates, opt_state = opt.update(grads, opt_state, comp)
+            return optax.apply_updates(comp, updates), opt_state
+
+        return jax.jit(step, donate_argnums=0)
+
+    def fresh():
+        comp = jax.tree.map(jnp.copy, params["composition"])
+        return comp, opt.init(comp)
+
+    shared_ms = _timed(make_step(shared, lambda batch: {}), fresh(), batch, a.warmup, a.steps)
+    cross_ms = _timed(make_step(cross, lambda batch: alignment.cross_kwargs(batch, ["aug"])),
+                      fresh(), batch, a.warmup, a.steps)
+
+    words = "the cat sat on a mat and then ran far away from big red dogs".split()
+    texts = [" ".join(rng.choice(words, n // 5)) for _ in range(b)]
+    tok = ByteTokenizer()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        alignment.text_examples(texts, tok, {"aug": tok}, length=n)
+    host_ms = 1e3 * (time.perf_counter() - t0) / 5
+
+    rec = {"bench": "cross_tokenizer", "device": str(jax.devices()[0].device_kind),
+           "backend": jax.default_backend(), "jax": jax.__version__,
+           "embed": a.embed, "layers": a.layers, "batch": b, "length": n,
+           "augment_length": n, "steps": a.steps, "shared_step_ms": round(shared_ms, 3),
+           "cross_step_ms": round(cross_ms, 3),
+           "cross_over_shared": round(cross_ms / shared_ms, 4),
+           "host_ms_per_batch": round(host_ms, 3)}
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+if __name__ == "__main__":
+    main()
