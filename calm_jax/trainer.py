@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from calm_jax import alignment
 from calm_jax import checkpoints as ckpt
 from calm_jax import data as data_lib
 from calm_jax import distributed
@@ -425,16 +426,20 @@ class ComposeObjective(Objective):
                                 f"augments[{name!r}]", fingerprints, self.frozen_layout)
             for name, spec in self.augments.items()}
 
+        names = sorted(augment_cfgs)  # a batch with the augments' own tokens: across tokenizers
+
         def forward(params, frozen, batch):
             return composed.apply({**frozen, "composition": params},
                                   batch["decoder_input_tokens"],
-                                  prompt_mask=batch.get("prompt_mask"), **_batch_kwargs(batch))
+                                  prompt_mask=batch.get("prompt_mask"), **_batch_kwargs(batch),
+                                  **alignment.cross_kwargs(batch, names))
 
         def final_states(params, frozen, batch):
             everything = {**frozen, "composition": params}
             h = composed.final_states(everything, batch["decoder_input_tokens"],
                                       prompt_mask=batch.get("prompt_mask"),
-                                      **_batch_kwargs(batch))
+                                      **_batch_kwargs(batch),
+                                      **alignment.cross_kwargs(batch, names))
             return h, lambda x: composed.head(everything, x)
 
         init = lambda k: nn.unbox(composed.init_composition(k))  # noqa: E731
