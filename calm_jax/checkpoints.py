@@ -432,7 +432,8 @@ class Checkpointer:
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep, enable_async_checkpointing=config.use_async,
-            create=not read_only, read_only=read_only)
+            create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=not read_only)  # a save killed before its commit
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

@@ -152,6 +152,8 @@ def test_killed_in_training_in_a_save_and_in_the_export_ends_as_if_never_killed(
     result = _pretrain(model_dir)  # restores step 6 and writes the export
     assert int(result["state"]["step"]) == NUM_STEPS and not result["history"]
     assert not os.path.exists(model_dir / "export.partial")
+    # The step-4 save killed before its commit left a temporary directory: cleaned up.
+    assert sorted(os.listdir(model_dir / "checkpoints")) == ["2", "4", "6"]
     _assert_bit_identical(_exported(model_dir), _exported(reference))
     # Each step's metrics once, as in the uninterrupted run, whatever was run again.
     assert _metric_steps(model_dir) == _metric_steps(reference) == list(range(1, 7))
@@ -254,6 +256,18 @@ def test_every_step_damaged_is_an_error_not_a_fresh_start(tmp_path, reference):
             r".*; step 2: .*\); refusing to start from scratch")):
         _pretrain(model_dir)
     assert _steps(model_dir) == [2, 4, 6]  # nothing set aside, nothing saved
+
+
+def test_a_checkpoint_of_other_settings_is_a_mismatch_not_damage(tmp_path, reference):
+    model_dir = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints", model_dir / "checkpoints")
+    with pytest.raises(ValueError, match=(
+            r"^checkpoint: step 6 in .* does not match this run's training state; it was saved "
+            r"with optimizer.name='adamw' \(this run: 'adafactor'\)\. Resume with the settings "
+            r"it was saved with, or use another model_dir\. The stored state: ")):
+        _pretrain(model_dir, optimizer=OptimizerConfig(name="adafactor", learning_rate=3e-3,
+                                                       warmup_steps=0))
+    assert sorted(os.listdir(model_dir / "checkpoints")) == ["2", "4", "6"]  # none set aside
 
 
 def test_restore_from_that_does_not_exist_is_an_error_before_any_work(tmp_path):
