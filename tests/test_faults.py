@@ -199,6 +199,13 @@ def _flip_bits(step_dir):
     return os.path.join(step_dir, "state")
 
 
+def _delete_data(step_dir):
+    """Deletes the data files of a step's state; returns the state's directory."""
+    for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
+        os.remove(path)
+    return os.path.join(step_dir, "state")
+
+
 def _swap_states(step_dir, other_dir):
     """Swaps two steps' states: each is intact, only its checksum tells it is not its step's."""
     a, b = os.path.join(step_dir, "state"), os.path.join(other_dir, "state")
@@ -222,9 +229,10 @@ def _empty_meta(step_dir):
 
 
 @pytest.mark.parametrize("damage", [
-    _flip_bits, lambda d: _swap_states(d, os.path.join(os.path.dirname(d), "2")),
+    _flip_bits, _delete_data, lambda d: _swap_states(d, os.path.join(os.path.dirname(d), "2")),
     _remove("state/_METADATA"), _remove("state/manifest.ocdbt"), _empty_meta,
-], ids=["flipped_bits", "swapped_states", "no_METADATA", "no_manifest", "empty_meta"])
+], ids=["flipped_bits", "deleted_data", "swapped_states", "no_METADATA", "no_manifest",
+        "empty_meta"])
 def test_a_damaged_latest_step_is_reported_kept_and_the_run_resumes_before_it(
         tmp_path, reference, damage, caplog):
     model_dir = tmp_path / "run"
