@@ -336,8 +336,7 @@ class Tokenizer:
             want = chunk.encode("utf-8")
             pieces = self.token_bytes(chunk_ids)
             got = b"".join(pieces)
-            skip = 1 if (self._backend.dummy_prefix and got[:1] == b" "
-                         and got[1:] == want) else 0
+            skip = 1 if self._backend.dummy_prefix and got[:1] == b" " else 0
             if got[skip:] != want:
                 at = next((k for k, (a, b) in enumerate(zip(got[skip:], want)) if a != b),
                           min(len(got) - skip, len(want)))

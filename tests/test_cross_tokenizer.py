@@ -98,6 +98,39 @@ def test_offsets_tile_the_text(words, chars):
         chars.encode_with_offsets(text)
 
 
+def test_sentencepiece_offsets_drop_each_dummy_prefix(tmp_path):
+    """SentencePiece puts a space before each text it encodes (here each piece of text between
+    user-defined pieces): the spans still tile the text's own bytes."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece", reason="backs SentencePiece tokenizers")
+
+    def train(directory, **options):
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_corpus(200)), model_writer=model, vocab_size=320,
+            model_type="bpe", byte_fallback=True, add_dummy_prefix=True,
+            user_defined_symbols=["<x>"], minloglevel=2, **options)
+        directory.mkdir()
+        (directory / "tokenizer.model").write_bytes(model.getvalue())
+        return Tokenizer.load(str(directory))
+
+    text = "the cat<x>sat on naïve  mats"
+    # SentencePiece's default normaliser collapses the two spaces: named, at the byte.
+    with pytest.raises(ValueError, match=r"do not spell the text .* at byte 24 the tokens give "
+                                         r"b'mats', the text b' mats'"):
+        train(tmp_path / "nfkc").encode_with_offsets(text)
+    tok = train(tmp_path / "identity", normalization_rule_name="identity",
+                remove_extra_whitespaces=False)
+    ids, spans = alignment.tokenize(tok, text)
+    assert ids.tolist() == tok.encode(text) and tok.piece_to_id("<x>") in ids.tolist()
+    alignment.check_spans(spans, len(text.encode()), "sentencepiece")
+    data = text.encode()
+    assert [data[s:e] for s, e in spans][:2] == [b"the", b" cat"]  # "▁the": no dummy byte
+    x = ids.tolist().index(tok.piece_to_id("<x>"))
+    assert data[spans[x][0]:spans[x][1]] == b"<x>" and data[spans[x + 1][0]:][:3] == b"sat"
+
+
 def test_tokenizers_that_do_not_cover_the_same_bytes_are_named(tmp_path, words):
     hf = pytest.importorskip("tokenizers")
     lower = _bpe(tmp_path / "lower", _corpus(), 300, normalizer=hf.normalizers.Lowercase())
