@@ -239,3 +239,26 @@ def test_tiny_pipeline_runs_end_to_end_and_calm_learns_its_composition_data(tmp_
     # A second run skips every stage and gives the same scores.
     again = gin.get_configurable(tr.run)()
     assert again["scores"] == results["scores"]
+
+
+@pytest.mark.parametrize("name, corpus, layers, skyline", [
+    ("translation_tiny.gin", "axolotl_nah_es", 1, True),
+    ("translation_cpu.gin", "bible_nya_en", 6, False),
+    ("translation_gpu.gin", "bible_nya_en", 12, True),
+    ("translation_nah_es.gin", "axolotl_nah_es", 6, False),
+])
+def test_every_scale_parses_and_keeps_ma_under_half_of_mb(name, corpus, layers, skyline):
+    import gin
+    from calm_jax.train import parse_gin
+
+    parse_gin([f"experiments/{name}"], ["RUN_DIR = '/tmp/unused'"])
+    assert gin.query_parameter("tr.run.corpus") == corpus
+    assert gin.query_parameter("tr.run.augment_layers") == layers
+    assert (gin.query_parameter("tr.run.skyline") is not None) == skyline
+    if name != "translation_tiny.gin":  # SmolLM2-135M has 30 layers
+        assert 2 * layers <= 30
+        mb = TransformerConfig.tiny(vocab_size=64, num_layers=30, embed_dim=576, num_heads=9,
+                                    num_kv_heads=3, mlp_dim=1536)
+        assert 2 * tr.non_embedding_params(mb.replace(num_layers=layers)) <= (
+            tr.non_embedding_params(mb))
+    gin.clear_config()

@@ -519,8 +519,9 @@ def run(*, run_dir: str, corpus: str = "bible_nya_en",
         for name, r in done.items()}
     results["config"] = {
         "corpus": corpus, "eval_books": list(eval_books), "dev_books": list(dev_books),
-        "anchor": "random " + json.dumps(ckpt.config_to_dict(anchor_config))
-        if anchor_config else os.path.basename(gguf),
+        "anchor": (f"random ({anchor_config.num_layers} layers, width "
+                   f"{anchor_config.embed_dim}, {os.path.basename(gguf)}'s tokenizer)"
+                   if anchor_config else os.path.basename(gguf)),
         "augment_layers": augment_layers, "dtype": dtype, "length": length,
         "max_train_pairs": max_train_pairs, "dc_fraction": dc_fraction,
         "connections": [list(c) for c in connections] if connections else "default",
