@@ -81,6 +81,12 @@ class DatasetConfig:
       target_length: seqio prefix-LM target length (inputs get `length - target_length`);
         None splits the length in half.
       max_examples: cap on examples read per epoch ("seqio", "tfds").
+      augment_vocabularies: for a composition across tokenizers ("text", "jsonl"): {augmenting
+        model name: "byte" or a tokenizer directory (as `vocabulary`)}; every row then also
+        holds `decoder_byte_ends` and each augment's own tokens
+        (`augments/{name}/tokens|positions|segment_ids|byte_ends`, as
+        `calm_jax.alignment.text_examples` gives them). None: one token stream.
+      augment_length: positions of each augment's rows (None: `length`).
     """
 
     source: str = "numpy"
@@ -104,6 +110,8 @@ class DatasetConfig:
     prefix_lm: bool = True
     target_length: int | None = None
     max_examples: int | None = None
+    augment_vocabularies: Mapping[str, str] | None = None
+    augment_length: int | None = None
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -131,11 +139,33 @@ class DatasetConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"dataset.{name}: expected a positive integer, got {value!r}")
-        for name in ("num_epochs", "max_examples"):
+        self._check_augment_vocabularies()
+        for name in ("num_epochs", "max_examples", "augment_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"dataset.{name}: expected a positive integer or None, "
                                  f"got {value!r}")
+
+    def _check_augment_vocabularies(self) -> None:
+        value = self.augment_vocabularies
+        if value is None:
+            return
+        if not isinstance(value, Mapping) or not value or not all(
+                isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()):
+            raise ValueError(f"dataset.augment_vocabularies: expected {{augmenting model name: "
+                             f"'byte' or a tokenizer directory}} or None, got {value!r}")
+        object.__setattr__(self, "augment_vocabularies", dict(value))
+        if self.source not in ("text", "jsonl"):
+            raise ValueError(f"dataset.augment_vocabularies: expected None with "
+                             f"source={self.source!r}: the augments' own token streams come "
+                             f"from source='text' or 'jsonl' (the seqio and TFDS sources read "
+                             f"one vocabulary; for in-memory arrays put "
+                             f"calm_jax.alignment.text_examples' features in arrays_fn), got "
+                             f"{value!r}")
+        if self.inputs_field is not None:
+            raise ValueError(f"dataset.inputs_field: expected None with augment_vocabularies "
+                             f"(across tokenizers an example is one text, loss on all of it), "
+                             f"got {self.inputs_field!r}")
 
 
 class NumpySource:

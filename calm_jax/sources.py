@@ -18,6 +18,13 @@ source of `calm_jax.input_pipeline` reuses the tokenizing, packing and batching.
   read again and permuted the same way.
 * `BatchSource` stacks `batch_size / process_count` rows per call; its state is the example
   stream's position plus the packer's pending pieces (examples read but not yet placed).
+
+Across tokenizers (`DatasetConfig.augment_vocabularies`: {augment name: vocabulary}), each text
+becomes an `AlignedExample`: the features `calm_jax.alignment.text_examples` gives for that text
+alone (the anchor's tokens and `decoder_byte_ends`, every augment's own tokens and byte ends,
+cut to fit a row by its rule), and `AlignedPacker` lays them into rows as `text_examples` does
+(`pack`: greedily, while the anchor row and every augment row have room), so a streamed row
+equals `text_examples`' row for the same texts. Its pending examples are stored as their texts.
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol
 
 import jax
 import numpy as np
 
+from calm_jax import alignment
 from calm_jax.data import check_state_kind
 
 log = logging.getLogger(__name__)
@@ -49,16 +57,15 @@ class Vocabulary(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
-def load_vocabulary(spec: str) -> Vocabulary:
+def load_vocabulary(spec: str, field: str = "dataset.vocabulary") -> Vocabulary:
     """"byte" (`ByteTokenizer`) or a tokenizer directory: `Tokenizer.save`'s, a Hugging Face
-    model's, or a model export holding one in `tokenizer/`."""
+    model's, or a model export holding one in `tokenizer/` (`field` names it in errors)."""
     from calm_jax import tokenizers
 
     if spec == "byte":
         return tokenizers.ByteTokenizer()
-    if not os.path.isdir(spec):
-        raise ValueError(f"dataset.vocabulary: expected 'byte' or a tokenizer directory, "
-                         f"got {spec!r}")
+    if not isinstance(spec, str) or not os.path.isdir(spec):
+        raise ValueError(f"{field}: expected 'byte' or a tokenizer directory, got {spec!r}")
     nested = os.path.join(spec, "tokenizer")
     return tokenizers.Tokenizer.load(nested if os.path.isdir(nested) else spec)
 
@@ -174,6 +181,137 @@ class Packer:
         self.pending = [(list(map(int, tokens)), int(prompt)) for tokens, prompt in pending]
 
 
+class AlignedExample(NamedTuple):
+    """One text of a composition across tokenizers: the text and its unpadded features
+    (the anchor's [k] `decoder_*` arrays and every augment's [m] tokens and byte ends)."""
+
+    text: str
+    features: dict[str, np.ndarray]
+
+
+_ANCHOR_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+                    "decoder_byte_ends")
+
+
+class AlignedExampleMaker:
+    """Text or {field: text} -> `AlignedExample`, with the anchor's vocabulary and each
+    augment's own (`alignment.text_examples` of the text alone, cut to fit `length` anchor
+    and `augment_length` augment positions)."""
+
+    def __init__(self, vocabulary: Vocabulary, augments: Mapping[str, Vocabulary], *,
+                 length: int, augment_length: int, text_field: str = "text",
+                 add_eos: bool = True):
+        if add_eos and vocabulary.eos_id is None:
+            raise ValueError("dataset.add_eos: expected False, the vocabulary has no EOS token")
+        self.vocabulary, self.augments = vocabulary, dict(augments)
+        self.names = sorted(self.augments)
+        self.length, self.augment_length = length, augment_length
+        self.text_field, self.add_eos = text_field, add_eos
+
+    def from_text(self, text: str) -> AlignedExample | None:
+        if not text:
+            return None
+        f = alignment.text_examples([text], self.vocabulary, self.augments, length=self.length,
+                                    augment_length=self.augment_length, pack=True,
+                                    add_eos=self.add_eos)
+        k = int((f["decoder_segment_ids"][0] > 0).sum())
+        out = {name: f[name][0, :k] for name in _ANCHOR_FEATURES}
+        for name in self.names:
+            m = int((f[alignment.feature_name(name, "segment_ids")][0] > 0).sum())
+            for feature in ("tokens", "byte_ends"):
+                key = alignment.feature_name(name, feature)
+                out[key] = f[key][0, :m]
+        return AlignedExample(text, out)
+
+    def from_dict(self, record: Mapping[str, Any], where: str) -> AlignedExample | None:
+        if self.text_field not in record:
+            raise ValueError(f"dataset.text_field: expected key {self.text_field!r} in every "
+                             f"example, got keys {sorted(record)} in {where}")
+        return self.from_text(_as_text(record[self.text_field]))
+
+
+class AlignedPacker:
+    """`AlignedExample`s -> rows equal to `alignment.text_examples`' rows of the same texts:
+    [length] anchor features and [augment_length] `augments/{name}/...` features; with `pack`
+    each row takes whole examples while the anchor row and every augment row have room (and
+    `decoder_segment_ids` / `decoder_positions`), else one example per row."""
+
+    def __init__(self, maker: AlignedExampleMaker, *, pack: bool):
+        self.maker, self.pack = maker, pack
+        self.pending: list[AlignedExample] = []  # read but not yet placed (at most one)
+
+    def _fits(self, placed: list[AlignedExample], example: AlignedExample) -> bool:
+        def used(key: str) -> int:
+            return sum(len(e.features[key]) for e in placed + [example])
+
+        return used("decoder_input_tokens") <= self.maker.length and all(
+            used(alignment.feature_name(n, "tokens")) <= self.maker.augment_length
+            for n in self.maker.names)
+
+    def next_row(self, pull: Callable[[], AlignedExample | None]) -> dict[str, np.ndarray]:
+        """The next row, pulling examples with `pull()` (StopIteration ends the data; a
+        partly filled row is still returned)."""
+        placed: list[AlignedExample] = []
+        while True:
+            if not self.pending:
+                try:
+                    example = pull()
+                except StopIteration:
+                    if placed:
+                        break
+                    raise
+                if example is not None:
+                    self.pending = [example]
+                continue
+            if placed and (not self.pack or not self._fits(placed, self.pending[0])):
+                break
+            placed.append(self.pending.pop(0))
+            if not self.pack or sum(len(e.features["decoder_input_tokens"])
+                                    for e in placed) == self.maker.length:
+                break
+        return self._row(placed)
+
+    def _row(self, placed: list[AlignedExample]) -> dict[str, np.ndarray]:
+        n, m = self.maker.length, self.maker.augment_length
+        row = {"decoder_input_tokens": np.zeros(n, np.int32),
+               "decoder_target_tokens": np.zeros(n, np.int32),
+               "decoder_loss_weights": np.zeros(n, np.float32),
+               "decoder_byte_ends": np.zeros(n, np.int32)}
+        if self.pack:
+            row["decoder_segment_ids"] = np.zeros(n, np.int32)
+            row["decoder_positions"] = np.zeros(n, np.int32)
+        for name in self.maker.names:
+            for feature in alignment.AUGMENT_FEATURES:
+                row[alignment.feature_name(name, feature)] = np.zeros(m, np.int32)
+        at = dict.fromkeys(["anchor", *self.maker.names], 0)
+        for segment, example in enumerate(placed, 1):
+            f = example.features
+            k = len(f["decoder_input_tokens"])
+            where = slice(at["anchor"], at["anchor"] + k)
+            for key in _ANCHOR_FEATURES:
+                row[key][where] = f[key]
+            if self.pack:
+                row["decoder_segment_ids"][where] = segment
+                row["decoder_positions"][where] = np.arange(k)
+            at["anchor"] += k
+            for name in self.maker.names:
+                tokens = f[alignment.feature_name(name, "tokens")]
+                where = slice(at[name], at[name] + len(tokens))
+                row[alignment.feature_name(name, "tokens")][where] = tokens
+                row[alignment.feature_name(name, "byte_ends")][where] = f[
+                    alignment.feature_name(name, "byte_ends")]
+                row[alignment.feature_name(name, "segment_ids")][where] = segment
+                row[alignment.feature_name(name, "positions")][where] = np.arange(len(tokens))
+                at[name] += len(tokens)
+        return row
+
+    def get_state(self) -> list[str]:
+        return [example.text for example in self.pending]
+
+    def set_state(self, pending: list[str]) -> None:
+        self.pending = [self.maker.from_text(str(text)) for text in pending]
+
+
 class ExampleStream(Protocol):
     """Examples in a fixed order, with a JSON-able position (`get_state`/`set_state`)."""
 
@@ -189,29 +327,33 @@ class BatchSource:
 
     `open_stream(shuffle, num_epochs)` builds this process's stream; `sequential` opens an
     unshuffled one-epoch stream from the start. With `packed_rows` the stream gives finished
-    rows ({feature: [length] array}) instead of examples, and nothing is packed here.
+    rows ({feature: [length] array}) instead of examples, and nothing is packed here;
+    `make_packer` builds another packer than `Packer` (e.g. `AlignedPacker`).
     """
 
     def __init__(self, kind: str, open_stream: Callable[[bool, int | None], ExampleStream], *,
                  length: int, batch_size: int, pack: bool, prompts: bool, shuffle: bool,
-                 num_epochs: int | None, process_count: int, packed_rows: bool = False):
+                 num_epochs: int | None, process_count: int, packed_rows: bool = False,
+                 make_packer: Callable[[], Any] | None = None):
         if batch_size % process_count:
             raise ValueError(f"dataset.batch_size: expected a multiple of the "
                              f"{process_count} processes, got {batch_size}")
         self.kind, self.length = kind, length
         self.local_batch = batch_size // process_count
         self._open, self._pack, self._prompts = open_stream, pack, prompts
-        self._packed_rows = packed_rows
+        self._packed_rows, self._make_packer = packed_rows, make_packer
         self.stream = open_stream(shuffle, num_epochs)
         self.packer = self._new_packer()
         self.batches = 0  # batches given since the start
 
-    def _new_packer(self) -> Packer | None:
+    def _new_packer(self) -> Any:
         if self._packed_rows:
             return None
+        if self._make_packer is not None:
+            return self._make_packer()
         return Packer(self.length, pack=self._pack, prompts=self._prompts)
 
-    def _batch(self, stream: ExampleStream, packer: Packer | None) -> dict[str, np.ndarray]:
+    def _batch(self, stream: ExampleStream, packer: Any) -> dict[str, np.ndarray]:
         if packer is None:
             rows = [stream.next() for _ in range(self.local_batch)]
         else:
@@ -348,14 +490,26 @@ def file_source(config, *, process_index: int | None = None,
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     paths = expand_paths(config.paths)
-    maker = ExampleMaker(load_vocabulary(config.vocabulary), text_field=config.text_field,
-                         inputs_field=config.inputs_field, add_eos=config.add_eos)
+    vocabulary = load_vocabulary(config.vocabulary)
+    make_packer = None
+    if config.augment_vocabularies:
+        augments = {name: load_vocabulary(spec, f"dataset.augment_vocabularies[{name!r}]")
+                    for name, spec in config.augment_vocabularies.items()}
+        maker = AlignedExampleMaker(vocabulary, augments, length=config.length,
+                                    augment_length=config.augment_length or config.length,
+                                    text_field=config.text_field, add_eos=config.add_eos)
+
+        def make_packer() -> AlignedPacker:
+            return AlignedPacker(maker, pack=config.pack)
+    else:
+        maker = ExampleMaker(vocabulary, text_field=config.text_field,
+                             inputs_field=config.inputs_field, add_eos=config.add_eos)
     if config.source == "text":
-        def parse(line: bytes, path: str) -> Example | None:
+        def parse(line: bytes, path: str) -> Any:
             text = line.decode("utf-8").rstrip("\r")
             return maker.from_text(text) if text.strip() else None
     else:
-        def parse(line: bytes, path: str) -> Example | None:
+        def parse(line: bytes, path: str) -> Any:
             if not line.strip():
                 return None
             try:
@@ -376,4 +530,5 @@ def file_source(config, *, process_index: int | None = None,
     return BatchSource(config.source, open_stream, length=config.length,
                        batch_size=config.batch_size, pack=config.pack,
                        prompts=config.inputs_field is not None, shuffle=config.shuffle,
-                       num_epochs=config.num_epochs, process_count=process_count)
+                       num_epochs=config.num_epochs, process_count=process_count,
+                       make_packer=make_packer)
