@@ -1,11 +1,16 @@
-"""The training loop, t5x-style: one `train(...)` for four modes.
+"""The training loop, t5x-style: `train(...)` = objective, restore, loop, evaluate, export.
 
-Modes:
-  pretrain  - a single LM from scratch (the small anchor / augmenting models of reproductions);
-  compose   - CALM: anchor and augmenting models frozen, only the composition trained;
-  finetune  - full fine-tune of the anchor (the paper's mB+NTL baseline);
-  lora      - LoRA on the frozen anchor, rank matched to the CALM configuration's parameter count
-              unless given (the paper's LoRA baseline).
+Each mode is an `Objective` class (registered by `register_objective`; `train(mode=...)` looks
+it up) declaring what it trains, what it reads frozen, its loss and its export:
+  pretrain  - `PretrainObjective`: a single LM from scratch (the small anchor / augmenting models
+              of reproductions), optionally with multi-token heads;
+  finetune  - `FinetuneObjective`: full fine-tune of the anchor (the paper's mB+NTL baseline);
+  lora      - `LoraObjective`: LoRA on the frozen anchor, rank matched to the CALM
+              configuration's parameter count unless given (the paper's LoRA baseline);
+  compose   - `ComposeObjective`: CALM, anchor and augmenting models frozen, only the
+              composition trained.
+A new mode is one subclass and its registration. `setup(mode, ...)` builds a mode's `Setup`
+(what `steps.build_program` compiles, and what `bench/` measures).
 
 The state holds only what is trained: `{'step', 'params', 'opt_state'}`; frozen trees are jit
 arguments (never closed-over constants), placed once, in the compute dtype, and never written
@@ -18,9 +23,13 @@ their layers run unrolled and read their weights where they lie, where the stack
 layer loop copies every layer's weights out of the stack at every use (bench/RESULTS.md). It
 changes how the weights are held, not the function; exports stay in the stacked layout.
 
-Restore order (t5x's): the latest checkpoint in `<model_dir>/checkpoints`, else
-`checkpoint.restore_from`, else scratch. A compose/lora checkpoint records the fingerprints of the
-frozen model exports it was trained against and refuses to resume against different ones.
+Restore order (t5x's, `restore`): the newest intact checkpoint in `<model_dir>/checkpoints`,
+else `checkpoint.restore_from`, else scratch. A damaged step (its checksum or files) is reported
+and set aside as `<step>.damaged`, and the next older one restored (`Checkpointer.
+restore_newest`); with no intact step left the run stops, never silently from scratch. A
+compose/lora checkpoint records the fingerprints of the frozen model exports it was trained
+against and refuses to resume against different ones. The data source resumes at the restored
+step's position. Exports are written whole or not at all (`checkpoints.write_atomically`).
 """
 
 from __future__ import annotations
@@ -574,14 +583,9 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
     if not isinstance(num_steps, int) or num_steps <= 0:
         raise ValueError(f"num_steps: expected a positive integer, got {num_steps!r}")
     ckpt.check_restore_from(checkpoint, os.path.join(model_dir, "checkpoints"))
-    _check_loss_chunk(loss_chunk)
-    _check_frozen_layout(frozen_layout, mode)
-    if mode in ("pretrain", "finetune") and augments:
-        raise ValueError(f"augments: expected none in mode={mode!r}, got {sorted(augments)}")
-    multi_token = multi_token or mtp_lib.MultiTokenConfig()
-    if multi_token.depth > 1 and mode != "pretrain":
-        raise ValueError(f"multi_token.depth: expected 1 in mode={mode!r} (extra heads are a "
-                         f"pretraining loss), got {multi_token.depth}")
+    objective = make_objective(mode, anchor=anchor, augments=augments, composition=composition,
+                               lora=lora, multi_token=multi_token, loss_chunk=loss_chunk,
+                               frozen_layout=frozen_layout)
 
     mesh = part.make_mesh(partitioning)
     rules = partitioning.logical_axis_rules
@@ -605,9 +609,7 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
                                           model_dir=model_dir)
 
     with part.mesh_context(mesh), nn.logical_axis_rules(list(rules)):
-        s = setup(mode, anchor=anchor, augments=augments, composition=composition, lora=lora,
-                   mesh=mesh, rules=rules, rng=rng_setup, multi_token=multi_token,
-                   loss_chunk=loss_chunk, frozen_layout=frozen_layout)
+        s = objective.build(mesh=mesh, rules=rules, rng=rng_setup)
         readers = {"anchor": anchor, **({f"augments[{n!r}]": a for n, a in augments.items()}
                                         if mode == "compose" else {})}  # read the batches
         limits = validation.model_limits(*(spec.resolve(f) for f, spec in readers.items()))
@@ -615,100 +617,53 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
         lr_schedule = schedule(optimizer, num_steps)
         prog = steps_lib.build_program(s, opt, lr_schedule, optimizer.grad_accum_steps, mesh,
                                        rules)
-
-        # Restore: the newest intact step in model_dir, else in restore_from, else scratch
-        # (a damaged step is reported and the next older one restored, never scratch).
         os.makedirs(model_dir, exist_ok=True)
         checkpointer = ckpt.Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint)
-        state, start = None, 0
-        sources = [checkpointer]
-        if checkpointer.latest_step() is None and checkpoint.restore_from:
-            sources.append(ckpt.Checkpointer(checkpoint.restore_from, checkpoint,
-                                             read_only=True))
-        for manager in sources:
-            restored = manager.restore_newest(functools.partial(
-                _restore_step, manager, prog, s.fingerprints, mode, optimizer))
-            if restored is None:
-                continue
-            step, state, meta = restored
-            start = int(meta["data_position"])
-            data_lib.restore_state(source, meta)
-            log.info("restored step %d from %s", step, manager.directory)
-            break
+        state, start = restore(checkpointer, checkpoint, prog, s, mode, optimizer, source)
         if state is None:
             state = prog.init_state(rng_init)
-        batch_sharding, eval_step = prog.batch_sharding, prog.eval_step
-        first = data_lib.to_global(
-            validation.check_batch(source.next_batch(), name="dataset", **limits), batch_sharding)
+
+        def next_batch():
+            return data_lib.to_global(
+                validation.check_batch(source.next_batch(), name="dataset", **limits),
+                prog.batch_sharding)
+
+        def evaluate_at(step: int, params) -> list[dict[str, float]]:
+            """The evaluations due after `step`: loss and accuracy on `eval_dataset`, then
+            the decode-and-score evaluation."""
+            out = []
+            if eval_source is not None and eval_every and (
+                    step % eval_every == 0 or step == num_steps):
+                ev = _evaluate(prog.eval_step, params, s.frozen, eval_source, limits,
+                               eval_batches, prog.batch_sharding)
+                log.info("step %d eval loss %.4f acc %.3f", step, ev["eval/loss"],
+                         ev["eval/accuracy"])
+                out.append(ev)
+            if decode_fn is not None and (step == num_steps or (
+                    eval_every and step % eval_every == 0)):
+                ev = decode_fn(step, params, s.frozen, s.export_params)
+                log.info("step %d %s", step, " ".join(f"{k} {v:.4g}" for k, v in ev.items()))
+                out.append(ev)
+            return out
+
+        first = next_batch()
         compiled = prog.train_step.lower(state, s.frozen, first).compile()
         _log_memory(compiled)
-
         writer = metrics_lib.MetricWriter(model_dir, is_chief=jax.process_index() == 0,
                                           resume_step=start)
-        history: list[tuple[int, dict[str, float]]] = []
         meta = {"frozen": s.fingerprints, "mode": mode,
                 "optimizer": dataclasses.asdict(optimizer)}
-        peak = _peak_flops(peak_flops)
-        tokens_per_step = dataset.batch_size * source.length
-        stopped_early = False
-        t_start = t_last = time.time()
-        last_step = start
-        skipped = 0
+        t_start = time.time()
         try:
-            with distributed.Preemption() as preemption:
-                step = start
-                while step < num_steps:
-                    batch = first if step == start else data_lib.to_global(
-                        validation.check_batch(source.next_batch(), name="dataset", **limits),
-                        batch_sharding)
-                    state, metrics = compiled(state, s.frozen, batch)
-                    step += 1
-                    stop = preemption.should_stop(step) or (
-                        stop_after is not None and step - start >= stop_after)
-                    save = checkpointer.due(step, force=step == num_steps or stop)
-                    logged = step % log_every == 0 or step == num_steps
-                    if logged or save:  # a state is checked before it is saved
-                        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                        if logged:
-                            now = time.time()
-                            rate = (step - last_step) / max(now - t_last, 1e-9)
-                            metrics.update({"steps_per_sec": rate,
-                                            "tokens_per_sec": rate * tokens_per_step})
-                            if peak:
-                                metrics["mfu"] = (rate * tokens_per_step * s.flops_per_token
-                                                  / (peak * jax.device_count()))
-                            t_last, last_step = now, step
-                            writer.write_scalars(step, metrics)
-                            history.append((step, metrics))
-                            log.info("step %d/%d loss %.4f acc %.3f lr %.2e gnorm %.3f "
-                                     "%.1f steps/s ETA %s", step, num_steps, metrics["loss"],
-                                     metrics["accuracy"], metrics["learning_rate"],
-                                     metrics["grad_norm"], rate,
-                                     _hms((num_steps - step) / max(rate, 1e-9)))
-                        skipped = _check_finite(step, metrics, optimizer.skip_nonfinite,
-                                                skipped, checkpointer)
-                    if eval_source is not None and eval_every and (
-                            step % eval_every == 0 or step == num_steps):
-                        ev = _evaluate(eval_step, state["params"], s.frozen, eval_source, limits,
-                                       eval_batches, batch_sharding)
-                        writer.write_scalars(step, ev)
-                        history.append((step, ev))
-                        log.info("step %d eval loss %.4f acc %.3f", step, ev["eval/loss"],
-                                 ev["eval/accuracy"])
-                    if decode_fn is not None and (step == num_steps or (
-                            eval_every and step % eval_every == 0)):
-                        ev = decode_fn(step, state["params"], s.frozen, s.export_params)
-                        writer.write_scalars(step, ev)
-                        history.append((step, ev))
-                        log.info("step %d %s", step, " ".join(f"{k} {v:.4g}"
-                                                              for k, v in ev.items()))
-                    if save:
-                        checkpointer.save(step, state, {**meta, "data_position": step,
-                                                        **data_lib.checkpoint_meta(source)},
-                                          force=True)
-                    if stop and step < num_steps:
-                        stopped_early = True
-                        break
+            state, step, history, stopped_early = _loop(
+                compiled, state, s.frozen, first, next_batch, start, num_steps=num_steps,
+                checkpointer=checkpointer, writer=writer, evaluate_at=evaluate_at,
+                save_meta=lambda step: {**meta, "data_position": step,
+                                        **data_lib.checkpoint_meta(source)},
+                skip_limit=optimizer.skip_nonfinite, log_every=log_every,
+                stop_after=stop_after,
+                tokens_per_step=dataset.batch_size * source.length,
+                flops_per_token=s.flops_per_token, peak=_peak_flops(peak_flops))
         finally:  # an error (a non-finite loss, an interrupt) still completes a started save
             checkpointer.close()
             writer.close()
@@ -723,6 +678,80 @@ def train(*, mode: str, model_dir: str, num_steps: int, anchor: ModelSpec,
     return {"state": state, "params": s.export_params(state["params"]), "frozen": s.frozen,
             "history": history,
             "stopped_early": stopped_early, "model_dir": model_dir}
+
+
+def restore(checkpointer: ckpt.Checkpointer, checkpoint: ckpt.CheckpointConfig, prog,
+            s: Setup, mode: str, optimizer: OptimizerConfig,
+            source: Any) -> tuple[Any | None, int]:
+    """(state, data position) of the newest intact step in `checkpointer`'s directory, else in
+    `checkpoint.restore_from`, else (None, 0): t5x's order. A damaged step is reported and the
+    next older one restored, never scratch; the data source is moved to the restored step's
+    position."""
+    managers = [checkpointer]
+    if checkpointer.latest_step() is None and checkpoint.restore_from:
+        managers.append(ckpt.Checkpointer(checkpoint.restore_from, checkpoint, read_only=True))
+    for manager in managers:
+        restored = manager.restore_newest(functools.partial(
+            _restore_step, manager, prog, s.fingerprints, mode, optimizer))
+        if restored is None:
+            continue
+        step, state, meta = restored
+        data_lib.restore_state(source, meta)
+        log.info("restored step %d from %s", step, manager.directory)
+        return state, int(meta["data_position"])
+    return None, 0
+
+
+def _loop(compiled, state, frozen, first, next_batch: Callable[[], Any], start: int, *,
+          num_steps: int, checkpointer: ckpt.Checkpointer, writer, evaluate_at,
+          save_meta: Callable[[int], dict], skip_limit: int, log_every: int,
+          stop_after: int | None, tokens_per_step: int, flops_per_token: float,
+          peak: float | None) -> tuple[Any, int, list, bool]:
+    """Steps from `start` to `num_steps` (or a preemption, or `stop_after` steps): logs,
+    checks every logged or saved state for non-finite values before it is kept, evaluates
+    (`evaluate_at(step, params)`) and saves. Returns (state, last step, history, stopped
+    early)."""
+    history: list[tuple[int, dict[str, float]]] = []
+    stopped_early, skipped = False, 0
+    t_last, last_step = time.time(), start
+    with distributed.Preemption() as preemption:
+        step = start
+        while step < num_steps:
+            batch = first if step == start else next_batch()
+            state, metrics = compiled(state, frozen, batch)
+            step += 1
+            stop = preemption.should_stop(step) or (
+                stop_after is not None and step - start >= stop_after)
+            save = checkpointer.due(step, force=step == num_steps or stop)
+            logged = step % log_every == 0 or step == num_steps
+            if logged or save:  # a state is checked before it is saved
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if logged:
+                    now = time.time()
+                    rate = (step - last_step) / max(now - t_last, 1e-9)
+                    metrics.update({"steps_per_sec": rate,
+                                    "tokens_per_sec": rate * tokens_per_step})
+                    if peak:
+                        metrics["mfu"] = (rate * tokens_per_step * flops_per_token
+                                          / (peak * jax.device_count()))
+                    t_last, last_step = now, step
+                    writer.write_scalars(step, metrics)
+                    history.append((step, metrics))
+                    log.info("step %d/%d loss %.4f acc %.3f lr %.2e gnorm %.3f "
+                             "%.1f steps/s ETA %s", step, num_steps, metrics["loss"],
+                             metrics["accuracy"], metrics["learning_rate"],
+                             metrics["grad_norm"], rate,
+                             _hms((num_steps - step) / max(rate, 1e-9)))
+                skipped = _check_finite(step, metrics, skip_limit, skipped, checkpointer)
+            for ev in evaluate_at(step, state["params"]):
+                writer.write_scalars(step, ev)
+                history.append((step, ev))
+            if save:
+                checkpointer.save(step, state, save_meta(step), force=True)
+            if stop and step < num_steps:
+                stopped_early = True
+                break
+    return state, step, history, stopped_early
 
 
 def _agreed(flag: bool) -> bool:
