@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Union
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,8 +58,8 @@ from calm_jax.models.transformer import Decoder, layers_unstacked, unstack_layer
 from calm_jax.validation import check_token_array
 
 Array = jax.Array
-Model = Union[Decoder, ComposedLM]
-Cache = Union[KVCache, ComposedCache]
+Model = Decoder | ComposedLM
+Cache = KVCache | ComposedCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +154,8 @@ def unstack_params(model: Model, params: Any, fuse: bool = True) -> Any:
         return unstack_layers(params, fuse)
     return {**params, "anchor": unstack_layers(params["anchor"], fuse),
             "augments": {name: unstack_layers(p, fuse) for name, p in params["augments"].items()},
-            "composition": unstack_connections(params["composition"], fuse)}
+            "composition": unstack_connections(params["composition"], model.config,
+                                               fuse)}
 
 
 def params_layout(model: Model, params: Any) -> str:
