@@ -11,6 +11,14 @@ Tokenizer (`--tokenizer`): "auto" (default) takes the one saved beside the model
 `calm_jax.convert` (for a composition: beside its anchor); "bytes" is the byte-level vocabulary
 of the key-value experiment's models (seqio's ByteVocabulary ids); any other value is the
 directory of a converted model whose tokenizer to use.
+
+Across tokenizers (a composition export whose `composition.json` says
+`shared_vocabulary: false`): every augmenting model reads the text through its own tokenizer,
+by default the one saved beside its own model export (`exports.frozen_source`);
+`--augment_tokenizer NAME=CHOICE` (repeatable; CHOICE as for `--tokenizer`) picks another.
+Each prompt is decoded on its own by `calm_jax.cross_decoding.generate_text` (cached; the
+augments' re-segmented tails re-run), prompt i with the key `fold_in(key(seed), i)`; "tokens"
+are the anchor's ids.
 """
 
 from __future__ import annotations
@@ -24,8 +32,10 @@ from typing import Any, Sequence
 import jax
 
 from calm_jax import checkpoints as ckpt
+from calm_jax import cross_decoding
 from calm_jax import decoding
 from calm_jax import exports
+from calm_jax.composition import ComposedLM
 from calm_jax.models import Decoder
 from calm_jax.tokenizers import ByteTokenizer
 
@@ -45,17 +55,66 @@ def load_model(directory: str, dtype: str | None = None) -> tuple[Any, Any, str]
     return Decoder(cfg.replace(**runtime) if runtime else cfg), params, directory
 
 
-def load_tokenizer(choice: str, beside: str):
+def load_tokenizer(choice: str, beside: str, flag: str = "--tokenizer"):
+    """`choice` ("auto": the tokenizer saved beside the model export `beside`; "bytes"; or a
+    converted model's directory); `flag` names the option in errors."""
     if choice == "bytes":
         return ByteTokenizer()
     from calm_jax.convert.checkpoint import TOKENIZER_DIR, load_tokenizer as load_converted
 
     where = beside if choice == "auto" else choice
     if not os.path.isdir(os.path.join(where, TOKENIZER_DIR)):
-        raise ValueError(f"--tokenizer: expected 'bytes' (the key-value experiment's models) or "
+        raise ValueError(f"{flag}: expected 'bytes' (the key-value experiment's models) or "
                          f"a converted model's directory; got {choice!r}, and {where} has no "
                          f"{TOKENIZER_DIR}/")
     return load_converted(where)
+
+
+def crosses_tokenizers(model: Any) -> bool:
+    """Whether `model` is a composition whose augmenting models read their own tokens."""
+    return isinstance(model, ComposedLM) and not model.config.shared_vocabulary
+
+
+def load_augment_tokenizers(directory: str, choices: Sequence[str] = ()) -> dict[str, Any]:
+    """{name: tokenizer} of every augmenting model of the composition export `directory`:
+    by default the tokenizer saved beside that model's own export; `choices` are
+    "NAME=CHOICE" overrides (CHOICE as for `load_tokenizer`)."""
+    spec = exports.read_spec(directory)
+    names = sorted(spec["augments"])
+    picked: dict[str, str] = {}
+    for item in choices:
+        name, sep, choice = item.partition("=")
+        if not sep or name not in names or not choice:
+            raise ValueError(f"--augment_tokenizer: expected NAME=CHOICE with NAME one of "
+                             f"{names} and CHOICE 'auto', 'bytes' or a converted model's "
+                             f"directory, got {item!r}")
+        picked[name] = choice
+    out = {}
+    for name in names:
+        field = f"augments[{name!r}]"
+        choice = picked.get(name, "auto")
+        beside = (exports.frozen_source(directory, field, spec["augments"][name])
+                  if choice == "auto" else choice)
+        out[name] = load_tokenizer(choice, beside, f"--augment_tokenizer {name}")
+    return out
+
+
+def generate_cross(model: ComposedLM, params: Any, tokenizer: Any,
+                   augment_tokenizers: dict[str, Any], prompts: Sequence[str], *,
+                   max_new_tokens: int, sampling: decoding.SamplingConfig, seed: int = 0
+                   ) -> list[dict[str, Any]]:
+    """`generate_text`'s rows for a composition across tokenizers: each prompt decoded by
+    `cross_decoding.generate_text` (prompt i with the key fold_in(key(seed), i))."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        result = cross_decoding.generate_text(
+            model, params, prompt, anchor_tokenizer=tokenizer,
+            augment_tokenizers=augment_tokenizers, max_new_tokens=max_new_tokens,
+            sampling=sampling, eos_id=tokenizer.eos_id,
+            rng=jax.random.fold_in(jax.random.key(seed), i))
+        tokens = [t for t in result.tokens if t != tokenizer.eos_id]
+        out.append({"prompt": prompt, "completion": result.text, "tokens": tokens})
+    return out
 
 
 def generate_text(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
@@ -84,6 +143,9 @@ def run(argv: Sequence[str]) -> list[dict[str, Any]]:
                         help="prompt text (repeat for a batch)")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--tokenizer", default="auto", help="auto, bytes, or a converted model")
+    parser.add_argument("--augment_tokenizer", action="append", default=[],
+                        help="NAME=auto|bytes|converted model: an augmenting model's own "
+                             "tokenizer (a composition across tokenizers; repeatable)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top_k", type=int, default=0)
     parser.add_argument("--top_p", type=float, default=1.0)
@@ -93,10 +155,25 @@ def run(argv: Sequence[str]) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     sampling = decoding.SamplingConfig(temperature=args.temperature, top_k=args.top_k,
                                        top_p=args.top_p)
-    model, params, beside = load_model(os.path.abspath(args.model), args.dtype)
+    directory = os.path.abspath(args.model)
+    model, params, beside = load_model(directory, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer, beside)
-    rows = generate_text(model, params, tokenizer, args.prompt,
-                         max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed)
+    if crosses_tokenizers(model):
+        augment_tokenizers = load_augment_tokenizers(directory, args.augment_tokenizer)
+        empty = [p for p in args.prompt if not tokenizer.encode(p)]
+        if empty:
+            raise ValueError(f"--prompt: expected text that encodes to at least one token, "
+                             f"got {empty[0]!r}")
+        rows = generate_cross(model, params, tokenizer, augment_tokenizers, args.prompt,
+                              max_new_tokens=args.max_new_tokens, sampling=sampling,
+                              seed=args.seed)
+    else:
+        if args.augment_tokenizer:
+            raise ValueError(f"--augment_tokenizer: expected none for {directory}, whose "
+                             f"models share one vocabulary, got {args.augment_tokenizer}")
+        rows = generate_text(model, params, tokenizer, args.prompt,
+                             max_new_tokens=args.max_new_tokens, sampling=sampling,
+                             seed=args.seed)
     for row in rows:
         print(json.dumps(row, ensure_ascii=False))
     sys.stdout.flush()

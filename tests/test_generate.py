@@ -87,3 +87,91 @@ def test_the_command_line_reports_a_directory_that_is_no_export(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: --model: expected a composition export (composition.json) or a model export "
         f"(config.json), got {str(tmp_path)!r}, which holds neither")
+
+
+# Across tokenizers: the anchor reads bytes, the augment a BPE saved beside its own export. ----
+
+
+@pytest.fixture(scope="module")
+def cross_export(tmp_path_factory):
+    hf = pytest.importorskip("tokenizers", reason="the [convert] extra builds BPE tokenizers")
+    from calm_jax.composition import CompositionConfig
+    from calm_jax.convert import save_converted
+    from calm_jax.tokenizers import Tokenizer
+
+    root = tmp_path_factory.mktemp("generate_cross")
+    words = "the cat sat on a mat and then ran far away".split()
+    rng = np.random.default_rng(0)
+    hf_tok = hf.Tokenizer(hf.models.BPE())
+    hf_tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf_tok.decoder = hf.decoders.ByteLevel()
+    hf_tok.train_from_iterator(
+        [" ".join(rng.choice(words, 8)) for _ in range(200)],
+        hf.trainers.BpeTrainer(vocab_size=290, special_tokens=[], show_progress=False,
+                               initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet()))
+    (root / "bpe").mkdir()
+    hf_tok.save(str(root / "bpe" / "tokenizer.json"))
+    bpe = Tokenizer.load(str(root / "bpe"))
+    augment = AUGMENT.replace(vocab_size=bpe.vocab_size, max_len=128)
+    model = ComposedLM(ANCHOR, {"b": augment}, CompositionConfig(shared_vocabulary=False))
+    params = nn.unbox(model.init(jax.random.key(0)))
+    params["composition"] = jax.tree.map(
+        lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape), params["composition"])
+    ckpt.save_model(str(root / "anchor"), ANCHOR, params["anchor"])
+    save_converted(str(root / "augment"), augment, jax.tree.map(np.asarray, params["augments"]["b"]),
+                   tokenizer=bpe)
+    ckpt.save_model(str(root / "bare"), augment, params["augments"]["b"])  # no tokenizer/
+    fingerprints = {"anchor": ckpt.params_fingerprint(ANCHOR, params["anchor"]),
+                    "augments['b']": ckpt.params_fingerprint(augment, params["augments"]["b"])}
+    for name, source in (("export", "augment"), ("bare_export", "bare")):
+        save_composition(str(root / name), params["composition"], model=model,
+                         frozen={"anchor": params["anchor"], "augments": params["augments"]},
+                         sources={"anchor": str(root / "anchor"),
+                                  "augments": {"b": str(root / source)}},
+                         fingerprints=fingerprints)
+    return root, model, params, bpe
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_cross_tokenizer_export_decodes_with_each_models_tokenizer(cross_export, temperature):
+    from calm_jax.cross_decoding import generate_text
+    from calm_jax.tokenizers import ByteTokenizer
+
+    root, model, params, bpe = cross_export
+    prompts = ["the cat sat", "a mat and"]
+    rows = generate.run(["--model", str(root / "export"), "--tokenizer", "bytes",
+                         "--max_new_tokens", "8", "--temperature", str(temperature),
+                         "--seed", "4", *[f"--prompt={p}" for p in prompts]])
+    assert [r["prompt"] for r in rows] == prompts
+    for i, (row, prompt) in enumerate(zip(rows, prompts)):
+        want = generate_text(model, params, prompt, anchor_tokenizer=ByteTokenizer(),
+                             augment_tokenizers={"b": bpe}, max_new_tokens=8,
+                             sampling=decoding.SamplingConfig(temperature=temperature),
+                             rng=jax.random.fold_in(jax.random.key(4), i))
+        assert row["tokens"] == [t for t in want.tokens if t != byte_data.EOS_ID]
+        assert row["completion"] == want.text
+    if temperature:
+        return
+    # The augment's own tokenizer matters: read as bytes, the same export continues otherwise.
+    as_bytes = generate.run(["--model", str(root / "export"), "--tokenizer", "bytes",
+                             "--augment_tokenizer", "b=bytes", "--max_new_tokens", "8",
+                             "--temperature", str(temperature), "--seed", "4",
+                             *[f"--prompt={p}" for p in prompts]])
+    assert [r["tokens"] for r in as_bytes] != [r["tokens"] for r in rows]
+
+
+def test_cross_tokenizer_bad_arguments_are_named(cross_export, composition_export):
+    root, _, _, _ = cross_export
+    with pytest.raises(ValueError, match=r"--augment_tokenizer b: expected 'bytes' .*; got "
+                                         r"'auto', and .*bare has no tokenizer/"):
+        generate.run(["--model", str(root / "bare_export"), "--tokenizer", "bytes",
+                      "--prompt", "a"])
+    with pytest.raises(ValueError, match=r"--augment_tokenizer: expected NAME=CHOICE with NAME "
+                                         r"one of \['b'\] .*got 'c=bytes'"):
+        generate.run(["--model", str(root / "export"), "--tokenizer", "bytes",
+                      "--augment_tokenizer", "c=bytes", "--prompt", "a"])
+    shared, _, _ = composition_export
+    with pytest.raises(ValueError, match=r"--augment_tokenizer: expected none for .*share one "
+                                         r"vocabulary"):
+        generate.run(["--model", str(shared / "export"), "--tokenizer", "bytes",
+                      "--augment_tokenizer", "kv=bytes", "--prompt", "a"])
