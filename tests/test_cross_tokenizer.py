@@ -468,3 +468,39 @@ def test_trainer_composes_models_with_their_own_tokenizers(tmp_path, chars, word
     # (shared_vocabulary=False: a forward without the augment's own tokens would raise.)
     losses = [m["loss"] for _, m in result["history"]]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_streamed_text_composes_across_tokenizers_from_gin_to_generate(tmp_path, chars, words):
+    """experiments/compose_text_cross.gin: the text source gives each model its own tokens, the
+    trainer composes, and `python -m calm_jax.generate` decodes its export with the tokenizer
+    saved beside each model's export."""
+    from calm_jax import exports, generate
+    from calm_jax import train as train_cli
+    from calm_jax.convert import expected_params, save_converted
+
+    rng = np.random.RandomState(0)
+    dirs = {}
+    for name, cfg, tok in (
+            ("anchor", TransformerConfig.tiny(vocab_size=chars.vocab_size), chars),
+            ("augment", TransformerConfig.tiny(vocab_size=words.vocab_size, embed_dim=32),
+             words)):
+        params = jax.tree.map(lambda s: 0.05 * rng.randn(*s.shape).astype(np.float32),
+                              expected_params(cfg))
+        dirs[name] = save_converted(str(tmp_path / name), cfg, params, tokenizer=tok)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(t + "\n" for t in _corpus(60, seed=7)))
+    result = train_cli.run([
+        "--gin_file=experiments/compose_text_cross.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+        f"--gin.TRAIN_FILES=['{corpus}']", f"--gin.ANCHOR_CHECKPOINT='{dirs['anchor']}'",
+        f"--gin.AUGMENT_CHECKPOINT='{dirs['augment']}'", "--gin.NUM_STEPS=2",
+        "--gin.BATCH_SIZE=8", "--gin.LENGTH=48", "--gin.AUGMENT_LENGTH=24",
+        "--gin.data.DatasetConfig.add_eos=False", "--gin.trainer.train.log_every=1"])
+    assert int(result["state"]["step"]) == 2
+    assert all(np.isfinite(m["loss"]) for _, m in result["history"])
+    export = str(tmp_path / "run" / "export")
+    assert exports.read_spec(export)["composition"]["shared_vocabulary"] is False
+    rows = generate.run(["--model", export, "--prompt", "the cat", "--max_new_tokens", "4"])
+    model, params = exports.load_composition(export)
+    want = generate_text(model, params, "the cat", anchor_tokenizer=chars,
+                         augment_tokenizers={"aug": words}, max_new_tokens=4)
+    assert rows[0]["tokens"] == want.tokens and rows[0]["completion"] == want.text
