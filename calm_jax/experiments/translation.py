@@ -205,7 +205,7 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 
 def _save_arrays(path: str, arrays: Mapping[str, np.ndarray]) -> None:
     tmp = f"{path}.partial.npz"
-    np.savez(tmp, **arrays)
+    np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
 
 
@@ -510,7 +510,13 @@ def run(*, run_dir: str, corpus: str = "bible_nya_en",
             cost=0.3 * step_tokens * (2 + len(baselines))),
     ]
     t0 = time.time()
-    done = pl.Pipeline(run_dir, stages).run()
+    pipeline = pl.Pipeline(run_dir, stages)
+    # An evaluation recorded before a baseline was added runs again (each model's scores kept
+    # in its directory are read back, so only the new models are decoded).
+    evaluated = pipeline.recorded().get("evaluate", {}).get("result", {}).get("scores")
+    wanted = {"mA", "mB", "vanilla_mA", "CALM", *baselines}
+    force = ("evaluate",) if evaluated is not None and not wanted <= set(evaluated) else ()
+    done = pipeline.run(force=force)
     results: dict[str, Any] = dict(done["evaluate"].result)
     results["data"] = done["data"].result
     results["models"] = {"mB": done["mB"].result, "vanilla_mA": done["vanilla_mA"].result}
