@@ -139,6 +139,9 @@ class Prepared:
     config: EvalConfig
     tokenizer: Any
     task_metric_fns: list[Callable] = dataclasses.field(default_factory=list)
+    # {name: tokenizer} of a composition across tokenizers (each augment reads the prompt's
+    # text through its own); None: one token stream.
+    augment_tokenizers: Mapping[str, Any] | None = None
 
 
 def _max_len(model) -> int:
@@ -148,12 +151,24 @@ def _max_len(model) -> int:
 def prepare(model, examples: Sequence[Mapping[str, Any]], *, tokenizer,
             config: EvalConfig = EvalConfig(),
             shots: Sequence[Mapping[str, Any]] | None = None,
-            task_metric_fns: Sequence[Callable] = ()) -> Prepared:
+            task_metric_fns: Sequence[Callable] = (),
+            augment_tokenizers: Mapping[str, Any] | None = None) -> Prepared:
     """Checks the examples, builds and tokenizes every prompt, and checks that each fits the
     model with `config.max_new_tokens` new tokens; ValueError naming the example otherwise.
-    Runs nothing on a device."""
+    `augment_tokenizers` ({name: tokenizer}) is required by, and only by, a composition across
+    tokenizers (`shared_vocabulary=False`). Runs nothing on a device."""
     if not isinstance(config, EvalConfig):
         raise ValueError(f"config: expected an EvalConfig, got {type(config).__name__}")
+    cross = _crosses_tokenizers(model)
+    if cross and augment_tokenizers is None:
+        raise ValueError("augment_tokenizers: expected {augmenting model name: tokenizer} for a "
+                         "composition across tokenizers (shared_vocabulary=False), got None")
+    if not cross and augment_tokenizers is not None:
+        raise ValueError("augment_tokenizers: expected None for a model that reads one token "
+                         "stream, got tokenizers for " + repr(sorted(augment_tokenizers)))
+    if cross and config.start_id is not None:
+        raise ValueError(f"config.start_id: expected None for a composition across tokenizers "
+                         f"(each model reads the prompt's text), got {config.start_id}")
     examples = check_examples(examples)
     if not examples:
         raise ValueError("examples: expected at least one example, got none")
@@ -183,7 +198,14 @@ def prepare(model, examples: Sequence[Mapping[str, Any]], *, tokenizer,
                          f"expected at most max_len - max_new_tokens = {_max_len(model)} - "
                          f"{config.max_new_tokens} = {room} (use fewer shots, shorter "
                          f"inputs or fewer new tokens)")
-    return Prepared(examples, prompts, ids, config, tokenizer, list(task_metric_fns))
+    return Prepared(examples, prompts, ids, config, tokenizer, list(task_metric_fns),
+                    None if augment_tokenizers is None else dict(augment_tokenizers))
+
+
+def _crosses_tokenizers(model) -> bool:
+    from calm_jax.generate import crosses_tokenizers
+
+    return crosses_tokenizers(model)
 
 
 def _gather(x) -> np.ndarray:
@@ -203,8 +225,12 @@ def _cut(text: str, stop: Sequence[str]) -> str:
 def decode(model, params, prepared: Prepared) -> list[list[str]]:
     """Every example's `num_samples` continuations as text (cut at the first stop string),
     decoded `batch_size` rows at a time with one compiled program: every batch is a
-    [batch_size, longest prompt] array."""
+    [batch_size, longest prompt] array. A composition across tokenizers decodes one row at a
+    time (`calm_jax.cross_decoding.generate_text`; row i, in example order, sampled with
+    `fold_in(key(seed), i)`)."""
     config, tokenizer = prepared.config, prepared.tokenizer
+    if prepared.augment_tokenizers is not None:
+        return _decode_cross(model, params, prepared)
     rows = [ids for ids in prepared.prompt_ids for _ in range(config.num_samples)]
     width = max(len(r) for r in rows)
     eos = getattr(tokenizer, "eos_id", None)
@@ -228,6 +254,24 @@ def decode(model, params, prepared: Prepared) -> list[list[str]]:
             texts.append(_cut(tokenizer.decode(new), config.stop))
     n = config.num_samples
     return [texts[i * n:(i + 1) * n] for i in range(len(prepared.examples))]
+
+
+def _decode_cross(model, params, prepared: Prepared) -> list[list[str]]:
+    from calm_jax import cross_decoding
+
+    config, n = prepared.config, prepared.config.num_samples
+    out = []
+    for e, prompt in enumerate(prepared.prompts):
+        samples = []
+        for k in range(n):
+            result = cross_decoding.generate_text(
+                model, params, prompt, anchor_tokenizer=prepared.tokenizer,
+                augment_tokenizers=prepared.augment_tokenizers,
+                max_new_tokens=config.max_new_tokens, sampling=config.sampling,
+                rng=jax.random.fold_in(jax.random.key(config.seed), e * n + k))
+            samples.append(_cut(result.text, config.stop))
+        out.append(samples)
+    return out
 
 
 def _groups(examples: Sequence[Mapping[str, str]]) -> dict[str, list[int]]:
@@ -296,7 +340,8 @@ def score(prepared: Prepared, outputs: Sequence[Sequence[str]]) -> dict[str, Any
 def evaluate(model, params, examples: Sequence[Mapping[str, Any]], *, tokenizer,
              config: EvalConfig = EvalConfig(),
              shots: Sequence[Mapping[str, Any]] | None = None,
-             task_metric_fns: Sequence[Callable] = ()) -> dict[str, Any]:
+             task_metric_fns: Sequence[Callable] = (),
+             augment_tokenizers: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Decodes a prompt for every example and scores the outputs.
 
     Args:
@@ -309,6 +354,8 @@ def evaluate(model, params, examples: Sequence[Mapping[str, Any]], *, tokenizer,
       shots: where k-shot prompts draw their shots (e.g. the training split).
       task_metric_fns: seqio-style `fn(targets, predictions) -> dict` run on the first
         outputs, reported as "task/<key>".
+      augment_tokenizers: {name: tokenizer} of every augmenting model of a composition across
+        tokenizers (`shared_vocabulary=False`; decoded one example at a time); else None.
 
     Returns:
       {"config", "num_examples", "metrics" {name: value}, "groups" {group: {"count", name:
@@ -316,7 +363,7 @@ def evaluate(model, params, examples: Sequence[Mapping[str, Any]], *, tokenizer,
       "reference", "scores" {name: value}, "outputs"? (num_samples > 1), "passed"? (pass@K)}]}.
     """
     prepared = prepare(model, examples, tokenizer=tokenizer, config=config, shots=shots,
-                       task_metric_fns=task_metric_fns)
+                       task_metric_fns=task_metric_fns, augment_tokenizers=augment_tokenizers)
     return score(prepared, decode(model, params, prepared))
 
 
@@ -413,11 +460,15 @@ def load_tokenizer(choice: str, beside: str | None):
 def run(*, model: str, examples: ExampleSource, output_dir: str,
         config: EvalConfig = EvalConfig(), shots: ExampleSource | None = None,
         tokenizer: str = "auto", dtype: str | None = None,
-        markdown_examples: int | None = None) -> dict[str, Any]:
+        markdown_examples: int | None = None,
+        augment_tokenizers: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Evaluates the export in `model` on `examples` and writes `results.json` and `results.md`
     into `output_dir` (process 0). `shots` feeds k-shot prompts; `tokenizer` is "auto",
     "bytes" or a converted model's directory; `dtype` the compute dtype of every model (e.g.
-    "float32" on a CPU); `markdown_examples` caps the examples shown in the Markdown."""
+    "float32" on a CPU); `markdown_examples` caps the examples shown in the Markdown. A
+    composition export across tokenizers gives each augmenting model the tokenizer beside its
+    own export, or `augment_tokenizers` {name: "auto", "bytes" or a converted model's
+    directory}."""
     if not isinstance(examples, ExampleSource):
         raise ValueError(f"examples: expected an ExampleSource, got {type(examples).__name__}")
     if shots is not None and not isinstance(shots, ExampleSource):
@@ -427,9 +478,18 @@ def run(*, model: str, examples: ExampleSource, output_dir: str,
     shot_rows = shots.load() if shots is not None else None
     loaded, params, beside = load_model(model, dtype)
     tok = load_tokenizer(tokenizer, beside)
+    augment_toks = None
+    if _crosses_tokenizers(loaded):
+        from calm_jax import generate
+
+        augment_toks = generate.load_augment_tokenizers(
+            os.path.abspath(model), augment_tokenizers, flag="augment_tokenizers")
+    elif augment_tokenizers:
+        raise ValueError(f"augment_tokenizers: expected None for {os.path.abspath(model)}, "
+                         f"whose models share one vocabulary, got {augment_tokenizers!r}")
     fns = examples.metric_fns() if config.task_metrics else []
     results = evaluate(loaded, params, rows, tokenizer=tok, config=config, shots=shot_rows,
-                       task_metric_fns=fns)
+                       task_metric_fns=fns, augment_tokenizers=augment_toks)
     results = {"model": os.path.abspath(model), "output_dir": os.path.abspath(output_dir),
                "examples_source": examples.describe(),
                **({"shots_source": shots.describe()} if shots is not None else {}), **results}

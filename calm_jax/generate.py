@@ -27,7 +27,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 
@@ -75,27 +75,36 @@ def crosses_tokenizers(model: Any) -> bool:
     return isinstance(model, ComposedLM) and not model.config.shared_vocabulary
 
 
-def load_augment_tokenizers(directory: str, choices: Sequence[str] = ()) -> dict[str, Any]:
+def load_augment_tokenizers(directory: str, choices: Mapping[str, str] | None = None, *,
+                            flag: str = "--augment_tokenizer") -> dict[str, Any]:
     """{name: tokenizer} of every augmenting model of the composition export `directory`:
-    by default the tokenizer saved beside that model's own export; `choices` are
-    "NAME=CHOICE" overrides (CHOICE as for `load_tokenizer`)."""
+    by default the tokenizer saved beside that model's own export; `choices` {name: CHOICE}
+    picks others (CHOICE as for `load_tokenizer`; `flag` names the option in errors)."""
     spec = exports.read_spec(directory)
     names = sorted(spec["augments"])
-    picked: dict[str, str] = {}
-    for item in choices:
-        name, sep, choice = item.partition("=")
-        if not sep or name not in names or not choice:
-            raise ValueError(f"--augment_tokenizer: expected NAME=CHOICE with NAME one of "
-                             f"{names} and CHOICE 'auto', 'bytes' or a converted model's "
-                             f"directory, got {item!r}")
-        picked[name] = choice
+    choices = dict(choices or {})
+    for name, choice in choices.items():
+        if name not in names or not isinstance(choice, str) or not choice:
+            raise ValueError(f"{flag}: expected NAME=CHOICE with NAME one of {names} and CHOICE "
+                             f"'auto', 'bytes' or a converted model's directory, got "
+                             f"{f'{name}={choice}'!r}")
     out = {}
     for name in names:
-        field = f"augments[{name!r}]"
-        choice = picked.get(name, "auto")
-        beside = (exports.frozen_source(directory, field, spec["augments"][name])
+        choice = choices.get(name, "auto")
+        beside = (exports.frozen_source(directory, f"augments[{name!r}]", spec["augments"][name])
                   if choice == "auto" else choice)
-        out[name] = load_tokenizer(choice, beside, f"--augment_tokenizer {name}")
+        out[name] = load_tokenizer(choice, beside, f"{flag} {name}")
+    return out
+
+
+def parse_choices(items: Sequence[str], flag: str = "--augment_tokenizer") -> dict[str, str]:
+    """["NAME=CHOICE", ...] -> {NAME: CHOICE}."""
+    out = {}
+    for item in items:
+        name, sep, choice = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{flag}: expected NAME=CHOICE, got {item!r}")
+        out[name] = choice
     return out
 
 
@@ -159,7 +168,8 @@ def run(argv: Sequence[str]) -> list[dict[str, Any]]:
     model, params, beside = load_model(directory, args.dtype)
     tokenizer = load_tokenizer(args.tokenizer, beside)
     if crosses_tokenizers(model):
-        augment_tokenizers = load_augment_tokenizers(directory, args.augment_tokenizer)
+        augment_tokenizers = load_augment_tokenizers(directory,
+                                                     parse_choices(args.augment_tokenizer))
         empty = [p for p in args.prompt if not tokenizer.encode(p)]
         if empty:
             raise ValueError(f"--prompt: expected text that encodes to at least one token, "

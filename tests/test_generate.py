@@ -175,3 +175,30 @@ def test_cross_tokenizer_bad_arguments_are_named(cross_export, composition_expor
                                          r"vocabulary"):
         generate.run(["--model", str(shared / "export"), "--tokenizer", "bytes",
                       "--augment_tokenizer", "kv=bytes", "--prompt", "a"])
+
+
+def test_evaluate_scores_a_cross_tokenizer_export_one_example_at_a_time(cross_export, tmp_path):
+    from calm_jax import evaluate
+    from calm_jax.cross_decoding import generate_text
+    from calm_jax.tokenizers import ByteTokenizer
+
+    root, model, params, bpe = cross_export
+    prompts = ["the cat sat", "a mat and"]
+    want = [generate_text(model, params, p, anchor_tokenizer=ByteTokenizer(),
+                          augment_tokenizers={"b": bpe}, max_new_tokens=6).text
+            for p in prompts]
+    examples = [{"input": prompts[0], "target": want[0]}, {"input": prompts[1], "target": "no"}]
+    config = evaluate.EvalConfig(max_new_tokens=6, metrics=("exact_match",))
+    results = evaluate.run(model=str(root / "export"),
+                           examples=evaluate.ExampleSource(examples=examples),
+                           output_dir=str(tmp_path / "eval"), tokenizer="bytes", config=config)
+    assert [e["output"] for e in results["examples"]] == want
+    assert results["metrics"]["exact_match"] == 50.0
+    with pytest.raises(ValueError, match=r"augment_tokenizers: expected \{augmenting model name: "
+                                         r"tokenizer\} for a composition across tokenizers"):
+        evaluate.evaluate(model, params, examples, tokenizer=ByteTokenizer(), config=config)
+    with pytest.raises(ValueError, match=r"config.start_id: expected None for a composition "
+                                         r"across tokenizers"):
+        evaluate.evaluate(model, params, examples, tokenizer=ByteTokenizer(),
+                          augment_tokenizers={"b": bpe},
+                          config=evaluate.EvalConfig(max_new_tokens=6, start_id=0))
