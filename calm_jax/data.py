@@ -21,7 +21,9 @@ The kinds (`DatasetConfig.source`):
   (`batch(step)`): rows `perm[i*B:(i+1)*B]` of an epoch-wise seeded permutation; its state is
   the step.
 * "text", "jsonl": `calm_jax.sources`, files streamed in plain Python + numpy (no TensorFlow),
-  tokenized with `vocabulary`, packed into rows, shuffled by blocks.
+  tokenized with `vocabulary`, packed into rows, shuffled by blocks. With
+  `augment_vocabularies` every augmenting model also gets its own tokens of each text and the
+  rows carry `decoder_byte_ends` (a composition across tokenizers, `calm_jax.alignment`).
 * "seqio", "tfds": `calm_jax.input_pipeline`, tf.data pipelines (needs `calm-jax[data]`).
 
 The trainer stores every process's state in the training checkpoint's metadata
