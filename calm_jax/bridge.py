@@ -1,234 +1,261 @@
-"""CALM's trained parameters for one augmenting model: `Bridge`, and its decoding layout.
+"""CALM's trained parameters for one augmenting model: the `Bridge` interface, the table of
+composition variants, and the per-connection decoding layout.
 
-A `Bridge` holds n stacked connections (leading `connections` axis): per connection the
-projection of the augmenting states into the anchor's width and the cross-attention that
-reads them (or the attention-free "fusion" ablation); `calm_jax.composition.ComposedLM` runs
-it. Its `memory` turns the augmenting states of all n connections into the cross-attention's
-keys and values at once; calling it applies connection i to an anchor state.
+A `Bridge` holds n stacked connections (leading `connections` axis) of one augmenting model:
+per connection what reads the augmenting states into the anchor's residual stream.
+`calm_jax.composition.ComposedLM` runs it. A composition variant (`CompositionConfig.kind`) is
+one `Bridge` subclass, registered by name with `register_variant`; `ComposedLM` looks it up
+(`variant_class`) and calls only this interface:
 
-The memory's keys and values are linear in the projected states, so `Bridge.memory` may
-multiply the projection (and the states' norm scale s) into the key and value kernels first,
-((x s) P + b) W_k = x (diag(s) P W_k) + b W_k (`precompose_memory`): it does so where that
-costs fewer multiply-adds for the states each device holds (many, as in a training step), and
-projects first where it does not (a decode step's few states). Same parameters, same
-function, same gradients, in either order.
+* parameters: created in `setup`, each with logical axis names and a leading `connections`
+  axis (`_param`);
+* `memory(states, positions)`: the augmenting states of all n connections
+  [n, batch, aug_len, D_aug] -> what the anchor reads, {name: [n, batch, aug_len, ...]};
+* `__call__(i, h, memory, mask, positions)`: connection i's update [batch, len, D_anchor],
+  added to the anchor's residual stream after its anchor layer;
+* the decoding cache (`init_memory`, `write_memory`, `read_memory`, `decode_mask`,
+  `keep_memory`): what `ComposedLM.init_cache` / `extend` keep per connection between steps.
+  The defaults are those of a position-wise variant, which reads only the current token's
+  augmenting state and so keeps nothing;
+* `decoding_params(tree)`: the variant's own rewrite of its stacked parameters for cached
+  decoding (identity by default), applied by `unstack_connections` before the split;
+* `check_config(config)`: the `CompositionConfig` settings the variant cannot serve, raised
+  when the config is built (`position_wise` variants refuse `augment_sees="prompt"` and
+  `rope_theta`; `cross_tokenizer` says whether it composes across tokenizers).
+
+Every variant takes the whole `CompositionConfig` (`config`) and the widths `ComposedLM`
+derives (`anchor_dim`, `augment_dim`, `num_heads`, `head_dim`). The shared pieces (input
+norms, the D_aug -> D_anchor projection, the query norm) are helpers here. The built-in
+variants, "cross_attention" (CALM) and "fusion" (the attention-free ablation), are in
+`calm_jax.variants`.
 
 For cached decoding `unstack_connections` splits each leaf into one array per connection (a
 `LayerList`, like the Decoders' per-layer layout; `connection_params` reads connection i back
-as a one-connection Bridge's tree) and stores the precomposed memory kernels.
+as a one-connection Bridge's tree).
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from calm_jax import partitioning as part
-from calm_jax.models.attention import attend
 from calm_jax.models import layers as L
 from calm_jax.models.transformer import LayerList, layers_unstacked, unstack_leaves
 
+if TYPE_CHECKING:
+    from calm_jax.composition import CompositionConfig
+
 Array = jax.Array
+
+# {kind: Bridge subclass}: the composition variants `CompositionConfig.kind` names.
+VARIANTS: dict[str, type[Bridge]] = {}
+
+
+def register_variant(kind: str):
+    """Class decorator: registers a `Bridge` subclass as `CompositionConfig.kind=kind`.
+
+    Example:
+        @register_variant("mean_read")
+        class MeanRead(Bridge):
+            ...
+    """
+    if not isinstance(kind, str) or not kind.isidentifier():
+        raise ValueError(f"register_variant: expected an identifier-like kind, got {kind!r}")
+
+    def register(cls: type[Bridge]) -> type[Bridge]:
+        if not (isinstance(cls, type) and issubclass(cls, Bridge)):
+            raise TypeError(f"register_variant({kind!r}): expected a Bridge subclass, got "
+                            f"{cls!r}")
+        if VARIANTS.get(kind, cls) is not cls:
+            raise ValueError(f"register_variant: kind {kind!r} is already registered to "
+                             f"{VARIANTS[kind].__qualname__}; unregister_variant({kind!r}) "
+                             f"first to replace it")
+        VARIANTS[kind] = cls
+        return cls
+
+    return register
+
+
+def unregister_variant(kind: str) -> None:
+    """Removes a registered variant (a no-op for an unknown kind)."""
+    VARIANTS.pop(kind, None)
+
+
+def variant_class(kind: str) -> type[Bridge]:
+    """The `Bridge` subclass registered as `kind`; raises ValueError naming
+    `composition.kind` and the registered kinds otherwise."""
+    import calm_jax.variants  # noqa: F401  (registers the built-in variants)
+
+    if not isinstance(kind, str) or kind not in VARIANTS:
+        raise ValueError(f"composition.kind: expected one of {sorted(VARIANTS)} (variants "
+                         f"registered with calm_jax.bridge.register_variant), got {kind!r}")
+    return VARIANTS[kind]
 
 
 class Bridge(nn.Module):
-    """The composition parameters for one augmenting model: n stacked connections.
+    """The composition parameters for one augmenting model: n stacked connections (the
+    interface every composition variant implements; see the module docstring).
 
-    Leaves have a leading `connections` axis of size n. `memory` projects the augmenting states
-    of all connections at once; `__call__` applies connection i to an anchor state.
+    Leaves have a leading `connections` axis of size n. `memory` turns the augmenting states
+    of all connections into what the anchor reads; `__call__` applies connection i to an
+    anchor state.
     """
 
+    config: CompositionConfig
     anchor_dim: int
     augment_dim: int
     num_connections: int
     num_heads: int
     head_dim: int
-    kind: str = "cross_attention"
-    normalize_inputs: bool = True
-    proj_bias: bool = True
-    norm_eps: float = 1e-6
-    rope_theta: float | None = None
     attention_impl: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
+    # True: connection i at anchor position t reads only the augmenting state at t (no
+    # decoding memory, no prompt-only mode, no rotary positions).
+    position_wise: ClassVar[bool] = True
+    # True: the variant composes across tokenizers (`CompositionConfig.shared_vocabulary`).
+    cross_tokenizer: ClassVar[bool] = False
+
+    @classmethod
+    def check_config(cls, config: CompositionConfig) -> None:
+        """Raises ValueError naming the field for settings this variant cannot serve."""
+        if not cls.position_wise:
+            return
+        if config.augment_sees != "all":
+            raise ValueError(f"composition.augment_sees: expected 'all' with kind="
+                             f"{config.kind!r} (a position-wise variant cannot read a "
+                             f"prompt-only memory), got {config.augment_sees!r}")
+        if config.rope_theta is not None:
+            raise ValueError(f"composition.rope_theta: expected None with kind="
+                             f"{config.kind!r} (it reads only the current position), got "
+                             f"{config.rope_theta!r}")
+
+    # Parameters and shared pieces -------------------------------------------------------------
+
     def _param(self, name, init, shape, axes):
+        """A parameter of shape (n,) + shape with logical axes ("connections",) + axes."""
         return L.logical_param(self, name, init, (self.num_connections,) + shape,
                                ("connections",) + axes, self.param_dtype)
 
-    def setup(self):
-        da, db = self.augment_dim, self.anchor_dim
-        h, dh = self.num_heads, self.head_dim
-        f = h * dh
-        init = lambda in_axes, out_axes: L.dense_init(in_axes, out_axes)  # noqa: E731
-        # The decoding layout (`unstack_connections`) holds the memory's projection already
-        # multiplied into its key and value kernels (`precompose_memory`).
-        self.precomposed = (not self.is_initializing()
-                            and "memory_kv" in self.variables.get("params", {}))
-        if self.normalize_inputs:
-            if not self.precomposed:  # else its scale is part of memory_kv
-                self.augment_norm = self._param("augment_norm", nn.initializers.ones, (da,),
-                                                ("augment_embed",))
-            self.query_norm = self._param("query_norm", nn.initializers.ones, (db,), ("embed",))
-        if self.precomposed:
-            self.memory_kv = self._param("memory_kv", nn.initializers.zeros, (da, 2, h, dh),
-                                         ("augment_embed", None, "heads", "head_dim"))
-            if self.proj_bias:
-                self.memory_kv_b = self._param("memory_kv_bias", nn.initializers.zeros,
-                                               (2, h, dh), (None, "heads", "head_dim"))
-        else:
-            self.proj = self._param("proj", init(1, 2), (da, db), ("augment_embed", "embed"))
-            if self.proj_bias:
-                self.proj_b = self._param("proj_bias", nn.initializers.zeros, (db,),
-                                          ("embed",))
-        if self.kind == "cross_attention":
-            self.w_q = self._param("query", init(1, (2, 3)), (db, h, dh),
-                                   ("embed", "heads", "head_dim"))
-            if not self.precomposed:
-                self.w_k = self._param("key", init(1, (2, 3)), (db, h, dh),
-                                       ("embed", "heads", "head_dim"))
-                self.w_v = self._param("value", init(1, (2, 3)), (db, h, dh),
-                                       ("embed", "heads", "head_dim"))
-            self.w_o = self._param("out", nn.initializers.zeros, (h, dh, db),
-                                   ("heads", "head_dim", "embed"))
-        else:
-            self.w_g = self._param("gate", init(1, 2), (2 * db, f), ("embed", "mlp"))
-            self.w_v = self._param("value", init(1, 2), (db, f), ("embed", "mlp"))
-            self.w_o = self._param("out", nn.initializers.zeros, (f, db), ("mlp", "embed"))
+    def setup_input_norms(self, augment: bool = True) -> None:
+        """With `config.normalize_inputs`: the augmenting states' norm scale `augment_norm`
+        [n, D_aug] (unless `augment` is False) and the anchor query's `query_norm`
+        [n, D_anchor]."""
+        if self.config.normalize_inputs:
+            if augment:
+                self.augment_norm = self._param("augment_norm", nn.initializers.ones,
+                                                (self.augment_dim,), ("augment_embed",))
+            self.query_norm = self._param("query_norm", nn.initializers.ones,
+                                          (self.anchor_dim,), ("embed",))
+
+    def setup_projection(self) -> None:
+        """The paper's f_proj: `proj` [n, D_aug, D_anchor] (and `proj_bias` [n, D_anchor] with
+        `config.proj_bias`)."""
+        self.proj = self._param("proj", L.dense_init(1, 2), (self.augment_dim, self.anchor_dim),
+                                ("augment_embed", "embed"))
+        if self.config.proj_bias:
+            self.proj_b = self._param("proj_bias", nn.initializers.zeros, (self.anchor_dim,),
+                                      ("embed",))
 
     def _norm(self, x: Array, scale: Array) -> Array:
-        y = L.normalize(x, "rmsnorm", self.norm_eps) * scale.astype(jnp.float32)
+        y = L.normalize(x, "rmsnorm", self.config.norm_eps) * scale.astype(jnp.float32)
         return y.astype(self.dtype)
 
-    def _rotate(self, x: Array, positions: Array | None) -> Array:
-        """Rotary embedding of x [batch, length, heads, head_dim] at positions [batch, length]."""
-        if self.rope_theta is None:
-            return x
-        if positions is None:
-            raise ValueError("positions: expected [batch, length] token positions with "
-                             "composition.rope_theta set, got None")
-        dim = self.head_dim
-        inv = 1.0 / (self.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-        angles = positions.astype(jnp.float32)[..., None] * inv
-        return L.apply_rope(x, jnp.sin(angles), jnp.cos(angles))
+    def project(self, x: Array) -> Array:
+        """x [n, batch, aug_len, D_aug] (in `dtype`) -> f_proj(norm(x)) [n, batch, aug_len,
+        D_anchor], connection i's projection applied to x[i]."""
+        if self.config.normalize_inputs:
+            x = self._norm(x, self.augment_norm[:, None, None, :])
+        p = jnp.einsum("nbsa,nad->nbsd", x, self.proj.astype(self.dtype))
+        if self.config.proj_bias:
+            p = p + self.proj_b[:, None, None, :].astype(self.dtype)
+        return p
+
+    def query_input(self, i: int, h: Array) -> Array:
+        """The anchor state h [batch, len, D_anchor] as connection i reads it: in `dtype`,
+        RMS-normalised with its scale under `config.normalize_inputs`."""
+        x = h.astype(self.dtype)
+        if self.config.normalize_inputs:
+            x = self._norm(x, self.query_norm[i])
+        return x
+
+    # The variant -----------------------------------------------------------------------------
 
     def memory(self, states: Array, positions: Array | None = None) -> dict[str, Array]:
-        """states [n, batch, aug_len, D_aug] -> per-connection memory, leading axis n.
-
-        Cross-attention: {'key', 'value'} [n, batch, aug_len, heads, head_dim] (keys rotated
-        to `positions` [batch, aug_len] with `rope_theta`); fusion: {'proj'}
-        [n, batch, aug_len, D_anchor].
-        """
-        x = states.astype(self.dtype)
-        kv = self._memory_kernels(x.shape[1] * x.shape[2] // part.batch_shards())
-        if kv is None:
-            if self.normalize_inputs:
-                x = self._norm(x, self.augment_norm[:, None, None, :])
-            p = jnp.einsum("nbsa,nad->nbsd", x, self.proj.astype(self.dtype))
-            if self.proj_bias:
-                p = p + self.proj_b[:, None, None, :].astype(self.dtype)
-            if self.kind == "fusion":
-                return {"proj": p}
-            key = jnp.einsum("nbsd,ndhk->nbshk", p, self.w_k.astype(self.dtype))
-            value = jnp.einsum("nbsd,ndhk->nbshk", p, self.w_v.astype(self.dtype))
-        else:  # the norm's scale is in the kernel: the states themselves take no gradient
-            kernel, bias = kv
-            if self.normalize_inputs:
-                x = L.normalize(x, "rmsnorm", self.norm_eps).astype(self.dtype)
-            both = jnp.einsum("nbsa,nathk->nbsthk", x, kernel.astype(self.dtype))
-            if bias is not None:
-                both = both + bias[:, None, None].astype(self.dtype)
-            key, value = both[:, :, :, 0], both[:, :, :, 1]
-        key = jax.vmap(lambda k: self._rotate(k, positions))(key)
-        return {"key": key, "value": value}
-
-    def _memory_kernels(self, tokens: int) -> tuple[Array, Array | None] | None:
-        """(kernel [n, D_aug, 2, heads, head_dim], bias [n, 2, heads, head_dim] or None) that
-        give the memory's keys and values in one product from the augmenting states, RMS-
-        normalised without the norm's scale (`precompose_memory`: the scale is in the kernel),
-        or None where projecting first costs fewer multiply-adds for `tokens` states per
-        connection and device (few tokens, as in a decode step; the product is computed whole
-        on every device that holds a share of the batch) or for "fusion".
-
-        ((x s) P + b) W = x (diag(s) P W) + b W, so either order computes the same function of
-        the same parameters, gradients included; P W costs D_aug D_anchor 2F once, and then each
-        token D_aug 2F instead of D_aug D_anchor + D_anchor 2F (F = heads x head_dim). With the
-        scale s in the kernel, its gradient comes from the kernel's: no gradient of the
-        [n, batch, length, D_aug] normalised states is formed.
-        """
-        if self.precomposed:
-            return self.memory_kv, self.memory_kv_b if self.proj_bias else None
-        if self.kind != "cross_attention":
-            return None
-        da, db, f2 = self.augment_dim, self.anchor_dim, 2 * self.num_heads * self.head_dim
-        if da * db * f2 + tokens * da * f2 >= tokens * (da * db + db * f2):
-            return None
-        return precompose_memory(self.proj, self.proj_b if self.proj_bias else None,
-                                 self.w_k, self.w_v, self.dtype,
-                                 self.augment_norm if self.normalize_inputs else None)
+        """states [n, batch, aug_len, D_aug] -> {name: [n, batch, aug_len, ...]}, what the
+        anchor reads; `positions` [batch, aug_len] are the states' positions."""
+        raise NotImplementedError(f"{type(self).__name__}.memory")
 
     def __call__(self, i: int, h: Array, memory: dict[str, Array], mask: Array | None,
                  positions: Array | None = None) -> Array:
-        """Connection i's update for the anchor state h [batch, len, D_anchor] (same shape);
-        `positions` [batch, len] of the queries, needed with `rope_theta`."""
-        x = h.astype(self.dtype)
-        if self.normalize_inputs:
-            x = self._norm(x, self.query_norm[i])
-        if self.kind == "fusion":
-            p = memory["proj"][i]
-            gate = jnp.concatenate([x, p], axis=-1) @ self.w_g[i].astype(self.dtype)
-            hidden = jax.nn.silu(gate) * (p @ self.w_v[i].astype(self.dtype))
-            return hidden @ self.w_o[i].astype(self.dtype)
-        q = self._rotate(jnp.einsum("btd,dhk->bthk", x, self.w_q[i].astype(self.dtype)),
-                         positions)
-        out = attend(q, memory["key"][i], memory["value"][i], mask=mask, is_causal=True,
-                     scale=self.head_dim ** -0.5, impl=self.attention_impl)
-        return jnp.einsum("bthk,hkd->btd", out, self.w_o[i].astype(self.dtype))
+        """Connection i's update for the anchor state h [batch, len, D_anchor] (same shape),
+        reading `memory` (as `memory` returns it, or `read_memory`'s view in decoding);
+        `mask` [batch, 1, len, aug_len] (None: causal) and `positions` [batch, len] of the
+        queries."""
+        raise NotImplementedError(f"{type(self).__name__}.__call__")
+
+    # The decoding cache (defaults: position-wise, nothing kept between steps) ---------------
+
+    @nn.nowrap
+    def init_memory(self, batch: int, mem_len: int, per_layer: bool) -> dict[str, Any]:
+        """The empty decoding memory of `mem_len` slots ({}: nothing kept). `per_layer`: one
+        array per connection (see `calm_jax.composition.ComposedLM.init_cache`)."""
+        return {}
+
+    @nn.nowrap
+    def write_memory(self, memory: dict[str, Any], new: dict[str, Any],
+                     index: Array) -> dict[str, Any]:
+        """`memory` with the new tokens' `memory(...)` output (stacked [n, batch, T, ...] or a
+        tuple of n [batch, T, ...]) written at slots index .. index+T-1. Position-wise: the new
+        tokens' memory alone."""
+        return new
+
+    @nn.nowrap
+    def read_memory(self, memory: dict[str, Any]) -> dict[str, Any]:
+        """What `__call__` indexes in decoding, from `write_memory`'s result."""
+        return memory
+
+    @nn.nowrap
+    def decode_mask(self, view: dict[str, Any], start: Array, index: Array,
+                    length: int) -> Array | None:
+        """The mask of `length` new queries at slots index .. over the memory `view` (rows
+        left-padded from `start`); None where `__call__` takes no mask."""
+        return None
+
+    @nn.nowrap
+    def keep_memory(self, memory: dict[str, Any]) -> dict[str, Any]:
+        """What the cache keeps of `write_memory`'s result for the next step ({}: nothing)."""
+        return {}
+
+    @classmethod
+    def decoding_params(cls, tree: dict[str, Any]) -> dict[str, Any]:
+        """The stacked parameters rewritten for cached decoding (`unstack_connections` with
+        `fuse`); `setup` must accept the result. Identity by default."""
+        return tree
 
 
-def precompose_memory(proj: Array, proj_bias: Array | None, key: Array, value: Array,
-                      dtype: Any, norm_scale: Array | None = None
-                      ) -> tuple[Array, Array | None]:
-    """The memory projection multiplied into the cross-attention's key and value kernels:
-    proj [n, D_aug, D_anchor] (bias [n, D_anchor]), key and value [n, D_anchor, heads,
-    head_dim], and the augmenting states' norm scale [n, D_aug] if any -> (kernel [n, D_aug,
-    2, heads, head_dim], bias [n, 2, heads, head_dim] or None), computed in `dtype`: the
-    kernel reads RMS-normalised states without that scale. `Bridge.memory` gives the same
-    keys and values from either form."""
-    kv = jnp.stack([key, value], axis=2).astype(dtype)  # [n, D_anchor, 2, heads, head_dim]
-    # Full float32 products where float32 is asked for (a GPU would otherwise use TF32).
-    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-    scaled = proj if norm_scale is None else proj * norm_scale[:, :, None]
-    kernel = jnp.einsum("nad,ndthk->nathk", scaled.astype(dtype), kv, precision=precision)
-    if proj_bias is None:
-        return kernel, None
-    return kernel, jnp.einsum("nd,ndthk->nthk", proj_bias.astype(dtype), kv,
-                              precision=precision)
-
-
-def unstack_connections(composition: Mapping[str, Any], fuse: bool = True) -> dict[str, Any]:
+def unstack_connections(composition: Mapping[str, Any], config: CompositionConfig | None = None,
+                        fuse: bool = True) -> dict[str, Any]:
     """The composition parameters {name: tree} with every stacked [connections, ...] leaf split
     into a `LayerList` of per-connection arrays (already split ones are kept): the decoding
     layout `ComposedLM.extend` reads without copying a connection's weights out of the stack.
-    Training (`apply`) takes the stacked tree. With `fuse`, a cross-attention's memory
-    projection (and the augmenting states' norm scale) is multiplied into its key and value
-    kernels (`precompose_memory`, in the parameters' dtype) as `memory_kv` (and
-    `memory_kv_bias`): each new token's keys and values are then one matrix product where they
-    were three."""
+    Training (`apply`) takes the stacked tree. With `fuse`, each tree is first rewritten by its
+    variant's `decoding_params` (`config.kind`; None: the default `CompositionConfig`): the
+    cross-attention multiplies its memory projection into its key and value kernels
+    (`calm_jax.variants.precompose_memory`)."""
+    if config is None:
+        from calm_jax.composition import CompositionConfig
+        config = CompositionConfig()
+    variant = variant_class(config.kind)
     out = {}
     for name, tree in nn.unbox(composition).items():
         tree = dict(tree)
-        if fuse and {"proj", "key", "value"} <= tree.keys() and not layers_unstacked(tree):
-            bias = tree.pop("proj_bias", None)
-            kernel, kv_bias = precompose_memory(tree.pop("proj"), bias, tree.pop("key"),
-                                                tree.pop("value"), tree["query"].dtype,
-                                                tree.pop("augment_norm", None))
-            tree["memory_kv"] = kernel
-            if kv_bias is not None:
-                tree["memory_kv_bias"] = kv_bias
+        if fuse and not layers_unstacked(tree):
+            tree = variant.decoding_params(tree)
         out[name] = unstack_leaves(tree)
     return out
 

@@ -28,25 +28,30 @@ fewer than 4 layers gets one connection, its last layer to the anchor's last lay
 Several connections may share an anchor layer (from different augmenting models); each reads the
 same anchor state and their outputs are summed.
 
-`kind="fusion"` is the attention-free ablation with the same parameter budget: position t mixes
-the anchor state with the projected augmenting state at t through a gated feed-forward,
+Variants (`CompositionConfig.kind`) are classes in a table (`calm_jax.bridge`: the `Bridge`
+interface, `register_variant`; the built-ins in `calm_jax.variants`): "cross_attention" is the
+above; `kind="fusion"` is the attention-free ablation with the same parameter budget: position t
+mixes the anchor state with the projected augmenting state at t through a gated feed-forward,
 `delta = W_o(silu(W_g [q; p_t]) * (W_v p_t))`, with W_g: 2D x F, W_v: D x F, W_o: F x D (zero
 init), F = heads * head_dim — the 4 D F of the cross-attention's W_q, W_k, W_v, W_o.
+`ComposedLM` looks the variant up by `kind` and calls only its interface (parameters, `memory`,
+the update, the decoding cache), so a new variant is one registered class.
 
 Cached decoding (`ComposedLM.init_cache`, `extend`, `end_prompt`; driven by
 `calm_jax.decoding`): every augmenting model consumes every new token through its own KV cache;
 the projected states of the new tokens (`Bridge.memory`) are appended to a per-connection
-cross-attention memory, so the anchor at slot t reads memory slots <= t exactly as in `apply`.
+cross-attention memory (the variant's `write_memory`), so the anchor at slot t reads memory slots
+<= t exactly as in `apply`.
 With `augment_sees="prompt"` the memory covers the prompt only and is fixed after it.
 
 Parameters are `{'anchor': ..., 'augments': {name: ...}, 'composition': {name: ...}}`; each
 composition leaf has a leading `connections` axis. The augmenting forwards run under
 `stop_gradient`, and the training loss is differentiated with respect to `composition` only.
 The composition parameters of one augmenting model and their decoding layout are in
-`calm_jax.bridge` (`Bridge`, `unstack_connections`). For cached decoding `unstack_connections`
-splits each leaf into one array per connection (a `LayerList`, like the Decoders' per-layer
-layout): `extend` then reads connection i's weights where they lie, where indexing the stack
-would copy them at every step.
+`calm_jax.bridge` (`Bridge`, `unstack_connections`) and `calm_jax.variants`. For cached
+decoding `unstack_connections` splits each leaf into one array per connection (a `LayerList`,
+like the Decoders' per-layer layout): `extend` then reads connection i's weights where they
+lie, where indexing the stack would copy them at every step.
 """
 
 from __future__ import annotations
@@ -61,10 +66,10 @@ import flax.linen as nn
 from flax import struct, traverse_util
 
 from calm_jax.alignment import AugmentInput
-from calm_jax.bridge import Bridge, connection_params
+from calm_jax.bridge import Bridge, connection_params, variant_class
 from calm_jax.models.config import TransformerConfig, check_bool, check_real
 from calm_jax.models.attention import attention_mask
-from calm_jax.models.attention import KVCache, cache_mask, make_cache_context
+from calm_jax.models.attention import KVCache, make_cache_context
 from calm_jax.models.transformer import REMAT_POLICIES, Decoder, layers_unstacked
 from calm_jax.validation import check_like, check_token_array, model_limits
 
@@ -93,7 +98,9 @@ class CompositionConfig:
         `default_connections`. Layers are 1-indexed and must be strictly increasing.
       num_heads: cross-attention heads; None means the anchor's head count.
       head_dim: per-head width; None means anchor embed_dim // num_heads.
-      kind: "cross_attention" (CALM) or "fusion" (attention-free ablation, same budget).
+      kind: the composition variant: "cross_attention" (CALM), "fusion" (attention-free
+        ablation, same budget), or any kind registered with
+        `calm_jax.bridge.register_variant` (a `Bridge` subclass).
       augment_sees: "all" (the shared token stream, the paper's setting) or "prompt" (the
         "mA as encoder" ablation; needs `prompt_mask` at call time).
       normalize_inputs: RMS-normalise the anchor query and augmenting state inputs.
@@ -107,13 +114,14 @@ class CompositionConfig:
       shared_vocabulary: True: every model reads the anchor's token stream (vocab sizes must
         match). False: each augmenting model reads the text through its own tokenizer; calls
         pass its tokens and both sides' byte ends (`augment_inputs`, `byte_ends`; see
-        `calm_jax.alignment`). Needs kind='cross_attention' and augment_sees='all'.
+        `calm_jax.alignment`). Needs a variant that composes across tokenizers
+        ('cross_attention') and augment_sees='all'.
     """
 
     connections: Mapping[str, Connections] = dataclasses.field(default_factory=dict)
     num_heads: int | None = None
     head_dim: int | None = None
-    kind: Literal["cross_attention", "fusion"] = "cross_attention"
+    kind: str = "cross_attention"
     augment_sees: Literal["all", "prompt"] = "all"
     normalize_inputs: bool = True
     proj_bias: bool = True
@@ -122,20 +130,12 @@ class CompositionConfig:
     shared_vocabulary: bool = True
 
     def __post_init__(self):
-        if self.kind not in ("cross_attention", "fusion"):
-            raise ValueError(f"composition.kind: expected 'cross_attention' or 'fusion', "
-                             f"got {self.kind!r}")
+        variant = variant_class(self.kind)
         if self.augment_sees not in ("all", "prompt"):
             raise ValueError(f"composition.augment_sees: expected 'all' or 'prompt', "
                              f"got {self.augment_sees!r}")
-        if self.kind == "fusion" and self.augment_sees == "prompt":
-            raise ValueError("composition.augment_sees: expected 'all' with kind='fusion' "
-                             "(position-wise fusion cannot read a prompt-only memory), "
-                             "got 'prompt'")
         check_real("composition.rope_theta", self.rope_theta, above=1.0, allow_none=True)
-        if self.rope_theta is not None and self.kind == "fusion":
-            raise ValueError("composition.rope_theta: expected None with kind='fusion' (it "
-                             f"reads only the current position), got {self.rope_theta!r}")
+        variant.check_config(self)
         for name in ("num_heads", "head_dim"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
@@ -147,8 +147,8 @@ class CompositionConfig:
         check_real("composition.norm_eps", self.norm_eps)
         object.__setattr__(self, "connections", _normalize_connections(self.connections))
         check_bool("composition.shared_vocabulary", self.shared_vocabulary)
-        if not self.shared_vocabulary and (self.kind, self.augment_sees) != (
-                "cross_attention", "all"):
+        if not self.shared_vocabulary and not (variant.cross_tokenizer
+                                                and self.augment_sees == "all"):
             raise ValueError(f"composition.shared_vocabulary: expected True with kind="
                              f"{self.kind!r} and augment_sees={self.augment_sees!r} (across "
                              f"tokenizers only cross-attention over the whole text is "
@@ -205,9 +205,6 @@ def _validate_connections(name: str, pairs: Connections, augment: TransformerCon
             raise ValueError(f"{field}: expected strictly increasing {which} layers, got {seq}")
 
 
-MEMORY_AXES = ("connections", "activation_batch", "activation_length", "heads", "head_dim")
-
-
 @struct.dataclass
 class ComposedCache:
     """Decoding state of a `ComposedLM` (rows left-padded, as in `KVCache`).
@@ -216,11 +213,13 @@ class ComposedCache:
       anchor: the anchor's `KVCache` (all layers); its `start` / `index` are the rows' layout.
       augments: {name: KVCache} over augmenting layers 1 .. deepest connected one; empty once
         the memory is fixed (`augment_sees="prompt"` after `end_prompt`).
-      memory: {name: {'key', 'value'}} [n, batch, mem_len, heads, head_dim], connection i's
+      memory: {name: the variant's decoding memory} (`Bridge.init_memory`): for
+        cross-attention {'key', 'value'} [n, batch, mem_len, heads, head_dim], connection i's
         projected keys/values of every slot so far (with per-layer caches, a tuple of n
         [batch, heads, mem_len, head_dim] arrays, laid out like a per-layer `KVCache`, so that
-        no step copies connection i's memory out of a stack); empty for `kind="fusion"`, whose
-        update only reads the current token's projected state.
+        no step copies connection i's memory out of a stack); no entry for a position-wise
+        variant (`kind="fusion"`), whose update only reads the current token's projected
+        state.
       ends: across tokenizers (`init_cache(augment_len=...)`, `extend_text`), {name: [batch,
         mem_len] int32}, the byte end of the augmenting token in each memory slot (`NO_END` for
         a slot not filled); empty otherwise.
@@ -270,6 +269,7 @@ class ComposedLM:
         self.anchor_config = anchor
         self.augment_configs = dict(sorted(augments.items()))
         self.config = composition
+        self.variant = variant_class(composition.kind)
         self.num_heads = heads
         self.head_dim = composition.head_dim or anchor.embed_dim // heads
         if composition.rope_theta is not None and self.head_dim % 2:
@@ -295,16 +295,14 @@ class ComposedLM:
         self._single_bridges = {name: self._bridge(name, 1) for name in self.augment_configs}
 
     def _bridge(self, name: str, num_connections: int | None = None) -> Bridge:
-        c = self.config
         n = len(self.connections[name]) if num_connections is None else num_connections
-        return Bridge(anchor_dim=self.anchor_config.embed_dim,
-                      augment_dim=self.augment_configs[name].embed_dim,
-                      num_connections=n, num_heads=self.num_heads,
-                      head_dim=self.head_dim, kind=c.kind, normalize_inputs=c.normalize_inputs,
-                      proj_bias=c.proj_bias, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                      attention_impl=self.anchor_config.attention_impl,
-                      dtype=self.anchor_config.compute_dtype,
-                      param_dtype=self.anchor_config.params_dtype)
+        return self.variant(config=self.config, anchor_dim=self.anchor_config.embed_dim,
+                            augment_dim=self.augment_configs[name].embed_dim,
+                            num_connections=n, num_heads=self.num_heads,
+                            head_dim=self.head_dim,
+                            attention_impl=self.anchor_config.attention_impl,
+                            dtype=self.anchor_config.compute_dtype,
+                            param_dtype=self.anchor_config.params_dtype)
 
     # Parameters ---------------------------------------------------------------------------------
 
@@ -336,16 +334,11 @@ class ComposedLM:
         }
 
     def num_composition_params(self) -> int:
-        """Closed form of the composition's parameter count (see the module docstring)."""
-        db, f = self.anchor_config.embed_dim, self.num_heads * self.head_dim
-        c = self.config
-        total = 0
-        for name, pairs in self.connections.items():
-            da = self.augment_configs[name].embed_dim
-            per = da * db + (db if c.proj_bias else 0) + 4 * db * f
-            per += (da + db) if c.normalize_inputs else 0
-            total += len(pairs) * per
-        return total
+        """The composition's parameter count, read from the shapes of fresh parameters (for
+        the built-in variants: per connection D_aug D_anchor + 4 D_anchor F, plus D_anchor with
+        `proj_bias` and D_aug + D_anchor with `normalize_inputs`, F = heads x head_dim)."""
+        return sum(int(np.prod(leaf.shape))
+                   for leaf in jax.tree.leaves(self._composition_shapes()))
 
     # Argument checks (at trace time: shapes, dtypes and tree structure only) -----------------
 
@@ -441,7 +434,7 @@ class ComposedLM:
 
             def project(composition, stacked, positions, name=name):
                 return self.bridges[name].apply({"params": composition}, stacked, positions,
-                                                method=Bridge.memory)
+                                                method="memory")
 
             out[name] = self._remat(project)(params["composition"][name], stacked,
                                              key_positions)
@@ -545,10 +538,10 @@ class ComposedLM:
             raise ValueError(f"augment_inputs: expected None with composition.augment_sees="
                              f"{self.config.augment_sees!r} (across tokenizers the augment "
                              f"reads the whole text), got {sorted(augment_inputs)}")
-        if self.config.kind != "cross_attention":
+        if not self.variant.cross_tokenizer:
             raise ValueError(f"augment_inputs: expected None with composition.kind="
-                             f"{self.config.kind!r} (position-wise fusion needs one token "
-                             f"stream), got {sorted(augment_inputs)}")
+                             f"{self.config.kind!r} (this variant needs one token stream), "
+                             f"got {sorted(augment_inputs)}")
         if not isinstance(augment_inputs, Mapping) or sorted(augment_inputs) != names:
             got = sorted(augment_inputs) if isinstance(augment_inputs, Mapping) else (
                 type(augment_inputs).__name__)
@@ -630,7 +623,7 @@ class ComposedLM:
         if augment_len is not None:
             if (not isinstance(augment_len, int) or augment_len <= 0
                     or self.config.augment_sees != "all"
-                    or self.config.kind != "cross_attention"):
+                    or not self.variant.cross_tokenizer):
                 raise ValueError(f"augment_len: expected None, or a positive integer with "
                                  f"kind='cross_attention' and augment_sees='all', got "
                                  f"{augment_len!r} (kind={self.config.kind!r}, augment_sees="
@@ -648,13 +641,9 @@ class ComposedLM:
             deepest = max(a for a, _ in self.connections[name])
             augments[name] = KVCache.zeros(cfg, batch, mem_len, start, num_layers=deepest,
                                            per_layer=per_layer)
-            if self.config.kind == "cross_attention":
-                n, dtype = len(self.connections[name]), self.anchor_config.compute_dtype
-                h, d = self.num_heads, self.head_dim
-                memory[name] = {
-                    k: (tuple(jnp.zeros((batch, h, mem_len, d), dtype) for _ in range(n))
-                        if per_layer else jnp.zeros((n, batch, mem_len, h, d), dtype))
-                    for k in ("key", "value")}
+            kept = self.bridges[name].init_memory(batch, mem_len, per_layer)
+            if kept:
+                memory[name] = kept
         anchor = KVCache.zeros(self.anchor_config, batch, cache_len, start, per_layer=per_layer)
         ends = {} if augment_len is None else {
             name: jnp.full((batch, augment_len), NO_END, jnp.int32) for name in augments}
@@ -710,13 +699,12 @@ class ComposedLM:
                 return_states=layers, logits=None, method=Decoder.extend)
             new = self._new_memory(name, params["composition"][name], states,
                                    stream.byte_ends)
-            memories[name] = {k: _write_memory(cache.memory[name][k], new[k], aug_index)
-                              for k in ("key", "value")}
+            memories[name] = self.bridges[name].write_memory(cache.memory[name], new,
+                                                             aug_index)
             zero = jnp.zeros((), jnp.int32)
             ends[name] = jax.lax.dynamic_update_slice(
                 ends[name], stream.byte_ends.astype(jnp.int32), (zero, aug_index))
-        views = {name: {k: _memory_view(v) for k, v in mem.items()}
-                 for name, mem in memories.items()}
+        views = {name: self.bridges[name].read_memory(mem) for name, mem in memories.items()}
         masks = {name: (e[:, None, None, :] <= byte_ends[:, None, :, None])
                  for name, e in ends.items()}
 
@@ -735,8 +723,7 @@ class ComposedLM:
         out = self.anchor.apply(anchor_vars, h, method=Decoder.head)
         if logits == "last":
             out = out[:, 0]
-        memories = {name: {k: _constrain_memory(v) for k, v in mem.items()}
-                    for name, mem in memories.items()}
+        memories = self._keep_memories(memories)
         anchor_cache = anchor_cache.replace(index=cache.anchor.index + t).constrain()
         return out, ComposedCache(anchor=anchor_cache, augments=augments, memory=memories,
                                   ends=ends)
@@ -758,10 +745,10 @@ class ComposedLM:
         if not layers_unstacked(tree):
             stacked = jnp.stack([states[a] for a in layers])
             return self.bridges[name].apply({"params": tree}, stacked, positions,
-                                            method=Bridge.memory)
+                                            method="memory")
         single = self._single_bridges[name]
         news = [single.apply({"params": connection_params(tree, i)}, states[a][None], positions,
-                             method=Bridge.memory) for i, a in enumerate(layers)]
+                             method="memory") for i, a in enumerate(layers)]
         return {k: tuple(n[k][0] for n in news) for k in news[0]}
 
     def extend(self, params: Mapping[str, Any], tokens: Array, cache: ComposedCache, *,
@@ -792,17 +779,12 @@ class ComposedLM:
                 {"params": params["augments"][name]}, tokens, cache.augments[name],
                 return_states=layers, logits=None, method=Decoder.extend)
             new = self._new_memory(name, params["composition"][name], states, ctx.positions)
-            if self.config.kind == "fusion":
-                memories[name] = new  # position-wise: only the new tokens are read
-            else:
-                memories[name] = {k: _write_memory(cache.memory[name][k], new[k], index)
-                                  for k in ("key", "value")}
-        mask, views = None, memories
-        if self.config.kind == "cross_attention":
-            views = {name: {k: _memory_view(v) for k, v in mem.items()}
-                     for name, mem in memories.items()}
-            mem_len = next(iter(views.values()))["key"][0].shape[1]
-            mask = cache_mask(start, index, t, mem_len)
+            memories[name] = self.bridges[name].write_memory(cache.memory.get(name, {}), new,
+                                                             index)
+        views = {name: self.bridges[name].read_memory(mem) for name, mem in memories.items()}
+        # Every connection's memory has the same slots: one mask serves them all.
+        first = next(iter(views))
+        mask = self.bridges[first].decode_mask(views[first], start, index, t)
 
         anchor_vars = {"params": params["anchor"]}
         h = self.anchor.apply(anchor_vars, tokens, ctx.positions, method=Decoder.embed)
@@ -819,40 +801,13 @@ class ComposedLM:
         out = self.anchor.apply(anchor_vars, h, method=Decoder.head)
         if logits == "last":
             out = out[:, 0]
-        if self.config.kind == "fusion":
-            memories = {}
-        else:
-            memories = {name: {k: _constrain_memory(v) for k, v in mem.items()}
-                        for name, mem in memories.items()}
+        memories = self._keep_memories(memories)
         anchor_cache = anchor_cache.replace(index=index + t).constrain()
         return out, ComposedCache(anchor=anchor_cache, augments=augments, memory=memories)
 
 
-def _write_memory(memory: Array | tuple[Array, ...], new: Array | tuple[Array, ...],
-                  index: Array):
-    """Writes new [n, batch, T, heads, head_dim] (or n such [batch, T, heads, head_dim]) at slots
-    index .. index+T-1 of a stacked memory [n, batch, mem_len, heads, head_dim] or of each
-    [batch, heads, mem_len, head_dim] array of a per-connection tuple."""
-    zero = jnp.zeros((), jnp.int32)
-    if isinstance(memory, tuple):
-        return tuple(jax.lax.dynamic_update_slice(
-            m, jnp.swapaxes(x, 1, 2).astype(m.dtype), (zero, zero, index, zero))
-            for m, x in zip(memory, new))
-    if isinstance(new, tuple):  # per-connection projections into a stacked memory
-        new = jnp.stack(new)
-    return jax.lax.dynamic_update_slice(memory, new.astype(memory.dtype),
-                                        (zero, zero, index, zero, zero))
-
-
-def _memory_view(memory: Array | tuple[Array, ...]):
-    """What `Bridge.__call__` indexes: memory[i] [batch, mem_len, heads, head_dim]."""
-    if isinstance(memory, tuple):
-        return tuple(jnp.swapaxes(m, 1, 2) for m in memory)
-    return memory
-
-
-def _constrain_memory(memory: Array | tuple[Array, ...]):
-    if isinstance(memory, tuple):  # [batch, heads, mem_len, head_dim]
-        axes = tuple(MEMORY_AXES[i] for i in (1, 3, 2, 4))
-        return tuple(nn.with_logical_constraint(m, axes) for m in memory)
-    return nn.with_logical_constraint(memory, MEMORY_AXES)
+    def _keep_memories(self, memories: Mapping[str, Any]) -> dict[str, Any]:
+        """What the cache keeps of each model's decoding memory (`Bridge.keep_memory`);
+        a model whose variant keeps nothing gets no entry."""
+        kept = {name: self.bridges[name].keep_memory(mem) for name, mem in memories.items()}
+        return {name: mem for name, mem in kept.items() if mem}

@@ -237,14 +237,15 @@ def _memory_reference(tree, states, positions, bridge):
     """Bridge.memory in the paper's order: project the normalised states, then the keys and
     values (float32, full precision)."""
     hi = jax.lax.Precision.HIGHEST
-    x = states * jax.lax.rsqrt(jnp.mean(states ** 2, -1, keepdims=True) + bridge.norm_eps)
+    eps = bridge.config.norm_eps
+    x = states * jax.lax.rsqrt(jnp.mean(states ** 2, -1, keepdims=True) + eps)
     x = x * tree["augment_norm"][:, None, None]
     p = jnp.einsum("nbsa,nad->nbsd", x, tree["proj"], precision=hi)
     p = p + tree["proj_bias"][:, None, None]
     key = jnp.einsum("nbsd,ndhk->nbshk", p, tree["key"], precision=hi)
     value = jnp.einsum("nbsd,ndhk->nbshk", p, tree["value"], precision=hi)
     dim = bridge.head_dim
-    inv = 1.0 / (bridge.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    inv = 1.0 / (bridge.config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
     angles = positions.astype(jnp.float32)[..., None] * inv
     sin, cos = jnp.sin(angles)[:, :, None], jnp.cos(angles)[:, :, None]
     k1, k2 = key[..., : dim // 2], key[..., dim // 2:]
@@ -258,8 +259,6 @@ def test_memory_projection_in_either_order_gives_the_same_keys_values_and_gradie
     # into the key and value kernels first (one product per state instead of three); with few
     # it projects first. Both are the paper's function of the same parameters: values and
     # parameter gradients agree.
-    from calm_jax.bridge import Bridge
-
     model = ComposedLM(ANCHOR, {"kv": GPT2_AUG}, CompositionConfig(rope_theta=1e4))
     bridge = model.bridges["kv"]
     n = len(model.connections["kv"])
@@ -272,7 +271,7 @@ def test_memory_projection_in_either_order_gives_the_same_keys_values_and_gradie
            for i, k in enumerate(("key", "value"))}
 
     def memory(t):
-        return bridge.apply({"params": t}, states, positions, method=Bridge.memory)
+        return bridge.apply({"params": t}, states, positions, method="memory")
 
     def reference(t):
         return _memory_reference(t, states, positions, bridge)
