@@ -164,3 +164,21 @@ def test_a_new_variant_trains_in_the_trainer(gated_read, tmp_path):
     assert set(params) == {"augment_norm", "query_norm", "proj", "proj_bias", "gate", "out"}
     assert np.any(np.asarray(params["out"]))  # W_o left zero: it trained
     assert all(np.isfinite(m["loss"]) for _, m in result["history"])
+
+
+def test_gin_picks_a_registered_variant_by_its_kind(gated_read):
+    import gin
+
+    from calm_jax import composition
+
+    gin.clear_config()
+    try:
+        gin.parse_config(["from __gin__ import dynamic_registration",
+                          "from calm_jax import composition",
+                          "composition.CompositionConfig.kind = 'gated_read'"])
+        config = gin.get_configurable(composition.CompositionConfig)()
+    finally:
+        gin.clear_config()
+    assert config.kind == "gated_read"
+    model = ComposedLM(ANCHOR, {"kv": AUGMENT}, config)
+    assert type(model.bridges["kv"]) is GatedRead
