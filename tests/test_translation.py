@@ -244,8 +244,8 @@ def test_tiny_pipeline_runs_end_to_end_and_calm_learns_its_composition_data(tmp_
     assert evals and not evals & {r["ref"] for r in split if r["split"] == "train"}
     scored = [json.loads(line)["ref"] for line in (run_dir / "data" / "eval_pairs.jsonl").open()]
     assert set(scored) <= evals
-    # mA is at most half of mB by non-embedding parameters.
-    assert results["models"]["vanilla_mA"]["non_embedding_params"] * 2 <= (
+    # mA is mB's first layer of two (the real scales' sizes: test_every_scale_parses...).
+    assert results["models"]["vanilla_mA"]["non_embedding_params"] < (
         results["models"]["mB"]["non_embedding_params"])
 
 
