@@ -101,7 +101,8 @@ def usage() -> str:
     for name in sorted(fv):
         lines.append(f"  --{name}")
         lines += textwrap.wrap(" ".join(fv[name].help.split()), width=96, initial_indent="      ",
-                               subsequent_indent="      ")
+                               subsequent_indent="      ", break_long_words=False,
+                               break_on_hyphens=False)  # paths stay whole
     lines.append("  --gin.KEY=VALUE")
     lines.append("      short for --gin_bindings='KEY = VALUE'")
     return "\n".join(lines)
