@@ -21,10 +21,12 @@ The kinds (`DatasetConfig.source`):
   (`batch(step)`): rows `perm[i*B:(i+1)*B]` of an epoch-wise seeded permutation; its state is
   the step.
 * "text", "jsonl": `calm_jax.sources`, files streamed in plain Python + numpy (no TensorFlow),
-  tokenized with `vocabulary`, packed into rows, shuffled by blocks. With
-  `augment_vocabularies` every augmenting model also gets its own tokens of each text and the
-  rows carry `decoder_byte_ends` (a composition across tokenizers, `calm_jax.alignment`).
+  tokenized with `vocabulary`, packed into rows, shuffled by blocks.
 * "seqio", "tfds": `calm_jax.input_pipeline`, tf.data pipelines (needs `calm-jax[data]`).
+
+With `augment_vocabularies` ("text", "jsonl", "tfds", "seqio") every augmenting model also
+gets its own tokens of each text and the rows carry `decoder_byte_ends` (a composition across
+tokenizers, `calm_jax.alignment`).
 
 The trainer stores every process's state in the training checkpoint's metadata
 (`checkpoint_meta`) and gives it back on resume (`restore_state`); see docs/data.md.
@@ -62,12 +64,14 @@ class DatasetConfig:
       data_dir: TFDS data directory (source="tfds"; None: TFDS's default).
       vocabulary: "byte" (`calm_jax.tokenizers.ByteTokenizer`, seqio's ByteVocabulary ids) or
         a tokenizer directory (`Tokenizer.save`, a Hugging Face model directory, or a model
-        export with a `tokenizer/` folder), for "text", "jsonl" and "tfds".
+        export with a `tokenizer/` folder), for "text", "jsonl" and "tfds", and the anchor's
+        vocabulary for "seqio" with `augment_vocabularies` (the task's vocabulary otherwise).
       text_field: the text of an example ("jsonl", "tfds"); its target when `inputs_field`
         is set.
       inputs_field: if set, the prompt of an example ("jsonl", "tfds"): rows are prefix-LM
         (loss on the text only, `prompt_mask` set).
-      add_eos: append the vocabulary's EOS to every example ("text", "jsonl", "tfds").
+      add_eos: append the vocabulary's EOS to every example ("text", "jsonl", "tfds", and
+        "seqio" with `augment_vocabularies`).
       split: dataset split ("seqio", "tfds").
       batch_size: global batch size (all processes together).
       length: sequence length.
@@ -77,17 +81,20 @@ class DatasetConfig:
       block_bytes: shuffling unit of "text"/"jsonl" files: each epoch visits the blocks of this
         many bytes in a new order and the examples of a block in a new order.
       num_epochs: passes over the data of the streamed sources (None: without end).
-      pack: pack several examples per row (seqio's feature converters for "seqio").
+      pack: pack several examples per row (seqio's feature converters for "seqio", ours with
+        `augment_vocabularies`).
       prefix_lm: seqio `PrefixLMFeatureConverter` (loss on targets only, prompt_mask set)
-        instead of the plain LM converter.
+        instead of the plain LM converter; must be False with `augment_vocabularies`.
       target_length: seqio prefix-LM target length (inputs get `length - target_length`);
         None splits the length in half.
       max_examples: cap on examples read per epoch ("seqio", "tfds").
-      augment_vocabularies: for a composition across tokenizers ("text", "jsonl"): {augmenting
-        model name: "byte" or a tokenizer directory (as `vocabulary`)}; every row then also
-        holds `decoder_byte_ends` and each augment's own tokens
+      augment_vocabularies: for a composition across tokenizers ("text", "jsonl", "tfds",
+        "seqio"): {augmenting model name: "byte" or a tokenizer directory (as `vocabulary`)};
+        every row then also holds `decoder_byte_ends` and each augment's own tokens
         (`augments/{name}/tokens|positions|segment_ids|byte_ends`, as
-        `calm_jax.alignment.text_examples` gives them). None: one token stream.
+        `calm_jax.alignment.text_examples` gives them). A seqio task's text is its 'targets'
+        decoded with the task's vocabulary (`calm_jax.input_pipeline.seqio_source`). None: one
+        token stream.
       augment_length: positions of each augment's rows (None: `length`).
     """
 
@@ -157,17 +164,18 @@ class DatasetConfig:
             raise ValueError(f"dataset.augment_vocabularies: expected {{augmenting model name: "
                              f"'byte' or a tokenizer directory}} or None, got {value!r}")
         object.__setattr__(self, "augment_vocabularies", dict(value))
-        if self.source not in ("text", "jsonl"):
-            raise ValueError(f"dataset.augment_vocabularies: expected None with "
-                             f"source={self.source!r}: the augments' own token streams come "
-                             f"from source='text' or 'jsonl' (the seqio and TFDS sources read "
-                             f"one vocabulary; for in-memory arrays put "
-                             f"calm_jax.alignment.text_examples' features in arrays_fn), got "
-                             f"{value!r}")
+        if self.source == "numpy":
+            raise ValueError(f"dataset.augment_vocabularies: expected None with source='numpy' "
+                             f"(put calm_jax.alignment.text_examples' features in arrays_fn), "
+                             f"got {value!r}")
         if self.inputs_field is not None:
             raise ValueError(f"dataset.inputs_field: expected None with augment_vocabularies "
                              f"(across tokenizers an example is one text, loss on all of it), "
                              f"got {self.inputs_field!r}")
+        if self.source == "seqio" and self.prefix_lm:
+            raise ValueError("dataset.prefix_lm: expected False with augment_vocabularies and "
+                             "source='seqio' (across tokenizers an example is the text of the "
+                             "task's 'targets', loss on all of it), got True")
 
 
 class NumpySource:
@@ -199,8 +207,7 @@ class NumpySource:
             raise ValueError(f"dataset.batch_size: expected at most the {self.num_rows} "
                              f"examples available, got {batch_size}")
         self.batch_size, self.seed = batch_size, seed
-        self.process_index = jax.process_index() if process_index is None else process_index
-        self.process_count = jax.process_count() if process_count is None else process_count
+        self.process_index, self.process_count = processes(process_index, process_count)
         if batch_size % self.process_count:
             raise ValueError(f"dataset.batch_size: expected a multiple of the "
                              f"{self.process_count} processes, got {batch_size}")
@@ -274,6 +281,24 @@ def make_source(config: DatasetConfig, *, process_index: int | None = None,
     if config.source == "seqio":
         return input_pipeline.seqio_source(config, **where)
     return input_pipeline.tfds_source(config, **where)
+
+
+def processes(index: int | None, count: int | None) -> tuple[int, int]:
+    """(this process's index, the number of processes): the given ones, JAX's where None."""
+    return (jax.process_index() if index is None else index,
+            jax.process_count() if count is None else count)
+
+
+def json_object(line: str | bytes, where: str) -> dict[str, Any]:
+    """`line` parsed as a JSON object; else ValueError "{where}, got {line!r} (...)", where
+    `where` says what was expected (e.g. "corpus.jsonl:3: expected a JSON object")."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}, got {line[:80]!r} (invalid JSON: {e.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}, got {line[:80]!r} (a JSON {type(value).__name__})")
+    return value
 
 
 def check_state_kind(state: Mapping[str, Any], kind: str) -> None:

@@ -12,17 +12,24 @@ tf.data, reads them again: resuming costs time in proportion to the position, ne
 * "tfds": a prepared TFDS dataset (`name`, `data_dir`), this process's shard (`Dataset.shard`),
   a seeded shuffle buffer, epochs; each record's `text_field` (and `inputs_field`) is tokenized
   and packed by `calm_jax.sources` as text files are.
+
+Across tokenizers (`augment_vocabularies`) both give the rows `calm_jax.sources` gives text
+files: each record's text becomes an `AlignedExample` (the anchor's tokens with
+`dataset.vocabulary`, each augment's own) and `AlignedPacker` lays them into rows, so a row
+equals `calm_jax.alignment.text_examples`' row for the same texts. For seqio the text is the
+record's 'targets' before the feature converter, decoded with the task's own vocabulary, and
+packing is ours, not seqio's (see `seqio_source`).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, Mapping
 
-import jax
 import numpy as np
 
 from calm_jax import sources
-from calm_jax.data import DatasetConfig
+from calm_jax.data import DatasetConfig, processes
 
 
 class TFRecords:
@@ -50,78 +57,103 @@ class TFRecords:
         self.taken, self._iterator = int(state["taken"]), None
 
 
-def _tf():
+def _need(module: str, source: str, what: str) -> Any:
+    """`module`, imported; ImportError saying that `dataset.source=source` needs `what`."""
     try:
-        import tensorflow as tf
+        return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError("dataset.source='seqio'/'tfds' needs TensorFlow: "
-                          "pip install 'calm-jax[data]'") from e
-    return tf
+        raise ImportError(f"dataset.source={source!r} needs {what}: "
+                          f"pip install 'calm-jax[data]'") from e
 
 
 def _deterministic(dataset):
-    options = _tf().data.Options()
+    import tensorflow as tf  # imported already: seqio and TFDS import it
+
+    options = tf.data.Options()
     options.deterministic = True
     return dataset.with_options(options)
 
 
+def _converted_row(row: dict) -> dict[str, np.ndarray]:
+    """A row of t5x's feature converters with `prompt_mask` for `decoder_causal_attention`."""
+    row = dict(row)
+    if "decoder_causal_attention" in row:
+        row["prompt_mask"] = row.pop("decoder_causal_attention").astype(bool)
+    return row
+
+
 def seqio_source(config: DatasetConfig, *, process_index: int | None = None,
                  process_count: int | None = None) -> sources.BatchSource:
-    try:
-        import seqio
-        import tasks  # noqa: F401  (registers the project's tasks)
-    except ImportError as e:
-        raise ImportError("dataset.source='seqio' needs seqio and TensorFlow: "
-                          "pip install 'calm-jax[data]'") from e
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+    """A `BatchSource` over a registered seqio task or mixture (`config.name`).
+
+    Without `augment_vocabularies` a record is a row of t5x's feature converter (seqio packs).
+    With them, the records are taken before any feature converter and untrimmed
+    (`sequence_length=None`); each record's 'targets' ids are decoded to text with the task's
+    own vocabulary (`output_features['targets'].vocabulary.decode`, which stops at its EOS),
+    and that text is tokenized again with `dataset.vocabulary` (the anchor's) and each
+    augment's vocabulary into an `AlignedExample`, packed by `AlignedPacker` (our packing,
+    `dataset.pack`, not seqio's). Decoding then tokenizing again is what lets one task feed
+    models with other tokenizers; where the task's vocabulary does not give the text back
+    exactly (a normalising tokenizer, unknown pieces) the models see its decoding.
+    """
+    seqio = _need("seqio", "seqio", "seqio and TensorFlow")
+    _need("tasks", "seqio", "seqio and TensorFlow")  # registers the project's tasks
+    process_index, process_count = processes(process_index, process_count)
     try:
         provider = seqio.get_mixture_or_task(config.name)
     except ValueError as e:
         raise ValueError(f"dataset.name: expected a registered seqio task or mixture, "
                          f"got {config.name!r}") from e
-    if config.prefix_lm:
+    make_packer, convert = None, _converted_row
+    if config.augment_vocabularies:
+        if "targets" not in provider.output_features:
+            raise ValueError(f"dataset.name: expected a seqio task or mixture with a 'targets' "
+                             f"feature (the text across tokenizers), got {config.name!r} with "
+                             f"features {sorted(provider.output_features)}")
+        maker, make_packer = sources.example_maker(config)
+        decode = provider.output_features["targets"].vocabulary.decode
+        lengths, converter = None, None
+
+        def text_example(record: dict) -> sources.AlignedExample | None:
+            return maker.from_text(decode(record["targets"].tolist()))
+
+        convert = text_example
+    elif config.prefix_lm:
         targets = config.target_length or config.length // 2
         lengths = {"inputs": config.length - targets, "targets": targets}
         converter = seqio.PrefixLMFeatureConverter(pack=config.pack)
     else:
         lengths = {"targets": config.length}
         converter = seqio.DecoderFeatureConverter(pack=config.pack)
+    # A mixture's get_dataset has no shuffle buffer argument (each task uses its default).
+    buffer = ({"shuffle_buffer_size": config.shuffle_buffer}
+              if isinstance(provider, seqio.Task) else {})
 
     def make_dataset(shuffle: bool, num_epochs: int | None):
         ds = provider.get_dataset(lengths, split=config.split, shuffle=shuffle,
                                   seed=config.seed, use_cached=False, num_epochs=1,
                                   shard_info=seqio.ShardInfo(process_index, process_count),
-                                  shuffle_buffer_size=config.shuffle_buffer)
+                                  **buffer)
         if config.max_examples:
             ds = ds.take(config.max_examples)
-        return _deterministic(converter(ds.repeat(num_epochs), lengths))
-
-    def convert(row: dict) -> dict[str, np.ndarray]:
-        row = dict(row)
-        if "decoder_causal_attention" in row:
-            row["prompt_mask"] = row.pop("decoder_causal_attention").astype(bool)
-        return row
+        ds = ds.repeat(num_epochs)
+        return _deterministic(ds if converter is None else converter(ds, lengths))
 
     def open_stream(shuffle: bool, num_epochs: int | None) -> TFRecords:
         return TFRecords(lambda: make_dataset(shuffle, num_epochs), convert)
 
-    return sources.BatchSource("seqio", open_stream, length=config.length,
-                               batch_size=config.batch_size, pack=config.pack, prompts=False,
-                               shuffle=config.shuffle, num_epochs=config.num_epochs,
-                               process_count=process_count, packed_rows=True)
+    return sources.config_source(config, open_stream, process_count=process_count,
+                                 make_packer=make_packer, packed_rows=converter is not None)
 
 
 def tfds_source(config: DatasetConfig, *, process_index: int | None = None,
                 process_count: int | None = None) -> sources.BatchSource:
-    _tf()
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise ImportError("dataset.source='tfds' needs tensorflow-datasets: "
-                          "pip install 'calm-jax[data]'") from e
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+    """A `BatchSource` over a prepared TFDS dataset: each record's `text_field` (and
+    `inputs_field`) made into examples and rows by `sources.example_maker`'s maker and packer,
+    as text files are (across tokenizers too)."""
+    _need("tensorflow", "tfds", "TensorFlow")
+    tfds = _need("tensorflow_datasets", "tfds", "tensorflow-datasets")
+    process_index, process_count = processes(process_index, process_count)
     try:
         builder = tfds.builder(config.name, data_dir=config.data_dir)
         builder.info.splits[config.split]  # noqa: B018  (the split must exist)
@@ -129,9 +161,7 @@ def tfds_source(config: DatasetConfig, *, process_index: int | None = None,
         raise ValueError(f"dataset.name: expected a prepared TFDS dataset with split "
                          f"{config.split!r} in data_dir={config.data_dir!r}, got "
                          f"{config.name!r}: {e}") from e
-    maker = sources.ExampleMaker(sources.load_vocabulary(config.vocabulary),
-                                 text_field=config.text_field,
-                                 inputs_field=config.inputs_field, add_eos=config.add_eos)
+    maker, make_packer = sources.example_maker(config)
     where = f"TFDS {config.name} split {config.split}"
 
     def make_dataset(shuffle: bool, num_epochs: int | None):
@@ -149,7 +179,5 @@ def tfds_source(config: DatasetConfig, *, process_index: int | None = None,
         return TFRecords(lambda: make_dataset(shuffle, num_epochs),
                          lambda record: maker.from_dict(record, where))
 
-    return sources.BatchSource("tfds", open_stream, length=config.length,
-                               batch_size=config.batch_size, pack=config.pack,
-                               prompts=config.inputs_field is not None, shuffle=config.shuffle,
-                               num_epochs=config.num_epochs, process_count=process_count)
+    return sources.config_source(config, open_stream, process_count=process_count,
+                                 make_packer=make_packer)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from calm_jax import evaluation
+from calm_jax.data import json_object
 
 SHOT_SELECTIONS = ("fixed", "per_example")
 
@@ -68,14 +68,7 @@ def read_jsonl(path: str, *, input_key: str = "input", target_key: str = "target
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: expected a JSON object, got invalid JSON "
-                                 f"({e.msg})") from None
-            if not isinstance(record, Mapping):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got "
-                                 f"{type(record).__name__}")
+            record = json_object(line, f"{path}:{number}: expected a JSON object")
             rows.append({"input": record.get(input_key), "target": record.get(target_key),
                          "group": record.get(group_key), "id": record.get(id_key)})
     if not rows:

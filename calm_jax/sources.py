@@ -1,7 +1,8 @@
 """Streamed sources: examples -> tokens -> packed rows -> batches, with a JSON-able position.
 
 Plain Python + numpy: text and JSONL files stream from here without TensorFlow, and the TFDS
-source of `calm_jax.input_pipeline` reuses the tokenizing, packing and batching.
+source of `calm_jax.input_pipeline` (and its seqio source across tokenizers) reuses the
+tokenizing, packing and batching (`example_maker`, `config_source`).
 
 * An example is `(tokens, prompt)`: token ids (EOS appended) and how many of them are the
   prompt (0 for plain text; loss on the rest).
@@ -25,22 +26,21 @@ alone (the anchor's tokens and `decoder_byte_ends`, every augment's own tokens a
 cut to fit a row by its rule), and `AlignedPacker` lays them into rows as `text_examples` does
 (`pack`: greedily, while the anchor row and every augment row have room), so a streamed row
 equals `text_examples`' row for the same texts. Its pending examples are stored as their texts.
+The two packers share their row-filling loop (`_RowFiller`).
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import math
 import os
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol
 
-import jax
 import numpy as np
 
 from calm_jax import alignment
-from calm_jax.data import check_state_kind
+from calm_jax.data import check_state_kind, json_object, processes
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,49 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-class Packer:
+class _RowFiller:
+    """The loop both packers share: a row takes pending examples in order, pulling more when
+    none is pending, one to a row without `pack`, else while `_fits` and until `_full`."""
+
+    pack: bool
+    pending: list[Any]
+
+    def _pieces(self, example: Any) -> list[Any]:
+        return [example]
+
+    def _fits(self, placed: list[Any], example: Any) -> bool:
+        raise NotImplementedError
+
+    def _full(self, placed: list[Any]) -> bool:
+        raise NotImplementedError
+
+    def _row(self, placed: list[Any]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def next_row(self, pull: Callable[[], Any]) -> dict[str, np.ndarray]:
+        """The next row, pulling examples with `pull()` (None: a record that makes no
+        example; StopIteration ends the data, and a partly filled row is still returned)."""
+        placed: list[Any] = []
+        while True:
+            if not self.pending:
+                try:
+                    example = pull()
+                except StopIteration:
+                    if placed:
+                        break
+                    raise
+                if example is not None:
+                    self.pending = self._pieces(example)
+                continue
+            if placed and (not self.pack or not self._fits(placed, self.pending[0])):
+                break
+            placed.append(self.pending.pop(0))
+            if not self.pack or self._full(placed):
+                break
+        return self._row(placed)
+
+
+class Packer(_RowFiller):
     """Examples -> rows of `length` positions (see the module docstring)."""
 
     def __init__(self, length: int, *, pack: bool, prompts: bool):
@@ -127,30 +169,11 @@ class Packer:
         return [(list(tokens[i:i + self.length]), 0)
                 for i in range(0, len(tokens), self.length)]
 
-    def next_row(self, pull: Callable[[], Example | None]) -> dict[str, np.ndarray]:
-        """The next row, pulling examples with `pull()` (StopIteration ends the data; a
-        partly filled row is still returned)."""
-        placed: list[Example] = []
-        fill = 0
-        while True:
-            if not self.pending:
-                try:
-                    example = pull()
-                except StopIteration:
-                    if placed:
-                        break
-                    raise
-                if example is not None:
-                    self.pending = self._pieces(example)
-                continue
-            size = len(self.pending[0][0])
-            if placed and (not self.pack or fill + size > self.length):
-                break
-            placed.append(self.pending.pop(0))
-            fill += size
-            if not self.pack or fill == self.length:
-                break
-        return self._row(placed)
+    def _fits(self, placed: list[Example], example: Example) -> bool:
+        return sum(len(tokens) for tokens, _ in placed + [example]) <= self.length
+
+    def _full(self, placed: list[Example]) -> bool:
+        return sum(len(tokens) for tokens, _ in placed) == self.length
 
     def _row(self, placed: list[Example]) -> dict[str, np.ndarray]:
         n = self.length
@@ -230,7 +253,7 @@ class AlignedExampleMaker:
         return self.from_text(_as_text(record[self.text_field]))
 
 
-class AlignedPacker:
+class AlignedPacker(_RowFiller):
     """`AlignedExample`s -> rows equal to `alignment.text_examples`' rows of the same texts:
     [length] anchor features and [augment_length] `augments/{name}/...` features; with `pack`
     each row takes whole examples while the anchor row and every augment row have room (and
@@ -248,28 +271,8 @@ class AlignedPacker:
             used(alignment.feature_name(n, "tokens")) <= self.maker.augment_length
             for n in self.maker.names)
 
-    def next_row(self, pull: Callable[[], AlignedExample | None]) -> dict[str, np.ndarray]:
-        """The next row, pulling examples with `pull()` (StopIteration ends the data; a
-        partly filled row is still returned)."""
-        placed: list[AlignedExample] = []
-        while True:
-            if not self.pending:
-                try:
-                    example = pull()
-                except StopIteration:
-                    if placed:
-                        break
-                    raise
-                if example is not None:
-                    self.pending = [example]
-                continue
-            if placed and (not self.pack or not self._fits(placed, self.pending[0])):
-                break
-            placed.append(self.pending.pop(0))
-            if not self.pack or sum(len(e.features["decoder_input_tokens"])
-                                    for e in placed) == self.maker.length:
-                break
-        return self._row(placed)
+    def _full(self, placed: list[AlignedExample]) -> bool:
+        return sum(len(e.features["decoder_input_tokens"]) for e in placed) == self.maker.length
 
     def _row(self, placed: list[AlignedExample]) -> dict[str, np.ndarray]:
         n, m = self.maker.length, self.maker.augment_length
@@ -484,26 +487,46 @@ def expand_paths(patterns: tuple[str, ...]) -> list[str]:
     return paths
 
 
+def example_maker(config) -> tuple[ExampleMaker | AlignedExampleMaker,
+                                   Callable[[], AlignedPacker] | None]:
+    """(maker, make_packer) for a `DatasetConfig`: an `ExampleMaker` with `vocabulary` and
+    `make_packer=None` (`BatchSource` packs with `Packer`); or, with `augment_vocabularies`,
+    an `AlignedExampleMaker` with `vocabulary` as the anchor's and each augment's own, and a
+    `make_packer` that builds its `AlignedPacker`. The "text", "jsonl" and "tfds" sources (and
+    "seqio" across tokenizers) make their examples and rows with these."""
+    vocabulary = load_vocabulary(config.vocabulary)
+    if not config.augment_vocabularies:
+        return ExampleMaker(vocabulary, text_field=config.text_field,
+                            inputs_field=config.inputs_field, add_eos=config.add_eos), None
+    augments = {name: load_vocabulary(spec, f"dataset.augment_vocabularies[{name!r}]")
+                for name, spec in config.augment_vocabularies.items()}
+    maker = AlignedExampleMaker(vocabulary, augments, length=config.length,
+                                augment_length=config.augment_length or config.length,
+                                text_field=config.text_field, add_eos=config.add_eos)
+
+    def make_packer() -> AlignedPacker:
+        return AlignedPacker(maker, pack=config.pack)
+
+    return maker, make_packer
+
+
+def config_source(config, open_stream: Callable[[bool, int | None], ExampleStream], *,
+                  process_count: int, make_packer: Callable[[], Any] | None = None,
+                  packed_rows: bool = False) -> BatchSource:
+    """The `BatchSource` of a `DatasetConfig` over the streams `open_stream` opens."""
+    return BatchSource(config.source, open_stream, length=config.length,
+                       batch_size=config.batch_size, pack=config.pack,
+                       prompts=config.inputs_field is not None, shuffle=config.shuffle,
+                       num_epochs=config.num_epochs, process_count=process_count,
+                       packed_rows=packed_rows, make_packer=make_packer)
+
+
 def file_source(config, *, process_index: int | None = None,
                 process_count: int | None = None) -> BatchSource:
     """A `BatchSource` over the "text" or "jsonl" files of a `DatasetConfig`."""
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+    process_index, process_count = processes(process_index, process_count)
     paths = expand_paths(config.paths)
-    vocabulary = load_vocabulary(config.vocabulary)
-    make_packer = None
-    if config.augment_vocabularies:
-        augments = {name: load_vocabulary(spec, f"dataset.augment_vocabularies[{name!r}]")
-                    for name, spec in config.augment_vocabularies.items()}
-        maker = AlignedExampleMaker(vocabulary, augments, length=config.length,
-                                    augment_length=config.augment_length or config.length,
-                                    text_field=config.text_field, add_eos=config.add_eos)
-
-        def make_packer() -> AlignedPacker:
-            return AlignedPacker(maker, pack=config.pack)
-    else:
-        maker = ExampleMaker(vocabulary, text_field=config.text_field,
-                             inputs_field=config.inputs_field, add_eos=config.add_eos)
+    maker, make_packer = example_maker(config)
     if config.source == "text":
         def parse(line: bytes, path: str) -> Any:
             text = line.decode("utf-8").rstrip("\r")
@@ -512,14 +535,8 @@ def file_source(config, *, process_index: int | None = None,
         def parse(line: bytes, path: str) -> Any:
             if not line.strip():
                 return None
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"dataset.paths: expected one JSON object per line of {path}, "
-                                 f"got {line[:80]!r}: {e}") from e
-            if not isinstance(record, dict):
-                raise ValueError(f"dataset.paths: expected one JSON object per line of {path}, "
-                                 f"got {line[:80]!r}")
+            record = json_object(line, f"dataset.paths: expected one JSON object per line of "
+                                       f"{path}")
             return maker.from_dict(record, path)
 
     def open_stream(shuffle: bool, num_epochs: int | None) -> FileExamples:
@@ -527,8 +544,5 @@ def file_source(config, *, process_index: int | None = None,
                             shuffle=shuffle, num_epochs=num_epochs,
                             process_index=process_index, process_count=process_count)
 
-    return BatchSource(config.source, open_stream, length=config.length,
-                       batch_size=config.batch_size, pack=config.pack,
-                       prompts=config.inputs_field is not None, shuffle=config.shuffle,
-                       num_epochs=config.num_epochs, process_count=process_count,
-                       make_packer=make_packer)
+    return config_source(config, open_stream, process_count=process_count,
+                         make_packer=make_packer)

@@ -15,18 +15,11 @@ import tensorflow as tf  # noqa: E402
 from calm_jax.data import DatasetConfig, make_source  # noqa: E402
 from tasks import byte_data  # noqa: E402
 from tasks import kv_arithmetic as kv  # noqa: E402
+from test_sources import _equal  # noqa: E402
 
 SEQIO = dict(source="seqio", name="kv_arithmetic_heldin", split="validation", batch_size=4,
              length=48, target_length=8, max_examples=16)
 TEXTS = [f"example {i} " + "z" * (i % 7) for i in range(30)]
-
-
-def _equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def _resumes_batch_for_batch(config, batches, stops):
@@ -45,15 +38,13 @@ def _resumes_batch_for_batch(config, batches, stops):
     return want
 
 
-def _tiny_task():
-    """A seqio task over in-memory question/answer pairs (byte vocabulary)."""
-    name = "calm_test_tiny_qa"
+def register_task(name, inputs, targets):
+    """A seqio task `name` over in-memory inputs/targets texts (byte vocabulary, EOS after the
+    targets), registered once."""
     if name not in seqio.TaskRegistry.names():
         def dataset_fn(split, shuffle_files, seed=None):
             del split, shuffle_files, seed
-            return tf.data.Dataset.from_tensor_slices(
-                {"inputs": [f"q{i}=" for i in range(24)],
-                 "targets": [str(i * 37) for i in range(24)]})
+            return tf.data.Dataset.from_tensor_slices({"inputs": inputs, "targets": targets})
 
         vocab = seqio.ByteVocabulary()
         seqio.TaskRegistry.add(
@@ -61,6 +52,13 @@ def _tiny_task():
             preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
             output_features={"inputs": seqio.Feature(vocab, add_eos=False),
                              "targets": seqio.Feature(vocab, add_eos=True)})
+    return name
+
+
+def _tiny_task():
+    """A seqio task over in-memory question/answer pairs (byte vocabulary)."""
+    name = register_task("calm_test_tiny_qa", [f"q{i}=" for i in range(24)],
+                         [str(i * 37) for i in range(24)])
     return DatasetConfig(source="seqio", name=name, batch_size=2, length=16, target_length=8,
                          shuffle_buffer=8, seed=1)
 

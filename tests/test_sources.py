@@ -311,11 +311,9 @@ def test_augment_streams_resume_exactly(tmp_path, bpe_export, kind, pack):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(source="seqio", name="task"),
-     r"dataset.augment_vocabularies: expected None with source='seqio': the augments' own "
-     r"token streams come from source='text' or 'jsonl'.*got \{'b': 'byte'\}"),
-    (dict(source="tfds", name="set"), r"dataset.augment_vocabularies: expected None with "
-                                      r"source='tfds'"),
+    (dict(source="numpy", arrays_fn=dict),
+     r"dataset.augment_vocabularies: expected None with source='numpy' \(put "
+     r"calm_jax.alignment.text_examples' features in arrays_fn\), got \{'b': 'byte'\}"),
     (dict(source="jsonl", inputs_field="q"),
      r"dataset.inputs_field: expected None with augment_vocabularies"),
     (dict(augment_vocabularies={"b": 3}),
