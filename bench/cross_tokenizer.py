@@ -16,6 +16,18 @@ is what `alignment.text_examples` costs on the host for one batch of byte-tokeni
 
 Prints one JSON object: device, backend, jax, shapes, shared_step_ms, cross_step_ms,
 cross_over_shared (the issue's target: at most 1.1), host_ms_per_batch.
+
+    python bench/cross_tokenizer.py --decode        # cached decoding across tokenizers
+
+`--decode` measures decoding instead: `--batch` prompts of other lengths (bytes for the anchor,
+a BPE trained here on the prompts' words for the augment), each continued by `--new_tokens`
+bytes of further words (forced, so that the augment's tokenizer re-segments the tail as in
+real text, where a random model's bytes would not), decoded one prompt at a time
+(`cross_decoding.generate_text`) and all together (`generate_texts`), each compiled by a first
+run, then timed in `--rounds` alternating rounds (median). Prints one JSON object: device,
+backend, jax, shapes, one_at_a_time_rows_per_s, batched_rows_per_s, batched_over_one,
+argmax_equal (the two choose the same tokens from their logits and re-run the same),
+max_abs_logit_diff, rerun (augmenting tokens re-run, all rows).
 """
 
 from __future__ import annotations
@@ -62,7 +74,11 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--decode", action="store_true", help="time cached decoding instead")
+    p.add_argument("--new_tokens", type=int, default=16, help="--decode: tokens per prompt")
     a = p.parse_args(argv)
+    if a.decode:
+        return decode_main(a)
 
     cfg = TransformerConfig.tiny(vocab_size=a.vocab, embed_dim=a.embed, num_layers=a.layers,
                                  num_heads=a.heads, mlp_dim=4 * a.embed, max_len=a.length)
@@ -128,6 +144,83 @@ def main(argv=None) -> dict:
            "cross_step_ms": round(cross_ms, 3),
            "cross_over_shared": round(cross_ms / shared_ms, 4),
            "host_ms_per_batch": round(host_ms, 3)}
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def _bpe(texts, vocab_size: int):
+    """A byte-level BPE trained on `texts` (the [convert] extra's `tokenizers`)."""
+    import os
+    import tempfile
+
+    import tokenizers as hf
+
+    from calm_jax.tokenizers import Tokenizer
+
+    tok = hf.Tokenizer(hf.models.BPE())
+    tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = hf.decoders.ByteLevel()
+    tok.train_from_iterator(texts, hf.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[], show_progress=False,
+        initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet()))
+    directory = tempfile.mkdtemp(prefix="bench-bpe-")
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    return Tokenizer.load(directory)
+
+
+def decode_main(a) -> dict:
+    from calm_jax.cross_decoding import generate_text, generate_texts
+
+    rng = np.random.default_rng(0)
+    words = "the cat sat on a mat and then ran far away from big red dogs".split()
+    augment_tok = _bpe([" ".join(rng.choice(words, 12)) for _ in range(300)], 320)
+    anchor_tok = ByteTokenizer()
+    prompts = [" ".join(rng.choice(words, int(k))) for k in rng.integers(1, 8, a.batch)]
+    forced = [anchor_tok.encode(" " + " ".join(rng.choice(words, a.new_tokens)))[:a.new_tokens]
+              for _ in prompts]
+    max_len = max(len(p.encode()) for p in prompts) + a.new_tokens + 1
+    cfg = TransformerConfig.tiny(vocab_size=max(a.vocab, anchor_tok.vocab_size),
+                                 embed_dim=a.embed, num_layers=a.layers, num_heads=a.heads,
+                                 mlp_dim=4 * a.embed, max_len=max_len)
+    aug = cfg.replace(vocab_size=augment_tok.vocab_size,
+                      max_len=max(512, max_len * 2 + 16 * a.new_tokens))
+    model = ComposedLM(cfg, {"aug": aug}, CompositionConfig(rope_theta=10_000.0,
+                                                            shared_vocabulary=False))
+    params = nn.unbox(model.init(jax.random.key(0)))
+    params["composition"] = jax.tree.map(  # init has W_o = 0: make the augment count
+        lambda x: x + 0.1 * jax.random.normal(jax.random.key(1), x.shape),
+        params["composition"])
+    kw = dict(anchor_tokenizer=anchor_tok, augment_tokenizers={"aug": augment_tok},
+              max_new_tokens=a.new_tokens, return_logits=True)
+
+    def one_at_a_time():
+        return [generate_text(model, params, p, forced=f, **kw) for p, f in zip(prompts, forced)]
+
+    def batched():
+        return generate_texts(model, params, prompts, forced=forced, **kw)
+
+    runs = {"one_at_a_time": one_at_a_time, "batched": batched}
+    outputs = {k: fn() for k, fn in runs.items()}  # compiles every width both use
+    times = {k: [] for k in runs}
+    for _ in range(a.rounds):
+        for k, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    per_s = {k: len(prompts) / statistics.median(v) for k, v in times.items()}
+    rec = {"bench": "cross_tokenizer_decode", "device": str(jax.devices()[0].device_kind),
+           "backend": jax.default_backend(), "jax": jax.__version__, "embed": a.embed,
+           "layers": a.layers, "rows": len(prompts), "new_tokens": a.new_tokens,
+           "prompt_bytes": [len(p.encode()) for p in prompts], "rounds": a.rounds,
+           "one_at_a_time_rows_per_s": round(per_s["one_at_a_time"], 3),
+           "batched_rows_per_s": round(per_s["batched"], 3),
+           "batched_over_one": round(per_s["batched"] / per_s["one_at_a_time"], 3),
+           "argmax_equal": all(
+               np.array_equal(x.logits.argmax(-1), y.logits.argmax(-1)) and x.rerun == y.rerun
+               for x, y in zip(outputs["one_at_a_time"], outputs["batched"])),
+           "max_abs_logit_diff": float(max(np.abs(x.logits - y.logits).max() for x, y in zip(
+               outputs["one_at_a_time"], outputs["batched"]))),
+           "rerun": sum(r.rerun for r in outputs["batched"])}
     print(json.dumps(rec), flush=True)
     return rec
 

@@ -225,8 +225,9 @@ def _cut(text: str, stop: Sequence[str]) -> str:
 def decode(model, params, prepared: Prepared) -> list[list[str]]:
     """Every example's `num_samples` continuations as text (cut at the first stop string),
     decoded `batch_size` rows at a time with one compiled program: every batch is a
-    [batch_size, longest prompt] array. A composition across tokenizers decodes one row at a
-    time (`calm_jax.cross_decoding.generate_text`; row i, in example order, sampled with
+    [batch_size, longest prompt] array. A composition across tokenizers decodes `batch_size`
+    rows at a time too (`calm_jax.cross_decoding.generate_texts`: each row exactly as
+    `generate_text` decodes it alone; row i, in example order, sampled with
     `fold_in(key(seed), i)`)."""
     config, tokenizer = prepared.config, prepared.tokenizer
     if prepared.augment_tokenizers is not None:
@@ -257,21 +258,29 @@ def decode(model, params, prepared: Prepared) -> list[list[str]]:
 
 
 def _decode_cross(model, params, prepared: Prepared) -> list[list[str]]:
-    from calm_jax import cross_decoding
+    from calm_jax import alignment, cross_decoding
 
     config, n = prepared.config, prepared.config.num_samples
-    out = []
-    for e, prompt in enumerate(prepared.prompts):
-        samples = []
-        for k in range(n):
-            result = cross_decoding.generate_text(
-                model, params, prompt, anchor_tokenizer=prepared.tokenizer,
-                augment_tokenizers=prepared.augment_tokenizers,
-                max_new_tokens=config.max_new_tokens, sampling=config.sampling,
-                rng=jax.random.fold_in(jax.random.key(config.seed), e * n + k))
-            samples.append(_cut(result.text, config.stop))
-        out.append(samples)
-    return out
+    rows = [(prompt, e * n + k) for e, prompt in enumerate(prepared.prompts) for k in range(n)]
+    # One cache size for every batch (and the last batch filled up): compiled once.
+    cache_len = config.max_new_tokens + max(
+        len(alignment.tokenize(prepared.tokenizer, p)[0]) for p in prepared.prompts)
+    augment_len = max(cross_decoding.default_augment_len(model, p, config.max_new_tokens)
+                      for p in prepared.prompts)
+    key = jax.random.key(config.seed)
+    texts: list[str] = []
+    size = config.batch_size
+    for begin in range(0, len(rows), size):
+        chunk = rows[begin:begin + size]
+        filled = chunk + [chunk[-1]] * (size - len(chunk))
+        results = cross_decoding.generate_texts(
+            model, params, [prompt for prompt, _ in filled],
+            anchor_tokenizer=prepared.tokenizer, augment_tokenizers=prepared.augment_tokenizers,
+            max_new_tokens=config.max_new_tokens, sampling=config.sampling,
+            rngs=[jax.random.fold_in(key, i) for _, i in filled], cache_len=cache_len,
+            augment_len=augment_len)
+        texts += [_cut(r.text, config.stop) for r in results[:len(chunk)]]
+    return [texts[i * n:(i + 1) * n] for i in range(len(prepared.examples))]
 
 
 def _groups(examples: Sequence[Mapping[str, str]]) -> dict[str, list[int]]:
@@ -355,7 +364,7 @@ def evaluate(model, params, examples: Sequence[Mapping[str, Any]], *, tokenizer,
       task_metric_fns: seqio-style `fn(targets, predictions) -> dict` run on the first
         outputs, reported as "task/<key>".
       augment_tokenizers: {name: tokenizer} of every augmenting model of a composition across
-        tokenizers (`shared_vocabulary=False`; decoded one example at a time); else None.
+        tokenizers (`shared_vocabulary=False`); else None.
 
     Returns:
       {"config", "num_examples", "metrics" {name: value}, "groups" {group: {"count", name:
@@ -506,18 +515,25 @@ class DecodeEval:
     trained model evaluated on `examples` every `eval_every` steps and at the end, its metrics
     logged as "decode_eval/<name>". With `write_results`, process 0 also writes
     `<model_dir>/decode_eval/step_<N>/results.{json,md}`. `tokenizer` "auto" takes the one
-    beside the anchor's export."""
+    beside the anchor's export. `augment_tokenizers`, for a composition across tokenizers
+    only: "auto" gives every augmenting model the tokenizer beside its own export, {name:
+    "auto", "bytes" or a converted model's directory} picks some (the others "auto")."""
 
     examples: ExampleSource
     config: EvalConfig = EvalConfig()
     shots: ExampleSource | None = None
     tokenizer: str = "auto"
     write_results: bool = True
+    augment_tokenizers: Mapping[str, str] | str = "auto"
 
     def prepare(self, model, *, tokenizer_dir: str | None,
-                output_dir: str | None = None) -> Callable[[Any, Any, int], dict[str, float]]:
-        """Loads the examples and tokenizer and builds the prompts now (bad settings fail
-        before training starts); returns `fn(model, params, step) -> metrics`."""
+                output_dir: str | None = None,
+                augment_dirs: Mapping[str, str | None] | None = None
+                ) -> Callable[[Any, Any, int], dict[str, float]]:
+        """Loads the examples and tokenizers and builds the prompts now (bad settings fail
+        before training starts); returns `fn(model, params, step) -> metrics`.
+        `augment_dirs` {name: export directory or None} are where each augmenting model was
+        loaded from (its "auto" tokenizer lies beside it)."""
         for field in ("examples", "shots"):
             value = getattr(self, field)
             if value is not None and not isinstance(value, ExampleSource):
@@ -527,10 +543,11 @@ class DecodeEval:
             tok = load_tokenizer(self.tokenizer, tokenizer_dir)
         except ValueError as e:
             raise ValueError(f"decode_eval.{e}") from None
+        augment_toks = self._augment_tokenizers(model, augment_dirs or {})
         fns = self.examples.metric_fns() if self.config.task_metrics else []
         prepared = prepare(model, self.examples.load(), tokenizer=tok, config=self.config,
                            shots=self.shots.load() if self.shots is not None else None,
-                           task_metric_fns=fns)
+                           task_metric_fns=fns, augment_tokenizers=augment_toks)
 
         def run_eval(model, params, step: int) -> dict[str, float]:
             results = score(prepared, decode(model, params, prepared))
@@ -541,6 +558,31 @@ class DecodeEval:
             return results["metrics"]
 
         return run_eval
+
+    def _augment_tokenizers(self, model, augment_dirs: Mapping[str, str | None]
+                            ) -> dict[str, Any] | None:
+        """{name: tokenizer} for a composition across tokenizers, else None (after checking
+        that `augment_tokenizers` asks for none)."""
+        field, choice = "decode_eval.augment_tokenizers", self.augment_tokenizers
+        if not _crosses_tokenizers(model):
+            if choice != "auto":
+                raise ValueError(f"{field}: expected 'auto' for a model that reads one token "
+                                 f"stream (no composition across tokenizers), got {choice!r}")
+            return None
+        if isinstance(choice, str):
+            if choice != "auto":
+                raise ValueError(f"{field}: expected 'auto' or {{augmenting model name: "
+                                 f"'auto', 'bytes' or a converted model's directory}}, got "
+                                 f"{choice!r}")
+            choice = {}
+        elif not isinstance(choice, Mapping):
+            raise ValueError(f"{field}: expected 'auto' or {{augmenting model name: 'auto', "
+                             f"'bytes' or a converted model's directory}}, got "
+                             f"{type(choice).__name__}")
+        from calm_jax import generate
+
+        return generate.pick_augment_tokenizers(model.augment_configs, choice,
+                                                lambda name: augment_dirs.get(name), flag=field)
 
 
 def trainer_hook(decode_eval, mode: str, *, anchor, augments: Mapping[str, Any],
@@ -553,8 +595,9 @@ def trainer_hook(decode_eval, mode: str, *, anchor, augments: Mapping[str, Any],
     anchor with the LoRA adapters merged (lora), or the `ComposedLM` with
     `{**frozen, "composition": params}` (compose; split per connection when the frozen trees
     are held per layer). `anchor` and `augments` are the run's `trainer.ModelSpec`s; a
-    `DecodeEval` loads its examples and tokenizer ("auto": the one beside the anchor's export)
-    and builds its prompts here.
+    `DecodeEval` loads its examples and tokenizers ("auto": the one beside the anchor's export,
+    and across tokenizers each augmenting model's beside its own) and builds its prompts
+    here.
     """
     from calm_jax import lora as lora_lib
     from calm_jax.composition import ComposedLM
@@ -566,8 +609,10 @@ def trainer_hook(decode_eval, mode: str, *, anchor, augments: Mapping[str, Any],
         anchor_cfg, {name: spec.resolve(f"augments[{name!r}]") for name, spec in augments.items()},
         composition)
     if isinstance(decode_eval, DecodeEval):
-        fn = decode_eval.prepare(model, tokenizer_dir=anchor.checkpoint,
-                                 output_dir=os.path.join(model_dir, "decode_eval"))
+        fn = decode_eval.prepare(
+            model, tokenizer_dir=anchor.checkpoint,
+            output_dir=os.path.join(model_dir, "decode_eval"),
+            augment_dirs={name: spec.checkpoint for name, spec in augments.items()})
     elif callable(decode_eval):
         fn = decode_eval
     else:

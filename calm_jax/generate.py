@@ -16,9 +16,9 @@ Across tokenizers (a composition export whose `composition.json` says
 `shared_vocabulary: false`): every augmenting model reads the text through its own tokenizer,
 by default the one saved beside its own model export (`exports.frozen_source`);
 `--augment_tokenizer NAME=CHOICE` (repeatable; CHOICE as for `--tokenizer`) picks another.
-Each prompt is decoded on its own by `calm_jax.cross_decoding.generate_text` (cached; the
-augments' re-segmented tails re-run), prompt i with the key `fold_in(key(seed), i)`; "tokens"
-are the anchor's ids.
+The prompts are decoded together by `calm_jax.cross_decoding.generate_texts` (cached; each
+row re-runs its augments' re-segmented tails, exactly as on its own), prompt i with the key
+`fold_in(key(seed), i)`; "tokens" are the anchor's ids.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 
@@ -81,7 +81,19 @@ def load_augment_tokenizers(directory: str, choices: Mapping[str, str] | None = 
     by default the tokenizer saved beside that model's own export; `choices` {name: CHOICE}
     picks others (CHOICE as for `load_tokenizer`; `flag` names the option in errors)."""
     spec = exports.read_spec(directory)
-    names = sorted(spec["augments"])
+    return pick_augment_tokenizers(
+        spec["augments"], choices,
+        lambda name: exports.frozen_source(directory, f"augments[{name!r}]",
+                                           spec["augments"][name]), flag=flag)
+
+
+def pick_augment_tokenizers(names: Iterable[str], choices: Mapping[str, str] | None,
+                            beside: Callable[[str], str | None], *,
+                            flag: str = "--augment_tokenizer") -> dict[str, Any]:
+    """{name: tokenizer} of the augmenting models `names`: `choices` {name: CHOICE} (CHOICE as
+    for `load_tokenizer`), the others "auto", the tokenizer saved beside `beside(name)` (the
+    model's export; None: it has none). `flag` names the option in errors."""
+    names = sorted(names)
     choices = dict(choices or {})
     for name, choice in choices.items():
         if name not in names or not isinstance(choice, str) or not choice:
@@ -91,9 +103,12 @@ def load_augment_tokenizers(directory: str, choices: Mapping[str, str] | None = 
     out = {}
     for name in names:
         choice = choices.get(name, "auto")
-        beside = (exports.frozen_source(directory, f"augments[{name!r}]", spec["augments"][name])
-                  if choice == "auto" else choice)
-        out[name] = load_tokenizer(choice, beside, f"{flag} {name}")
+        where = beside(name) if choice == "auto" else choice
+        if where is None:
+            raise ValueError(f"{flag} {name}: expected 'bytes' or a converted model's directory "
+                             f"(the model was not loaded from an export, so there is no "
+                             f"tokenizer beside it), got 'auto'")
+        out[name] = load_tokenizer(choice, where, f"{flag} {name}")
     return out
 
 
@@ -112,18 +127,16 @@ def generate_cross(model: ComposedLM, params: Any, tokenizer: Any,
                    augment_tokenizers: dict[str, Any], prompts: Sequence[str], *,
                    max_new_tokens: int, sampling: decoding.SamplingConfig, seed: int = 0
                    ) -> list[dict[str, Any]]:
-    """`generate_text`'s rows for a composition across tokenizers: each prompt decoded by
-    `cross_decoding.generate_text` (prompt i with the key fold_in(key(seed), i))."""
-    out = []
-    for i, prompt in enumerate(prompts):
-        result = cross_decoding.generate_text(
-            model, params, prompt, anchor_tokenizer=tokenizer,
-            augment_tokenizers=augment_tokenizers, max_new_tokens=max_new_tokens,
-            sampling=sampling, eos_id=tokenizer.eos_id,
-            rng=jax.random.fold_in(jax.random.key(seed), i))
-        tokens = [t for t in result.tokens if t != tokenizer.eos_id]
-        out.append({"prompt": prompt, "completion": result.text, "tokens": tokens})
-    return out
+    """`generate_text`'s rows for a composition across tokenizers: the prompts decoded together
+    by `cross_decoding.generate_texts` (prompt i with the key fold_in(key(seed), i))."""
+    results = cross_decoding.generate_texts(
+        model, params, prompts, anchor_tokenizer=tokenizer,
+        augment_tokenizers=augment_tokenizers, max_new_tokens=max_new_tokens,
+        sampling=sampling, eos_id=tokenizer.eos_id,
+        rngs=[jax.random.fold_in(jax.random.key(seed), i) for i in range(len(prompts))])
+    return [{"prompt": prompt, "completion": result.text,
+             "tokens": [t for t in result.tokens if t != tokenizer.eos_id]}
+            for prompt, result in zip(prompts, results)]
 
 
 def generate_text(model, params, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,

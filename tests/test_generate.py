@@ -177,7 +177,7 @@ def test_cross_tokenizer_bad_arguments_are_named(cross_export, composition_expor
                       "--augment_tokenizer", "kv=bytes", "--prompt", "a"])
 
 
-def test_evaluate_scores_a_cross_tokenizer_export_one_example_at_a_time(cross_export, tmp_path):
+def test_evaluate_scores_a_cross_tokenizer_export(cross_export, tmp_path):
     from calm_jax import evaluate
     from calm_jax.cross_decoding import generate_text
     from calm_jax.tokenizers import ByteTokenizer
