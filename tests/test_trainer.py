@@ -11,7 +11,7 @@ import pytest
 
 from calm_jax import checkpoints as ckpt
 from calm_jax import lora as lora_lib
-from calm_jax import trainer
+from calm_jax import objectives, trainer
 from calm_jax.composition import ComposedLM
 from calm_jax.data import DatasetConfig, NumpySource
 from calm_jax.exports import load_composition, read_spec
@@ -325,7 +325,7 @@ def test_checkpoint_that_does_not_fit_the_config(tmp_path, exports):
         _compose(tmp_path / "x", exports,
                  anchor=trainer.ModelSpec(config=CFG.replace(embed_dim=64),
                                           checkpoint=exports["anchor"]))
-    target = jax.eval_shape(lambda: trainer._abstract_decoder(CFG.replace(mlp_dim=96)))
+    target = jax.eval_shape(lambda: objectives._abstract_decoder(CFG.replace(mlp_dim=96)))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           trainer.nn.unbox(target))
     with pytest.raises(ValueError, match=r"parameter \['layers'\]\['mlp'\]\['down'\]\['kernel'\] "
