@@ -102,7 +102,7 @@ def build_program(s, opt: optax.GradientTransformation, lr_schedule, accum_steps
     """Shardings of the trained params and optimizer state (only param-shaped optimizer leaves
     are sharded like their parameter), the state initialiser, and the jitted steps.
 
-    `s` is a mode's setup (`trainer.Setup`): `forward`, `loss()`, `abstract_params` (boxed, with
+    `s` is a mode's setup (`objectives.Setup`): `forward`, `loss()`, `abstract_params` (boxed, with
     logical axes), `init_params` (rng -> unboxed tree) and the placed `frozen` trees.
     """
     param_shardings = part.shardings_for(s.abstract_params, mesh, rules)
