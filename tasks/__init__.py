@@ -130,6 +130,7 @@ def register_kv_tasks(
             elif split == "train":
                 own = {
                     "numeric_arithmetic": config.num_train_numeric,
+                    "numeric_arithmetic_written": config.num_train_numeric,
                     "kv_substitution": config.num_train_substitution,
                 }.get(dataset)
                 sizes[split] = config.num_train if own is None else own

@@ -78,6 +78,10 @@ Datasets and splits (``build_datasets``)
                        (mB pretraining); validation: the held-out evaluation expressions with
                        their keys substituted, so the three Table-1 rows are measured on the same
                        expressions.
+``numeric_arithmetic_written`` train: mB's training expressions (no context words) with the
+                       KV-Arithmetic target format, e.g. ``123+045=`` -> ``123+045=8610`` with
+                       ``scratchpad``: numeric prompts written as the composed model writes
+                       keys (composition data, ``run(compose_numeric_format="written")``).
 ``kv_arithmetic_heldin``  train: composition data over held-in keys only; validation: more
                        held-in expressions, disjoint from train (for monitoring).
 ``kv_arithmetic_heldout`` validation: expressions over held-out keys only (Table 1's KV-Arithmetic).
@@ -127,6 +131,7 @@ DATASET_SPLITS: Mapping[str, tuple[str, ...]] = {
     "numeric_substitution": ("train",),
     "kv_substitution": ("train", "validation"),
     "numeric_arithmetic": ("train", "validation"),
+    "numeric_arithmetic_written": ("train",),
     "kv_arithmetic_heldin": ("train", "validation"),
     "kv_arithmetic_heldout": ("validation",),
 }
@@ -574,6 +579,11 @@ def _build(config: KVConfig) -> dict[str, dict[str, tuple[tuple[str, str], ...]]
             ),
             "validation": tuple(
                 _ex(join_expression(subst(t), o), answer(t, o)) for _, t, o in heldout
+            ),
+        },
+        "numeric_arithmetic_written": {
+            "train": tuple(
+                _ex(e, arithmetic_target(e, evaluate(n, o), config)) for e, n, o in numeric_train
             ),
         },
         "kv_arithmetic_heldin": {

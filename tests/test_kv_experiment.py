@@ -100,6 +100,10 @@ def test_bad_experiment_settings_raise_before_training(tmp_path):
                                          r"got 1.0"):
         kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
                 compose_numeric=1.0)
+    with pytest.raises(ValueError, match=r"compose_numeric_format: expected 'bare' or "
+                                         r"'written', got 'numbers'"):
+        kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
+                compose_numeric=0.1, compose_numeric_format="numbers")
     # Laptop config: 100000 numeric examples beside 8000 on keys, at most 92.6% of the data.
     with pytest.raises(ValueError, match=r"compose_numeric: expected at most 0.926 \(100000 "
                                          r"Numeric-Arithmetic training examples beside 8000 "

@@ -187,6 +187,27 @@ def test_answers_are_correct(config, data):
           assert value >= 0
 
 
+def test_written_numeric_examples_are_mb_sums_in_the_kv_arithmetic_format(config, data):
+  """`numeric_arithmetic_written`: mB's training sums without context words, each target
+  written as a KV-Arithmetic target is (restated, then answered, with a scratchpad)."""
+  heldout = {ex["targets"].split("=")[0] if config.scratchpad else None
+             for ex in data["kv_arithmetic_heldout"]["validation"]}
+  bare = data["numeric_arithmetic"]["train"]
+  written = data["numeric_arithmetic_written"]["train"]
+  assert len(written) == len(bare)
+  for b, w in zip(bare, written):
+    expression = w["inputs"][:-1]
+    assert b["inputs"].endswith(w["inputs"])  # mB's prompt after its context words
+    assert re.fullmatch(r"[0-9+\-x]+", expression), w
+    value = reference_value(w["inputs"])
+    assert kv.parse_answer(w["targets"], config) == value
+    if config.scratchpad:
+      assert w["targets"] == f"{expression}={kv.format_answer(value, config)}"
+      assert expression not in heldout
+    else:
+      assert w["targets"] == b["targets"]
+
+
 def test_negative_and_multiplied_answers_occur():
   data = kv.build_datasets(SMALL)
   targets = [ex["targets"] for ex in data["kv_arithmetic_heldout"]["validation"]]

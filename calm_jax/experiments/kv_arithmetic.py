@@ -213,7 +213,8 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
         partitioning: PartitioningConfig | None = None,
         pretrain_augment: Stage = Stage(), pretrain_anchor: Stage = Stage(),
         compose: Stage = Stage(), ablations: Sequence[str] = ABLATIONS,
-        compose_numeric: float = 0.0, eval_examples: int = 500, seed: int = 0) -> dict:
+        compose_numeric: float = 0.0, compose_numeric_format: str = "bare",
+        eval_examples: int = 500, seed: int = 0) -> dict:
     """Runs every stage (`calm_jax.experiments.pipeline`: a finished stage is skipped when the
     experiment runs again in the same `run_dir`) and writes results.json / results.md /
     results.png into run_dir.
@@ -225,7 +226,11 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     `compose_numeric` is the fraction of the composition data (CALM's and every ablation's)
     that is Numeric-Arithmetic, mB's own training examples with their bare answers, so that
     the composition also sees prompts on which it should leave mB alone. 0 (the default) is
-    the paper's data, KV-Arithmetic over held-in keys only.
+    the paper's data, KV-Arithmetic over held-in keys only. `compose_numeric_format` is how
+    those examples are written: "bare", mB's own training examples (context words, the bare
+    answer: `ehaca-071=463-229=` -> `4320`), or "written", the numeric expression written as
+    KV-Arithmetic's target is (`463-229=` -> `463-229=4320` with a scratchpad config), so
+    that the composed model writes every expression the same way.
     """
     bad = [a for a in ablations if a not in ABLATIONS]
     if bad:
@@ -233,6 +238,11 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     if not 0.0 <= compose_numeric < 1.0:
         raise ValueError(f"compose_numeric: expected a fraction in [0, 1), "
                          f"got {compose_numeric!r}")
+    numeric_dataset = {"bare": "numeric_arithmetic",
+                       "written": "numeric_arithmetic_written"}.get(compose_numeric_format)
+    if numeric_dataset is None:
+        raise ValueError(f"compose_numeric_format: expected 'bare' or 'written', "
+                         f"got {compose_numeric_format!r}")
     if kv_config not in kv.CONFIGS:
         raise ValueError(f"kv_config: expected one of {sorted(kv.CONFIGS)}, got {kv_config!r}")
     if compose.multi_token != 1:
@@ -260,14 +270,14 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
     mb_ds = _dataset([("numeric_arithmetic", "train")], pretrain_anchor, length, kv_config)
     kv_rows = len(kv.get_examples("kv_arithmetic_heldin", "train", kv.CONFIGS[kv_config]))
     num_rows = numeric_rows(compose_numeric, kv_rows)
-    available = len(kv.get_examples("numeric_arithmetic", "train", kv.CONFIGS[kv_config]))
+    available = len(kv.get_examples(numeric_dataset, "train", kv.CONFIGS[kv_config]))
     if num_rows > available:
         most = available / (available + kv_rows)
         raise ValueError(f"compose_numeric: expected at most {most:.3f}"
                          f" ({available} Numeric-Arithmetic training examples beside {kv_rows} "
                          f"KV-Arithmetic ones), got {compose_numeric!r}")
     dc = _dataset([("kv_arithmetic_heldin", "train")]
-                  + ([("numeric_arithmetic", "train", num_rows)] if num_rows else []),
+                  + ([(numeric_dataset, "train", num_rows)] if num_rows else []),
                   compose, length, kv_config)
 
     def spec(done: Mapping[str, pl.StageResult], name: str) -> trainer.ModelSpec:
@@ -315,8 +325,9 @@ def run(*, run_dir: str, augment_model: TransformerConfig, anchor_model: Transfo
         for name in ("mA", "mB")}
     results["config"] = {"kv_config": kv_config, "length": length, "eval_examples": eval_examples,
                          "compose_numeric": compose_numeric,
+                         "compose_numeric_format": compose_numeric_format,
                          "compose_rows": {"kv_arithmetic_heldin": kv_rows,
-                                          "numeric_arithmetic": num_rows},
+                                          numeric_dataset: num_rows},
                          "connections": {k: [list(p) for p in v] for k, v in ComposedLM(
                              anchor_model, {"mA": augment_model},
                              composition).connections.items()},

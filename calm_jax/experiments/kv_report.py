@@ -30,9 +30,12 @@ def write_reports(run_dir: str, results: dict) -> None:
         lines.append(f"| {key} | " + " | ".join(f"{o:.1f} ({p})" for o, p in zip(ours, paper))
                      + " |")
     rows = results.get("config", {}).get("compose_rows", {})
-    if rows.get("numeric_arithmetic"):
+    numeric = rows.get("numeric_arithmetic") or rows.get("numeric_arithmetic_written")
+    if numeric:
+        written = ("written as KV-Arithmetic is" if rows.get("numeric_arithmetic_written")
+                   else "with bare answers")
         lines += ["", f"Composition data: {rows['kv_arithmetic_heldin']} KV-Arithmetic examples "
-                  f"over held-in keys and {rows['numeric_arithmetic']} Numeric-Arithmetic ones "
+                  f"over held-in keys and {numeric} Numeric-Arithmetic ones, {written} "
                   f"(`compose_numeric` = {results['config']['compose_numeric']}; the paper's "
                   f"data has none)."]
     warnings = pretraining_warnings(acc)
