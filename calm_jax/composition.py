@@ -547,8 +547,9 @@ class ComposedLM:
         [batch, T]; returns (logits, cache) as `extend` does. Anchor token t reads the memory
         slots whose byte end is at most its own (`calm_jax.alignment`); an anchor token that
         reads none gets no update. Models not named get no tokens this call. The driver
-        (`calm_jax.cross_decoding.generate_text` and `generate_texts`) rewinds (`rewind`) what the augment's tokenizer
-        re-segments and the anchor tokens that read it, then extends again."""
+        (`calm_jax.cross_decoding.generate_text` and `generate_texts`) rewinds (`rewind`) what
+        the augment's tokenizer re-segments and the anchor tokens that read it, then extends
+        again."""
         if logits not in ("last", "all"):
             raise ValueError(f"logits: expected 'last' or 'all', got {logits!r}")
         if not cache.ends:
