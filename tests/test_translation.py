@@ -218,7 +218,7 @@ def test_tiny_pipeline_runs_end_to_end_and_calm_learns_its_composition_data(tmp_
     # First without the skyline: every stage but that one.
     parse_gin(["experiments/translation_tiny.gin"], bindings + [
         "tr.run.baselines = ('finetune', 'lora', 'calm_vanilla_mA', 'calm_random_mA', "
-        "'calm_encoder')"])
+        "'calm_encoder', 'calm_english')"])
     first = gin.get_configurable(tr.run)()
     assert "skyline" not in first["scores"]
     scored_at = {p.name: p.stat().st_mtime_ns for p in (run_dir / "evaluate").glob("*.json")}
@@ -229,13 +229,17 @@ def test_tiny_pipeline_runs_end_to_end_and_calm_learns_its_composition_data(tmp_
         assert (run_dir / name).exists()
     stages = json.loads((run_dir / "pipeline.json").read_text())["stages"]
     assert set(stages) == {"mB", "data", "vanilla_mA", "mA", "calm", "finetune", "lora",
-                           "calm_vanilla_mA", "calm_random_mA", "calm_encoder", "skyline",
-                           "evaluate"}
+                           "calm_vanilla_mA", "calm_random_mA", "calm_encoder", "calm_english",
+                           "skyline", "evaluate"}
+    # calm_english: D_C's rows, then a fifth of the data in the anchor's language (plain text).
+    mixed = stages["calm_english"]["result"]
+    assert mixed["english_rows"] > 0
+    assert mixed["english_rows"] + mixed["english_dropped"] == round(0.2 * mixed["dc_rows"] / 0.8)
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "evaluate").glob("*.json")
             if p.name != "skyline.json"} == scored_at
     assert {k: v for k, v in results["scores"].items() if k != "skyline"} == first["scores"]
     assert results["dc_loss"]["CALM"] < results["dc_loss"]["mB"]
-    for model in ("mA", "mB", "CALM", "lora", "calm_encoder", "skyline"):
+    for model in ("mA", "mB", "CALM", "lora", "calm_encoder", "calm_english", "skyline"):
         for direction in ("low_high", "high_low"):
             assert 0.0 <= results["scores"][model][direction]["chrf"] <= 100.0
     # The split on disk: no evaluation pair among the training pairs.

