@@ -170,12 +170,19 @@ def dc_rows(pairs: Sequence[td.Pair], corpus: str, count: int, seed: int
             ) -> list[tuple[str, str]]:
     """D_C: `count` translation rows of distinct training pairs drawn with `seed`, the
     directions alternating (the first low -> high)."""
-    if count > len(pairs):
-        raise ValueError(f"dc_fraction: expected at most {len(pairs)} composition rows (one "
-                         f"per training pair), got {count}")
-    chosen = np.random.default_rng(seed).choice(len(pairs), size=count, replace=False)
+    chosen = _draw(pairs, count, seed, "dc_fraction", "composition rows")
     return [translation_row(pairs[int(i)], corpus, DIRECTIONS[k % 2])
             for k, i in enumerate(chosen)]
+
+
+def _draw(pairs: Sequence[td.Pair], count: int, seed: int, field: str, what: str
+          ) -> np.ndarray:
+    """Indices of `count` distinct pairs drawn with `seed` (ValueError naming `field` when
+    there are fewer pairs)."""
+    if count > len(pairs):
+        raise ValueError(f"{field}: expected at most {len(pairs)} {what} (one per training "
+                         f"pair), got {count}")
+    return np.random.default_rng(seed).choice(len(pairs), size=count, replace=False)
 
 
 def anchor_language_rows(pairs: Sequence[td.Pair], count: int, seed: int
@@ -183,10 +190,7 @@ def anchor_language_rows(pairs: Sequence[td.Pair], count: int, seed: int
     """`count` rows of the high-resource side (the anchor's language) of training pairs drawn
     with `seed`, as plain text (loss on all of it): the anchor's own skill, for
     `calm_english`'s composition data."""
-    if count > len(pairs):
-        raise ValueError(f"english_fraction: expected at most {len(pairs)} rows (one per "
-                         f"training pair), got {count}")
-    chosen = sorted(np.random.default_rng(seed).choice(len(pairs), size=count, replace=False))
+    chosen = sorted(_draw(pairs, count, seed, "english_fraction", "rows"))
     return [("", pairs[int(i)].high + "\n") for i in chosen]
 
 
