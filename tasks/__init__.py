@@ -23,6 +23,8 @@ the other named configs, e.g. ``paper_kv_substitution``, ``laptop_addsub_kv_subs
   numeric_substitution                                       split train
   kv_arithmetic_heldin                                       splits train, validation
   kv_arithmetic_heldout                                      split validation
+  kv_arithmetic_dev                                          split validation (its size
+                  depends on the generated evaluation set, so none is declared)
   kv_ma_pretrain  (mixture: kv_dictionary + kv_substitution + numeric_substitution, equal
                   rates) - mA's pretraining
   kv_mb_pretrain  (mixture: numeric_arithmetic)                          - mB's pretraining
@@ -136,6 +138,8 @@ def register_kv_tasks(
                 sizes[split] = config.num_train if own is None else own
             else:
                 sizes[split] = config.num_eval
+        if dataset == "kv_arithmetic_dev":  # known only once the evaluation set is drawn
+            sizes = None
         seqio.TaskRegistry.add(
             name,
             source=seqio.FunctionDataSource(

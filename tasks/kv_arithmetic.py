@@ -85,6 +85,14 @@ Datasets and splits (``build_datasets``)
 ``kv_arithmetic_heldin``  train: composition data over held-in keys only; validation: more
                        held-in expressions, disjoint from train (for monitoring).
 ``kv_arithmetic_heldout`` validation: expressions over held-out keys only (Table 1's KV-Arithmetic).
+``kv_arithmetic_dev``  validation: expressions over the development keys (``dev_keys``): the
+                       held-out keys that no evaluation expression uses, so they are in neither
+                       the composition data nor the evaluation. For choosing a composition (a
+                       composition's check and retry in the experiment), never for reporting.
+                       Up to ``num_eval`` expressions; empty when every held-out key is used.
+                       mA's substitution training, drawn over all keys, may hold a few of them
+                       (15 of 500 for ``LAPTOP_SCRATCHPAD``); only evaluation inputs are kept
+                       out of it.
 
 Within a split, inputs are unique. Training splits never contain an input of the corresponding
 evaluation split (kv_substitution/train excludes the held-out evaluation expressions,
@@ -134,6 +142,7 @@ DATASET_SPLITS: Mapping[str, tuple[str, ...]] = {
     "numeric_arithmetic_written": ("train",),
     "kv_arithmetic_heldin": ("train", "validation"),
     "kv_arithmetic_heldout": ("validation",),
+    "kv_arithmetic_dev": ("validation",),
 }
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +278,8 @@ def parse_answer(text: str, config: KVConfig) -> int | None:
     _STREAM_NUMERIC,
     _STREAM_CONTEXT,
     _STREAM_NUMSUB,
-) = range(7)
+    _STREAM_DEV,
+) = range(8)
 
 
 def _rng(config: KVConfig, stream: int) -> np.random.Generator:
@@ -365,6 +375,31 @@ def make_key_table(config: KVConfig) -> KeyTable:
     heldin = tuple(keys[i] for i in order[:n_in])
     heldout = tuple(keys[i] for i in order[n_in:])
     return KeyTable(keys=tuple(keys), values=values, heldin=heldin, heldout=heldout)
+
+
+def _dev_keys(table: KeyTable, heldout_expressions) -> tuple[str, ...]:
+    used = {t for _, toks, _ in heldout_expressions for t in toks}
+    return tuple(k for k in table.heldout if k not in used)
+
+
+def dev_keys(config: KVConfig) -> tuple[str, ...]:
+    """The development keys: held-out keys (never in the composition data) that no held-out
+    evaluation expression uses. ``kv_arithmetic_dev`` is written over them."""
+    table = make_key_table(config)
+    return _dev_keys(table, _heldout_expressions(config, table))
+
+
+def _heldout_expressions(config: KVConfig, table: KeyTable):
+    """The held-out evaluation expressions: (expr, key tokens, ops), the same for the three
+    Table-1 rows."""
+    return _key_expressions(
+        _rng(config, _STREAM_HELDOUT),
+        config,
+        table.heldout,
+        config.num_eval,
+        table.mapping,
+        what="held-out expressions",
+    )
 
 
 def _sample_ops(rng: np.random.Generator, config: KVConfig, count: int) -> list[str]:
@@ -483,14 +518,7 @@ def _build(config: KVConfig) -> dict[str, dict[str, tuple[tuple[str, str], ...]]
         )
 
     # Held-out evaluation expressions: the same expressions feed the three Table-1 rows.
-    heldout = _key_expressions(
-        _rng(config, _STREAM_HELDOUT),
-        config,
-        table.heldout,
-        config.num_eval,
-        value_of,
-        what="held-out expressions",
-    )
+    heldout = _heldout_expressions(config, table)
     heldout_inputs = {e for e, _, _ in heldout}
     heldout_numeric = {join_expression(subst(t), o) for _, t, o in heldout}
 
@@ -504,6 +532,22 @@ def _build(config: KVConfig) -> dict[str, dict[str, tuple[tuple[str, str], ...]]
         what="held-in expressions",
     )
     heldin_val, heldin_train = heldin[: config.num_eval], heldin[config.num_eval :]
+
+    # Development expressions over the held-out keys that no evaluation expression uses (its own
+    # stream: every other dataset is the same with or without it).
+    dev_pool = _dev_keys(table, heldout)
+    dev = (
+        _key_expressions(
+            _rng(config, _STREAM_DEV),
+            config,
+            dev_pool,
+            min(config.num_eval, count_expressions(config, len(dev_pool)) // 4),
+            value_of,
+            what="development expressions",
+        )
+        if dev_pool
+        else []
+    )
 
     # mA's substitution training data over ALL keys, never one of the evaluation inputs.
     num_subst = (
@@ -592,6 +636,9 @@ def _build(config: KVConfig) -> dict[str, dict[str, tuple[tuple[str, str], ...]]
         },
         "kv_arithmetic_heldout": {
             "validation": tuple(_ex(e, kv_answer(t, o)) for e, t, o in heldout),
+        },
+        "kv_arithmetic_dev": {
+            "validation": tuple(_ex(e, kv_answer(t, o)) for e, t, o in dev),
         },
     }
 

@@ -24,14 +24,17 @@ def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path, monkeypatc
     model = TransformerConfig.tiny(vocab_size=384, embed_dim=32, num_layers=2, num_heads=2,
                                    num_kv_heads=2, mlp_dim=64, max_len=32)
     stage = kvx.Stage(steps=6, batch_size=16, learning_rate=3e-3, warmup_steps=0)
-    # mA's check passes at once; six steps cannot teach mB arithmetic, so it trains twice.
+    # mA's check passes at once; six steps cannot teach mB arithmetic, so it trains twice, and
+    # they cannot teach a composition KV-Arithmetic over the development keys: CALM and the
+    # fusion ablation train twice too.
     results = kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
-                      kv_config="tiny", length=32, connections=((1, 1), (2, 2)),
+                      kv_config="tiny_scratchpad", length=32, connections=((1, 1), (2, 2)),
                       pretrain_augment=dataclasses.replace(stage, min_skill=0.0, attempts=3),
                       pretrain_anchor=dataclasses.replace(stage, min_skill=90.0, attempts=2),
-                      compose=stage, ablations=("fusion",), compose_numeric=0.2,
-                      eval_examples=16, seed=5)
-    assert set(results["stages"]) == {"mA", "mB", "mB_attempt2", "calm", "fusion"}
+                      compose=dataclasses.replace(stage, min_skill=90.0, attempts=2),
+                      ablations=("fusion",), compose_numeric=0.2, eval_examples=16, seed=5)
+    assert set(results["stages"]) == {"mA", "mB", "mB_attempt2", "calm", "calm_attempt2",
+                                      "fusion", "fusion_attempt2"}
     pre = results["pretraining"]
     assert [(a["stage"], a["seed"]) for a in pre["mA"]["attempts"]] == [("mA", 5)]
     assert [(a["stage"], a["seed"]) for a in pre["mB"]["attempts"]] == [("mB", 6),
@@ -40,6 +43,13 @@ def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path, monkeypatc
     best = max(pre["mB"]["attempts"], key=lambda a: a["skill"])
     assert pre["mB"]["chosen"] == best["stage"]  # none passed: the best one is composed
     assert os.path.exists(tmp_path / "mB_attempt2" / "export" / "config.json")
+    for name in ("calm", "fusion"):  # composition seed: seed + 2, then + SEED_STRIDE
+        checked = results["composition"][name]
+        assert [(a["stage"], a["seed"]) for a in checked["attempts"]] == [
+            (name, 7), (f"{name}_attempt2", 1007)]
+        assert all(0.0 <= a["skill"] < 90.0 for a in checked["attempts"])
+        assert checked["chosen"] == max(checked["attempts"], key=lambda a: a["skill"])["stage"]
+        assert os.path.exists(tmp_path / f"{name}_attempt2" / "export" / "composition.json")
     for model_name in ("mA", "mB", "CALM"):
         accuracy = results["accuracy"][model_name]
         assert set(accuracy) == set(kv_report.PAPER_TABLE1)
@@ -60,8 +70,9 @@ def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path, monkeypatc
     # Six steps teach neither model its own skill, and the report says so.
     assert "**Warning**: mA reached" in table and "**Warning**: mB reached" in table
     assert "| mB | mB_attempt2 | 1006 |" in table
+    assert "| calm | calm_attempt2 | 1007 |" in table
     # A fifth of the composition data is Numeric-Arithmetic (mB's own), and the report says so.
-    kv_rows = len(kv.get_examples("kv_arithmetic_heldin", "train", kv.CONFIGS["tiny"]))
+    kv_rows = len(kv.get_examples("kv_arithmetic_heldin", "train", kv.TINY_SCRATCHPAD))
     rows = {"kv_arithmetic_heldin": kv_rows, "numeric_arithmetic": round(kv_rows / 4)}
     assert results["config"]["compose_rows"] == rows
     assert (f"{rows['kv_arithmetic_heldin']} KV-Arithmetic examples over held-in keys and "
@@ -73,12 +84,13 @@ def test_pipeline_trains_every_stage_and_writes_its_reports(tmp_path, monkeypatc
     monkeypatch.setattr(kvx.trainer, "train", no_training)
     monkeypatch.setattr(kvx.kv_scoring, "greedy_decode", no_training)
     again = kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
-                    kv_config="tiny", length=32, connections=((1, 1), (2, 2)),
+                    kv_config="tiny_scratchpad", length=32, connections=((1, 1), (2, 2)),
                     pretrain_augment=dataclasses.replace(stage, min_skill=0.0, attempts=3),
                     pretrain_anchor=dataclasses.replace(stage, min_skill=90.0, attempts=2),
-                    compose=stage, ablations=("fusion",), compose_numeric=0.2,
-                    eval_examples=16, seed=5)
-    for key in ("accuracy", "ablations", "pretraining", "stages", "value_probe"):
+                    compose=dataclasses.replace(stage, min_skill=90.0, attempts=2),
+                    ablations=("fusion",), compose_numeric=0.2, eval_examples=16, seed=5)
+    for key in ("accuracy", "ablations", "pretraining", "composition", "stages",
+                "value_probe"):
         assert again[key] == results[key]
 
 
@@ -93,7 +105,9 @@ def test_bad_experiment_settings_raise_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"length: expected at least \d+ \(the longest kv_"):
         kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
                 kv_config="tiny", length=12)
-    with pytest.raises(ValueError, match="compose: expected min_skill=None and attempts=1"):
+    # The laptop config's evaluation expressions use every held-out key: nothing to check on.
+    with pytest.raises(ValueError, match="compose.min_skill: expected None with kv_config "
+                                         "'laptop' .it has no development keys"):
         kvx.run(run_dir=str(tmp_path), augment_model=model, anchor_model=model,
                 compose=kvx.Stage(min_skill=90.0))
     with pytest.raises(ValueError, match=r"compose_numeric: expected a fraction in \[0, 1\), "

@@ -123,7 +123,10 @@ def test_split_sizes(config, data):
     for split in splits:
       expected = (config.num_keys if name == "kv_dictionary"
                   else config.num_train if split == "train" else config.num_eval)
-      assert len(data[name][split]) == expected, (name, split)
+      if name == "kv_arithmetic_dev":  # as many as its keys allow (test_development_keys)
+        assert len(data[name][split]) <= expected, (name, split)
+      else:
+        assert len(data[name][split]) == expected, (name, split)
       inputs = [ex["inputs"] for ex in data[name][split]]
       assert len(set(inputs)) == len(inputs), "inputs repeat within a split"
       assert all(set(ex) == {"inputs", "targets"} for ex in data[name][split])
@@ -147,6 +150,36 @@ def test_heldout_evaluation_uses_only_heldout_keys(config, data):
     assert set(tokens_of(ex["inputs"])) <= heldout, ex
   for ex in data["kv_substitution"]["validation"]:
     assert set(tokens_of(ex["inputs"])) <= heldout, ex
+
+
+@pytest.mark.parametrize("config", [kv.LAPTOP_SCRATCHPAD, kv.TINY_SCRATCHPAD],
+                         ids=["laptop_scratchpad", "tiny_scratchpad"])
+def test_development_keys_are_in_no_composition_data_and_no_evaluation(config):
+  """kv_arithmetic_dev, for choosing a composition, is over held-out keys that no evaluation
+  expression uses, and is written as KV-Arithmetic is."""
+  data = kv.build_datasets(config)
+  table = kv.make_key_table(config)
+  dev = set(kv.dev_keys(config))
+  assert dev and dev <= set(table.heldout)
+  in_evaluation = {t for name in ("kv_arithmetic_heldout", "kv_substitution")
+                   for ex in data[name]["validation"] for t in tokens_of(ex["inputs"])}
+  in_composition = {t for split in ("train", "validation")
+                    for ex in data["kv_arithmetic_heldin"][split]
+                    for t in tokens_of(ex["inputs"])}
+  assert dev == set(table.heldout) - in_evaluation
+  assert not dev & in_composition
+  rows = data["kv_arithmetic_dev"]["validation"]
+  assert len(rows) == config.num_eval
+  assert len({ex["inputs"] for ex in rows}) == len(rows)
+  for ex in rows:
+    assert set(tokens_of(ex["inputs"])) <= dev, ex
+    numbers = substitute(ex["inputs"][:-1], table.mapping, config.operand_width)
+    written, answer = kv.split_target(ex["targets"], config)
+    assert written == numbers, ex
+    assert reference_decode(answer, config) == reference_value(numbers), ex
+  # Configs whose evaluation uses every held-out key have none.
+  assert kv.dev_keys(kv.LAPTOP) == () and kv.get_examples("kv_arithmetic_dev", "validation",
+                                                          kv.LAPTOP) == []
 
 
 def test_substitution_covers_all_keys_and_resubstitutes(config, data):

@@ -1,5 +1,5 @@
 """The key-value experiment's reports: `results.json`, `results.md` (our numbers beside the
-paper's Table 1, the pretraining checks, the ablations, scratchpad errors and the value probe)
+paper's Table 1, the pretraining and composition checks, the ablations, scratchpad errors and the value probe)
 and `results.png` (training curves and accuracy bars), written into the run directory."""
 
 from __future__ import annotations
@@ -51,6 +51,16 @@ def write_reports(run_dir: str, results: dict) -> None:
         lines += [f"| {name} | {a['stage']} | {a['seed']} | {a['skill']:.1f} | "
                   f"{'yes' if a['stage'] == p['chosen'] else 'no'} |"
                   for name, p in checked.items() for a in p["attempts"]]
+    composed = {name: p for name, p in results.get("composition", {}).items()
+                if any(a["skill"] is not None for a in p["attempts"])}
+    if composed:
+        lines += ["", f"Composition checks (`Stage.min_skill` of `compose`): exact match (%) on "
+                  f"KV-Arithmetic over the development keys (held-out keys in no evaluation "
+                  f"expression), first {SKILL_CHECK_EXAMPLES} prompts, per training attempt.", "",
+                  "| model | stage | seed | dev KV-Arithmetic | used |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {a['stage']} | {a['seed']} | {a['skill']:.1f} | "
+                  f"{'yes' if a['stage'] == p['chosen'] else 'no'} |"
+                  for name, p in composed.items() for a in p["attempts"]]
     if len(results["ablations"]) > 1:
         lines += ["", "Ablations on KV-Arithmetic (held-out keys):", "",
                   "| Variant | accuracy |", "|---|---|"]

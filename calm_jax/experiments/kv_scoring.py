@@ -35,6 +35,23 @@ def own_skill(name: str, model: TransformerConfig, params, kv_config: str, lengt
     return score(skill, predictions, examples, cfg)
 
 
+def composition_skill(model, params, kv_config: str, length: int) -> float:
+    """Exact match (%) of a composed model on KV-Arithmetic over the development keys
+    (`kv.dev_keys`: in neither its training data nor the evaluation), the first
+    `SKILL_CHECK_EXAMPLES` prompts of `kv_arithmetic_dev`. A composition that fits its held-in
+    keys without reading mA scores near 0 here."""
+    cfg = kv.CONFIGS[kv_config]
+    examples = kv.get_examples("kv_arithmetic_dev", "validation", cfg)[:SKILL_CHECK_EXAMPLES]
+    if not examples:
+        raise ValueError(f"kv_config: expected a config with development keys (held-out keys "
+                         f"that no evaluation expression uses), got {kv_config!r}, which has "
+                         f"none")
+    max_new = 1 + max(len(kv.encode_text(e["targets"])) for e in examples)
+    predictions = greedy_decode(model, params, examples, length=length, max_new=max_new,
+                                batch_size=len(examples))
+    return score("kv_arithmetic", predictions, examples, cfg)
+
+
 def greedy_decode(model, params, examples: Sequence[Mapping[str, str]], *, length: int,
                   max_new: int, batch_size: int = 256) -> list[str]:
     """Greedy continuations of the examples' inputs, as text up to EOS.

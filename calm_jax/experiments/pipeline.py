@@ -215,11 +215,11 @@ class Pipeline:
             if check is None:
                 break
             if score >= check.min_score:
-                log.info("%s: own-skill score %.1f, at least %g", directory, score,
+                log.info("%s: check score %.1f, at least %g", directory, score,
                          check.min_score)
                 break
             left = check.attempts - k - 1
-            log.warning("%s: own-skill score %.1f, below %g; %s", directory, score,
+            log.warning("%s: check score %.1f, below %g; %s", directory, score,
                         check.min_score, f"running it again with seed offset "
                         f"{offset + check.seed_stride}" if left
                         else "no attempts left, going on with the best one")
