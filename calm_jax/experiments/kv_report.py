@@ -41,26 +41,15 @@ def write_reports(run_dir: str, results: dict) -> None:
     warnings = pretraining_warnings(acc)
     if warnings:
         lines += [""] + [f"**Warning**: {w}" for w in warnings]
-    checked = {name: p for name, p in results.get("pretraining", {}).items()
-               if any(a["skill"] is not None for a in p["attempts"])}
-    if checked:
-        lines += ["", f"Pretraining checks (`Stage.min_skill`): exact match (%) on each model's "
-                  f"own skill over the first {SKILL_CHECK_EXAMPLES} training prompts, per "
-                  f"training attempt.", "",
-                  "| model | stage | seed | own skill | used |", "|---|---|---|---|---|"]
-        lines += [f"| {name} | {a['stage']} | {a['seed']} | {a['skill']:.1f} | "
-                  f"{'yes' if a['stage'] == p['chosen'] else 'no'} |"
-                  for name, p in checked.items() for a in p["attempts"]]
-    composed = {name: p for name, p in results.get("composition", {}).items()
-                if any(a["skill"] is not None for a in p["attempts"])}
-    if composed:
-        lines += ["", f"Composition checks (`Stage.min_skill` of `compose`): exact match (%) on "
-                  f"KV-Arithmetic over the development keys (held-out keys in no evaluation "
-                  f"expression), first {SKILL_CHECK_EXAMPLES} prompts, per training attempt.", "",
-                  "| model | stage | seed | dev KV-Arithmetic | used |", "|---|---|---|---|---|"]
-        lines += [f"| {name} | {a['stage']} | {a['seed']} | {a['skill']:.1f} | "
-                  f"{'yes' if a['stage'] == p['chosen'] else 'no'} |"
-                  for name, p in composed.items() for a in p["attempts"]]
+    lines += _checks_table(
+        results.get("pretraining", {}), "own skill",
+        f"Pretraining checks (`Stage.min_skill`): exact match (%) on each model's own skill "
+        f"over the first {SKILL_CHECK_EXAMPLES} training prompts, per training attempt.")
+    lines += _checks_table(
+        results.get("composition", {}), "dev KV-Arithmetic",
+        f"Composition checks (`Stage.min_skill` of `compose`): exact match (%) on KV-Arithmetic "
+        f"over the development keys (held-out keys in no evaluation expression), first "
+        f"{SKILL_CHECK_EXAMPLES} prompts, per training attempt.")
     if len(results["ablations"]) > 1:
         lines += ["", "Ablations on KV-Arithmetic (held-out keys):", "",
                   "| Variant | accuracy |", "|---|---|"]
@@ -85,6 +74,19 @@ def write_reports(run_dir: str, results: dict) -> None:
     with open(os.path.join(run_dir, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     _plot(run_dir, results)
+
+
+def _checks_table(stages: dict, score: str, caption: str) -> list[str]:
+    """Markdown lines: every checked stage's attempts ({name: {'chosen', 'attempts'}}) with
+    their seeds and scores, and which one was used; none when no stage was checked."""
+    checked = {name: p for name, p in stages.items()
+               if any(a["skill"] is not None for a in p["attempts"])}
+    if not checked:
+        return []
+    return (["", caption, "", f"| model | stage | seed | {score} | used |", "|---|---|---|---|---|"]
+            + [f"| {name} | {a['stage']} | {a['seed']} | {a['skill']:.1f} | "
+               f"{'yes' if a['stage'] == p['chosen'] else 'no'} |"
+               for name, p in checked.items() for a in p["attempts"]])
 
 
 def _plot(run_dir: str, results: dict) -> None:
