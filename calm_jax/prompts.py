@@ -83,14 +83,9 @@ def seqio_examples(name: str, split: str, *, input_key: str = "inputs",
     of its `input_key` and `target_key` features (their "_pretokenized" copies when the task
     tokenizes, else the feature itself, decoded with the task's vocabulary when it is ids).
     Needs seqio (and TensorFlow)."""
-    import seqio  # only here: the core runs without TensorFlow
+    from calm_jax import seqio_utils  # only here: the core runs without TensorFlow
 
-    try:
-        task = seqio.get_mixture_or_task(name)
-    except ValueError as e:
-        raise ValueError(f"task: expected a registered seqio task or mixture (import the "
-                         f"module that registers it, `ExampleSource.module`), got {name!r}: "
-                         f"{e}") from None
+    task = seqio_utils.get_task(name)
     if split not in task.splits:
         raise ValueError(f"split: expected one of {sorted(task.splits)} for {name!r}, "
                          f"got {split!r}")
@@ -198,9 +193,9 @@ class ExampleSource:
         """The seqio task's own predict metric functions (none for other sources)."""
         if self.task is None:
             return []
-        import seqio
+        from calm_jax import seqio_utils
 
-        task = seqio.get_mixture_or_task(self.task)
+        task = seqio_utils.get_task(self.task)
         return list(getattr(task, "predict_metric_fns", None) or
                     getattr(task, "metric_fns", None) or [])
 

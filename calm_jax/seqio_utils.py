@@ -1,7 +1,9 @@
-"""seqio glue that needs TensorFlow: a `seqio.Vocabulary` over a model's own tokenizer.
+"""seqio glue that needs TensorFlow: a `seqio.Vocabulary` over a model's own tokenizer, and
+task lookup with a clear error.
 
-Imported only where seqio is wanted (`calm_jax.tokenizers.seqio_vocabulary`); the core never
-imports it, so machines without TensorFlow are unaffected.
+Imported only where seqio is wanted (`calm_jax.tokenizers.seqio_vocabulary`, the seqio example
+source of `calm_jax.prompts`); the core never imports it, so machines without TensorFlow are
+unaffected.
 """
 
 from __future__ import annotations
@@ -13,6 +15,17 @@ import seqio
 import tensorflow as tf
 
 from calm_jax.tokenizers import Tokenizer
+
+
+def get_task(name: str):
+    """The registered seqio task or mixture `name`; a ValueError that says what to do when
+    there is none."""
+    try:
+        return seqio.get_mixture_or_task(name)
+    except ValueError as e:
+        raise ValueError(f"task: expected a registered seqio task or mixture (import the "
+                         f"module that registers it, `ExampleSource.module`), got {name!r}: "
+                         f"{e}") from None
 
 
 class SeqioVocabulary(seqio.Vocabulary):

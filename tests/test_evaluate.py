@@ -376,6 +376,10 @@ def test_a_seqio_task_split_is_a_source_with_its_own_metrics():
     assert source.load() == [{"input": "ab", "target": "ab"}, {"input": "cd", "target": "dc"}]
     assert evaluate.ExampleSource(task=name, split="train").load() == [
         {"input": "ef", "target": "ef"}]
+    with pytest.raises(ValueError, match="task: expected a registered seqio task or mixture"):
+        evaluate.ExampleSource(task="calm_jax_no_such_task", split="validation").load()
+    with pytest.raises(ValueError, match=r"split: expected one of \['train', 'validation'\]"):
+        evaluate.ExampleSource(task=name, split="test").load()
     prepared = evaluate.Prepared(source.load(), ["ab", "cd"], [[1], [1]],
                                  evaluate.EvalConfig(metrics=("chrf",)), BYTES,
                                  source.metric_fns())
