@@ -177,5 +177,5 @@ def to_numpy_batches(
 
 
 def max_sequence_length(examples: Iterable[Mapping[str, str]]) -> int:
-    """Longest ``inputs + targets + EOS`` in tokens (to choose ``seq_len``)."""
-    return max(sum(len(x) for x in tokenize_example(ex)) for ex in examples)
+    """Longest ``inputs + targets + EOS`` in tokens (to choose ``seq_len``); 0 for no examples."""
+    return max((sum(len(x) for x in tokenize_example(ex)) for ex in examples), default=0)

@@ -89,7 +89,7 @@ def test_deterministic_for_a_seed():
   assert kv.make_key_table(SMALL).keys != kv.make_key_table(SMALL.replace(seed=4)).keys
   for name in first:
     for split in first[name]:
-      if name != "kv_dictionary":
+      if name != "kv_dictionary" and first[name][split]:  # SMALL has no development keys
         assert first[name][split] != other[name][split], (name, split)
 
 
