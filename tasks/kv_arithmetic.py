@@ -377,29 +377,16 @@ def make_key_table(config: KVConfig) -> KeyTable:
     return KeyTable(keys=tuple(keys), values=values, heldin=heldin, heldout=heldout)
 
 
-def _dev_keys(table: KeyTable, heldout_expressions) -> tuple[str, ...]:
-    used = {t for _, toks, _ in heldout_expressions for t in toks}
+def _unused(table: KeyTable, key_lists: Iterable[Sequence[str]]) -> tuple[str, ...]:
+    used = {t for toks in key_lists for t in toks}
     return tuple(k for k in table.heldout if k not in used)
 
 
 def dev_keys(config: KVConfig) -> tuple[str, ...]:
     """The development keys: held-out keys (never in the composition data) that no held-out
     evaluation expression uses. ``kv_arithmetic_dev`` is written over them."""
-    table = make_key_table(config)
-    return _dev_keys(table, _heldout_expressions(config, table))
-
-
-def _heldout_expressions(config: KVConfig, table: KeyTable):
-    """The held-out evaluation expressions: (expr, key tokens, ops), the same for the three
-    Table-1 rows."""
-    return _key_expressions(
-        _rng(config, _STREAM_HELDOUT),
-        config,
-        table.heldout,
-        config.num_eval,
-        table.mapping,
-        what="held-out expressions",
-    )
+    evaluation = _build(config)["kv_arithmetic_heldout"]["validation"]
+    return _unused(make_key_table(config), (split_expression(i)[0] for i, _ in evaluation))
 
 
 def _sample_ops(rng: np.random.Generator, config: KVConfig, count: int) -> list[str]:
@@ -518,7 +505,14 @@ def _build(config: KVConfig) -> dict[str, dict[str, tuple[tuple[str, str], ...]]
         )
 
     # Held-out evaluation expressions: the same expressions feed the three Table-1 rows.
-    heldout = _heldout_expressions(config, table)
+    heldout = _key_expressions(
+        _rng(config, _STREAM_HELDOUT),
+        config,
+        table.heldout,
+        config.num_eval,
+        value_of,
+        what="held-out expressions",
+    )
     heldout_inputs = {e for e, _, _ in heldout}
     heldout_numeric = {join_expression(subst(t), o) for _, t, o in heldout}
 
@@ -535,7 +529,7 @@ def _build(config: KVConfig) -> dict[str, dict[str, tuple[tuple[str, str], ...]]
 
     # Development expressions over the held-out keys that no evaluation expression uses (its own
     # stream: every other dataset is the same with or without it).
-    dev_pool = _dev_keys(table, heldout)
+    dev_pool = _unused(table, (toks for _, toks, _ in heldout))
     dev = (
         _key_expressions(
             _rng(config, _STREAM_DEV),
