@@ -29,27 +29,30 @@ def own_skill(name: str, model: TransformerConfig, params, kv_config: str, lengt
     cfg = kv.CONFIGS[kv_config]
     skill = OWN_SKILL[name]
     examples = kv.get_examples(skill, "train", cfg)[:SKILL_CHECK_EXAMPLES]
-    max_new = 1 + max(len(kv.encode_text(e["targets"])) for e in examples)
-    predictions = greedy_decode(Decoder(model), params, examples, length=length, max_new=max_new,
-                                batch_size=len(examples))
-    return score(skill, predictions, examples, cfg)
+    return _check_score(Decoder(model), params, examples, skill, cfg, length)
 
 
 def composition_skill(model, params, kv_config: str, length: int) -> float:
     """Exact match (%) of a composed model on KV-Arithmetic over the development keys
     (`kv.dev_keys`: in neither its training data nor the evaluation), the first
     `SKILL_CHECK_EXAMPLES` prompts of `kv_arithmetic_dev`. A composition that fits its held-in
-    keys without reading mA scores near 0 here."""
+    keys without learning to read mA scores low here."""
     cfg = kv.CONFIGS[kv_config]
     examples = kv.get_examples("kv_arithmetic_dev", "validation", cfg)[:SKILL_CHECK_EXAMPLES]
     if not examples:
         raise ValueError(f"kv_config: expected a config with development keys (held-out keys "
                          f"that no evaluation expression uses), got {kv_config!r}, which has "
                          f"none")
+    return _check_score(model, params, examples, "kv_arithmetic", cfg, length)
+
+
+def _check_score(model, params, examples, eval_set: str, config: kv.KVConfig,
+                 length: int) -> float:
+    """Exact match (%) of greedy decoding on `examples`, one batch, scored as `eval_set`."""
     max_new = 1 + max(len(kv.encode_text(e["targets"])) for e in examples)
     predictions = greedy_decode(model, params, examples, length=length, max_new=max_new,
                                 batch_size=len(examples))
-    return score("kv_arithmetic", predictions, examples, cfg)
+    return score(eval_set, predictions, examples, config)
 
 
 def greedy_decode(model, params, examples: Sequence[Mapping[str, str]], *, length: int,
